@@ -29,10 +29,8 @@ endif
 	@touch $@
 
 $(VENV)/.installed-$(EXTRAS)-test: $(VENV)/.installed-$(EXTRAS)
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS),test]'
-ifeq ($(EXTRAS),cpu)
-	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-endif
+	@# only the test tools: the engine stack is already in place and must not be re-resolved
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $@
 
 models: install
