@@ -126,16 +126,91 @@ class GeneratorConfig(_Strict):
         return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_space_gib)} if self.device == "cpu" else {}
 
 
+class IndexingConfig(_Strict):
+    """Batch indexing: chunking, Ray Data embedding, index build."""
+
+    dir: Path = Field(
+        default=Path("~/.cache/ragraph/indexes/default"),
+        description="Index root: versions/<name>/ plus a `current` pointer; '~' is expanded.",
+    )
+    source: Path = Field(default=Path("docs"), description="What `ragraph index` reads when given no SOURCE.")
+    chunk_size: int = Field(default=200, gt=0, description="Chunk length in words.")
+    chunk_overlap: int = Field(default=40, ge=0, description="Words shared by consecutive chunks.")
+    engine: Literal["auto", "ray", "local"] = Field(
+        default="auto",
+        description="'ray': Ray Data actor pool; 'local': one in-process encoder; "
+        "'auto': ray when at least `ray_min_chunks` chunks need embedding.",
+    )
+    ray_min_chunks: int = Field(default=512, ge=0, description="Below this, 'auto' embeds in-process.")
+    concurrency: int = Field(default=2, ge=1, description="Embedder actors in the Ray Data pool.")
+    threads_per_actor: int = Field(default=1, ge=1, description="Torch threads (and CPUs) per embedder actor.")
+    ann_threshold: int = Field(
+        default=200_000, ge=0, description="Chunk count from which FAISS uses HNSW instead of exact IndexFlatIP."
+    )
+    hnsw_m: int = Field(default=32, ge=4, description="HNSW graph degree.")
+    hnsw_ef_search: int = Field(default=128, ge=1, description="HNSW search breadth (recall vs speed).")
+    faiss_device: Literal["cpu", "cuda"] = Field(default="cpu", description="'cuda' needs faiss-gpu.")
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> IndexingConfig:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(f"chunk_overlap={self.chunk_overlap} must be below chunk_size={self.chunk_size}")
+        return self
+
+
+class RetrieverConfig(_Strict):
+    """Hybrid retrieval: BM25 + dense candidates, weighted score fusion, pseudo-relevance feedback."""
+
+    top_k: int = Field(default=10, gt=0, description="Passages returned by default.")
+    candidates: int = Field(default=100, gt=0, description="Candidates taken from each retriever before fusion.")
+    strategy: Literal["hybrid", "lexical", "semantic"] = "hybrid"
+    dense_weight: float = Field(
+        default=0.75, ge=0, le=1, description="Weight of the dense score in fusion; BM25 gets 1 - dense_weight."
+    )
+    feedback_docs: int = Field(
+        default=5, ge=0, description="Fused top passages used as pseudo-relevance feedback (0: off)."
+    )
+    feedback_dense: float = Field(default=0.5, ge=0, description="Rocchio weight of the feedback centroid.")
+    feedback_terms: int = Field(default=5, ge=0, description="Expansion terms added to the BM25 query.")
+    bm25_k1: float = Field(default=1.2, gt=0)
+    bm25_b: float = Field(default=0.75, ge=0, le=1)
+    stemmer: Literal["english", "none"] = Field(default="english", description="BM25 token stemming.")
+
+
+class RerankerConfig(_Strict):
+    enabled: bool = Field(default=False, description="Rerank retrieved passages with a cross-encoder.")
+    model: str = Field(
+        default="~/.cache/ragraph/models/reranker-adapted",
+        description="A local cross-encoder folder or a hub id (e.g. 'cross-encoder/ms-marco-MiniLM-L-6-v2').",
+    )
+    top_k: int = Field(default=10, gt=0, description="Passages kept after reranking.")
+    candidates: int = Field(default=30, gt=0, description="Retrieved passages the cross-encoder scores.")
+    batch_size: int = Field(default=32, gt=0)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+
 class AppConfig(_Strict):
     models: ModelsConfig
     embedder: EmbedderConfig = EmbedderConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    indexing: IndexingConfig = IndexingConfig()
+    retriever: RetrieverConfig = RetrieverConfig()
+    reranker: RerankerConfig = RerankerConfig()
 
     @model_validator(mode="after")
     def _tensor_parallel_needs_gpu(self) -> AppConfig:
         if self.generator.device == "cpu" and self.generator.tensor_parallel_size != 1:
             raise ValueError(
                 f"generator.tensor_parallel_size={self.generator.tensor_parallel_size} needs device 'cuda'"
+            )
+        if self.reranker.top_k > self.reranker.candidates:
+            raise ValueError(
+                f"reranker.top_k={self.reranker.top_k} exceeds reranker.candidates={self.reranker.candidates}"
             )
         return self
 

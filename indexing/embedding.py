@@ -1,0 +1,134 @@
+"""Embedding chunks: in-process, or in batch with Ray Data (``map_batches`` over an actor pool).
+
+Texts are sorted by length before batching so each batch pads little, then the vectors are put
+back in input order. Ray Data shows its own progress bars; the in-process path logs progress.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+Log = Callable[[str], None]
+
+
+class Embedder:
+    """A sentence-transformers bi-encoder. Cheap to construct; ``warm_up()`` loads the model."""
+
+    def __init__(self, *, model: str, device: str = "cpu", batch_size: int = 32, normalize: bool = True) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.model, self.device, self.batch_size, self.normalize = model, device, batch_size, normalize
+        self._st = None
+
+    def warm_up(self) -> None:
+        if self._st is None:
+            from sentence_transformers import SentenceTransformer
+
+            self._st = SentenceTransformer(self.model, device=self.device)
+
+    @property
+    def dim(self) -> int:
+        self.warm_up()
+        return int(self._st.get_embedding_dimension())
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.warm_up()
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        v = self._st.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize, show_progress_bar=False
+        )
+        return np.asarray(v, dtype=np.float32)
+
+
+def embed_local(texts: Sequence[str], embedder: Embedder, *, log: Log = print, every: int = 2048) -> np.ndarray:
+    """One process; logs progress every ``every`` texts."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    t0 = time.perf_counter()
+    for s in range(0, len(texts), every):
+        rows = order[s : s + every]
+        out[rows] = embedder.embed([texts[i] for i in rows])
+        done = min(s + every, len(texts))
+        log(f"  embedded {done}/{len(texts)} chunks ({done / (time.perf_counter() - t0):.0f}/s)")
+    return out
+
+
+class _EmbedActor:
+    """One Ray Data actor: loads the model once, then embeds batches."""
+
+    def __init__(self, model: str, device: str, batch_size: int, normalize: bool, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self._e = Embedder(model=model, device=device, batch_size=batch_size, normalize=normalize)
+        self._e.warm_up()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vectors = self._e.embed([str(t) for t in batch["text"]])
+        return {"row": batch["row"], "vector": list(vectors)}
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
+        ray.init(
+            address=address or os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            log_to_driver=False,
+            ignore_reinit_error=True,
+        )
+
+
+def embed_with_ray(
+    texts: Sequence[str],
+    embedder: Embedder,
+    *,
+    concurrency: int,
+    threads_per_actor: int,
+    shard_dir: Path,
+    log: Log = print,
+) -> np.ndarray:
+    """Embed with Ray Data: an actor pool of ``concurrency`` embedders, shards written as Parquet
+    (``row``, ``vector``) into ``shard_dir``, then gathered back in input order."""
+    import pyarrow.parquet as pq
+    import ray
+
+    ensure_ray()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    items = [{"row": int(i), "text": texts[i]} for i in order]
+    n_blocks = max(concurrency * 4, len(items) // (embedder.batch_size * 8) or 1)
+    ds = ray.data.from_items(items, override_num_blocks=min(n_blocks, len(items)))
+    ds = ds.map_batches(
+        _EmbedActor,
+        fn_constructor_kwargs={
+            "model": embedder.model,
+            "device": embedder.device,
+            "batch_size": embedder.batch_size,
+            "normalize": embedder.normalize,
+            "threads": threads_per_actor,
+        },
+        batch_size=embedder.batch_size * 4,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=threads_per_actor,
+        num_gpus=1 if embedder.device == "cuda" else 0,
+    )
+    log(f"  embedding {len(texts)} chunks with Ray Data ({concurrency} actors x {threads_per_actor} threads)")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    ds.write_parquet(str(shard_dir))
+    table = pq.read_table(shard_dir)
+    rows = table.column("row").to_numpy()
+    vecs = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
+    if len(rows) != len(texts) or set(rows.tolist()) != set(range(len(texts))):
+        raise RuntimeError(f"Ray Data returned {len(rows)} vectors for {len(texts)} chunks; shards in {shard_dir}")
+    out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+    out[rows] = vecs
+    return out

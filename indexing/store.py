@@ -1,0 +1,424 @@
+"""Versioned indexes: build, publish atomically, load with checks.
+
+Layout of an index root::
+
+    <root>/current                 the live version's name (replaced atomically)
+    <root>/versions/<name>/        one complete version:
+        manifest.json              model, dimensions, chunking, counts, checksums, created_at
+        chunks.parquet             one row per chunk: text and metadata
+        vectors.npy                float32 (chunks, dim), row-aligned with chunks.parquet
+        dense.faiss                FAISS index over the vectors
+        bm25/                      bm25s index + document frequencies
+
+A build writes ``versions/.tmp-<name>/`` and renames it into place, then swaps ``current``: an
+interrupted build leaves the previous version live and intact. Builds of one root are serialised
+with a lock file. Re-indexing reuses the vector of every chunk whose checksum is unchanged (same
+embedding model), so only new or changed text is embedded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexing.chunking import Chunk, chunk_document
+from indexing.documents import read_source
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHUNK_COLUMNS = [f for f in Chunk.__dataclass_fields__]
+REQUIRED_KEYS = ("format_version", "name", "model", "dim", "chunking", "documents", "chunks", "files", "created_at")
+Log = Callable[[str], None]
+
+
+class IndexLoadError(ValueError):
+    """An index version is corrupt or does not match what loads it. Names the file and the problem."""
+
+
+class IndexBuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSettings:
+    model: str  # model folder or hub id
+    model_checksum: str  # from the model's manifest; "" for hub models
+    chunk_size: int
+    chunk_overlap: int
+    bm25_k1: float
+    bm25_b: float
+    stemmer: str
+    ann_threshold: int
+    hnsw_m: int
+
+
+@dataclass(slots=True)
+class BuildReport:
+    version: str | None = None
+    previous: str | None = None
+    published: bool = False
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    skipped: int = 0
+    chunks: int = 0
+    embedded: int = 0
+    reused: int = 0
+    engine: str = "none"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = (
+            f"documents: {len(self.added)} added, {len(self.changed)} changed, {len(self.removed)} removed, "
+            f"{self.skipped} skipped (unchanged); chunks: {self.chunks} total, {self.embedded} embedded, "
+            f"{self.reused} reused"
+        )
+        if self.published:
+            return f"published {self.version} (previous: {self.previous or 'none'}); {s}"
+        return f"nothing changed; {self.previous} stays live; {s}"
+
+
+# ---------------------------------------------------------------------------------------------
+# files and pointers
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def current_name(root: Path) -> str | None:
+    try:
+        name = (root / "current").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def current_path(root: Path) -> Path:
+    name = current_name(root)
+    if name is None:
+        raise IndexLoadError(f"{root / 'current'}: no index has been published in {root}; run `ragraph index`")
+    return root / "versions" / name
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".build.lock").open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexBuildError(f"another index build holds {root / '.build.lock'}; wait for it to finish") from None
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass
+class IndexVersion:
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    chunks: dict[str, list]  # column -> values, row-aligned with vectors
+    vectors: np.ndarray
+    dense: Any  # faiss.Index
+    bm25: Any  # indexing.lexical.BM25Index
+
+    def __len__(self) -> int:
+        return len(self.chunks["id"])
+
+    def chunk(self, row: int) -> Chunk:
+        return Chunk(**{c: self.chunks[c][row] for c in CHUNK_COLUMNS})
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise IndexLoadError(f"{path}: manifest is missing; {folder} is not a complete index version")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{path}: manifest is not valid JSON ({e})") from None
+    if not isinstance(m, dict):
+        raise IndexLoadError(f"{path}: manifest must be a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise IndexLoadError(f"{path}: manifest lacks {missing}")
+    if m["format_version"] != FORMAT_VERSION:
+        raise IndexLoadError(
+            f"{path}: format_version {m['format_version']!r}, this ragraph reads {FORMAT_VERSION}; re-index with --full"
+        )
+    return m
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    for rel, digest in sorted(manifest["files"].items()):
+        p = folder / rel
+        if not p.is_file():
+            raise IndexLoadError(f"{p}: file listed in the manifest is missing")
+        if sha256_file(p) != digest:
+            raise IndexLoadError(f"{p}: checksum differs from {folder / MANIFEST}; the file is corrupt")
+
+
+def load_version(
+    folder: Path,
+    *,
+    expected_dim: int | None = None,
+    expected_model_checksum: str | None = None,
+    ef_search: int = 128,
+    faiss_device: str = "cpu",
+    verify: bool = True,
+) -> IndexVersion:
+    """Load one version, refusing anything corrupt or mismatched with an error naming the file."""
+    import pyarrow.parquet as pq
+
+    from indexing.dense import load_faiss
+    from indexing.lexical import BM25Index
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IndexLoadError(f"{folder}: index version folder does not exist")
+    m = read_manifest(folder)
+    if verify:
+        verify_files(folder, m)
+    dim, n = int(m["dim"]), int(m["chunks"])
+    if expected_dim is not None and dim != expected_dim:
+        raise IndexLoadError(
+            f"{folder / MANIFEST}: index has dim {dim} but the embedder gives {expected_dim}; re-index with --full"
+        )
+    if expected_model_checksum and m["model"].get("checksum") not in ("", expected_model_checksum):
+        raise IndexLoadError(
+            f"{folder / MANIFEST}: built with embedder {m['model'].get('name')} (checksum "
+            f"{m['model'].get('checksum', '')[:12]}), not the configured one; re-index with --full"
+        )
+    try:
+        vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise IndexLoadError(f"{folder / 'vectors.npy'}: not a readable numpy array ({e})") from None
+    if vectors.shape != (n, dim):
+        raise IndexLoadError(f"{folder / 'vectors.npy'}: shape {vectors.shape}, manifest says ({n}, {dim})")
+    try:
+        table = pq.read_table(folder / "chunks.parquet")
+    except Exception as e:
+        raise IndexLoadError(f"{folder / 'chunks.parquet'}: not readable ({e})") from None
+    if table.num_rows != n or set(table.column_names) != set(CHUNK_COLUMNS):
+        raise IndexLoadError(
+            f"{folder / 'chunks.parquet'}: {table.num_rows} rows with columns {table.column_names}; "
+            f"manifest says {n} rows of {CHUNK_COLUMNS}"
+        )
+    try:
+        dense = load_faiss(folder / "dense.faiss", ef_search=ef_search, device=faiss_device)
+    except RuntimeError as e:
+        raise IndexLoadError(f"{folder / 'dense.faiss'}: not a readable FAISS index ({e})") from None
+    if dense.d != dim or dense.ntotal != n:
+        raise IndexLoadError(
+            f"{folder / 'dense.faiss'}: {dense.ntotal} vectors of dim {dense.d}, manifest says {n} of dim {dim}"
+        )
+    try:
+        bm25 = BM25Index.load(folder / "bm25")
+    except (OSError, ValueError, KeyError) as e:
+        raise IndexLoadError(f"{folder / 'bm25'}: not a readable BM25 index ({e})") from None
+    if bm25.size != n:
+        raise IndexLoadError(f"{folder / 'bm25'}: {bm25.size} documents, manifest says {n}")
+    return IndexVersion(m["name"], folder, m, table.to_pydict(), vectors, dense, bm25)
+
+
+def load_current(root: Path, **kw: Any) -> IndexVersion:
+    return load_version(current_path(Path(root)), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+
+
+def _previous_vectors(root: Path, settings: BuildSettings) -> tuple[str | None, dict[str, np.ndarray], dict]:
+    """checksum -> vector from the live version, when it was embedded by the same model."""
+    name = current_name(root)
+    if name is None:
+        return None, {}, {}
+    folder = root / "versions" / name
+    try:
+        m = read_manifest(folder)
+        import pyarrow.parquet as pq
+
+        chunks = pq.read_table(folder / "chunks.parquet").to_pydict()
+        vectors = np.load(folder / "vectors.npy", mmap_mode="r")
+    except (IndexLoadError, OSError, ValueError) as e:
+        raise IndexBuildError(f"the live version {folder} cannot be read ({e}); rebuild with --full") from None
+    if m["model"].get("checksum") != settings.model_checksum or m["model"].get("name") != settings.model:
+        return name, {}, chunks
+    return name, {c: vectors[i] for i, c in enumerate(chunks["checksum"])}, chunks
+
+
+def build_index(
+    source: Path,
+    root: Path,
+    settings: BuildSettings,
+    *,
+    embed: Callable[[list[str]], tuple[np.ndarray, str]],
+    full: bool = False,
+    keep_versions: int = 3,
+    log: Log = print,
+) -> BuildReport:
+    """Read ``source``, chunk, embed what is new, build BM25 + FAISS, publish a new version.
+
+    ``embed(texts) -> (vectors, engine_name)`` does the embedding (in-process or Ray Data).
+    """
+    from indexing.dense import build_faiss, index_kind, save_faiss
+    from indexing.lexical import BM25Index
+
+    root = Path(root)
+    report = BuildReport()
+    t0 = time.perf_counter()
+    with _build_lock(root):
+        versions = root / "versions"
+        versions.mkdir(parents=True, exist_ok=True)
+        for stale in versions.glob(".tmp-*"):  # left by an interrupted build; the lock says none runs now
+            shutil.rmtree(stale, ignore_errors=True)
+
+        docs = list(read_source(source))
+        if not docs:
+            raise IndexBuildError(f"source {source} holds no documents")
+        seen: set[str] = set()
+        dup = {d.id for d in docs if d.id in seen or seen.add(d.id)}
+        if dup:
+            raise IndexBuildError(f"source {source}: duplicate document ids {sorted(dup)[:5]}")
+        chunks = [c for d in docs for c in chunk_document(d, size=settings.chunk_size, overlap=settings.chunk_overlap)]
+        report.seconds["read_and_chunk"] = time.perf_counter() - t0
+        log(f"  read {len(docs)} documents into {len(chunks)} chunks ({report.seconds['read_and_chunk']:.1f} s)")
+
+        prev_name, prev_vecs, prev_chunks = _previous_vectors(root, settings) if not full else (current_name(root), {}, {})
+        report.previous = prev_name
+        _diff_documents(report, chunks, prev_chunks)
+        if prev_name and not full and not report.added and not report.changed and not report.removed and prev_vecs:
+            prev_manifest = read_manifest(versions / prev_name)
+            if prev_manifest.get("settings") == asdict(settings) and _same_rows(chunks, prev_chunks):
+                report.chunks, report.reused = len(chunks), len(chunks)
+                report.seconds["total"] = time.perf_counter() - t0
+                return report
+
+        t1 = time.perf_counter()
+        texts = [c.embed_text for c in chunks]
+        todo = [i for i, c in enumerate(chunks) if c.checksum not in prev_vecs]
+        report.embedded, report.reused, report.chunks = len(todo), len(chunks) - len(todo), len(chunks)
+        log(f"  embedding {len(todo)} chunks, reusing {report.reused}")
+        new_vecs, report.engine = embed([texts[i] for i in todo]) if todo else (None, "none")
+        dim = new_vecs.shape[1] if new_vecs is not None else len(next(iter(prev_vecs.values())))
+        vectors = np.zeros((len(chunks), dim), dtype=np.float32)
+        if todo:
+            vectors[todo] = new_vecs
+        for i, c in enumerate(chunks):
+            if c.checksum in prev_vecs:
+                vectors[i] = prev_vecs[c.checksum]
+        report.seconds["embed"] = time.perf_counter() - t1
+
+        name = datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        tmp = versions / f".tmp-{name}"
+        tmp.mkdir()
+        t2 = time.perf_counter()
+        _write_chunks(tmp / "chunks.parquet", chunks)
+        np.save(tmp / "vectors.npy", vectors)
+        dense = build_faiss(vectors, ann_threshold=settings.ann_threshold, hnsw_m=settings.hnsw_m)
+        save_faiss(dense, tmp / "dense.faiss")
+        (tmp / "bm25").mkdir()
+        BM25Index.build(texts, k1=settings.bm25_k1, b=settings.bm25_b, stemmer=settings.stemmer).save(tmp / "bm25")
+        report.seconds["build_indexes"] = time.perf_counter() - t2
+        log(f"  built FAISS ({index_kind(dense)}) and BM25 over {len(chunks)} chunks ({report.seconds['build_indexes']:.1f} s)")
+
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "model": {"name": settings.model, "checksum": settings.model_checksum},
+            "dim": dim,
+            "chunking": {"size": settings.chunk_size, "overlap": settings.chunk_overlap},
+            "settings": asdict(settings),
+            "dense_index": index_kind(dense),
+            "source": str(source),
+            "documents": len(docs),
+            "chunks": len(chunks),
+            "files": files,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        _fsync_dir(tmp)
+        tmp.rename(versions / name)
+        _fsync_dir(versions)
+        _write_atomic(root / "current", name + "\n")
+        report.version, report.published = name, True
+        _prune(versions, keep=keep_versions, live=name)
+        report.seconds["total"] = time.perf_counter() - t0
+        return report
+
+
+def _diff_documents(report: BuildReport, chunks: list[Chunk], prev: dict[str, list]) -> None:
+    def by_doc(ids: list[str], sums: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for d, s in zip(ids, sums, strict=True):
+            out.setdefault(d, []).append(s)
+        return out
+
+    now = by_doc([c.document_id for c in chunks], [c.checksum for c in chunks])
+    before = by_doc(prev.get("document_id", []), prev.get("checksum", []))
+    report.added = sorted(set(now) - set(before))
+    report.removed = sorted(set(before) - set(now))
+    report.changed = sorted(d for d in set(now) & set(before) if now[d] != before[d])
+    report.skipped = len(set(now) & set(before)) - len(report.changed)
+
+
+def _same_rows(chunks: list[Chunk], prev: dict[str, list]) -> bool:
+    return [tuple(getattr(c, k) for k in CHUNK_COLUMNS) for c in chunks] == list(
+        zip(*(prev[k] for k in CHUNK_COLUMNS), strict=True)
+    )
+
+
+def _write_chunks(path: Path, chunks: list[Chunk]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {k: [getattr(c, k) for c in chunks] for k in CHUNK_COLUMNS}
+    pq.write_table(pa.table({k: pa.array(v, type=pa.string()) for k, v in cols.items()}), path)
+
+
+def _prune(versions: Path, *, keep: int, live: str) -> None:
+    done = sorted((p for p in versions.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    for old in done[:-keep] if keep > 0 else []:
+        if old.name != live:
+            shutil.rmtree(old, ignore_errors=True)
