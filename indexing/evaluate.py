@@ -107,7 +107,7 @@ def run_pipeline(
         strategy = {"bm25": "lexical", "dense": "semantic"}.get(pipeline, "hybrid")
         passages = retriever.run(query=text, top_k=DEPTH * 3 if len(idx) > DEPTH else len(idx), strategy=strategy)
         if pipeline == "full" and reranker is not None:
-            head = reranker.run(query=text, passages=passages[: reranker.candidates])
+            head = reranker.run(query=text, passages=passages[: reranker.candidates], top_k=reranker.candidates)
             passages = head + passages[reranker.candidates :]
         run[q] = _dedupe_docs([p.document_id for p in passages], DEPTH)
         if n % 10 == 0:

@@ -85,12 +85,51 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_retriever(cfg, dataset: Path, cache_dir: Path, log):
+    """A warmed-up retriever over ``dataset``, indexed into a cache keyed by its checksum."""
+    from deployments.retriever import HybridRetriever
+    from indexing.evaluate import dataset_key
+    from indexing.jobs import index_source, settings_from_config
+
+    root = cache_dir.expanduser() / dataset_key(dataset, settings_from_config(cfg))
+    log(index_source(cfg, dataset, root, log=log).summary())
+    retriever = HybridRetriever.from_config(cfg, index_dir=root)
+    retriever.warm_up()
+    return retriever
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import json
+
+    from indexing.adapt import mine_pairs, train_cross_encoder
+
+    _offline()
+    cfg = load_config(args.config)
+    out = (args.out or Path(cfg.reranker.model)).expanduser()
+    t0 = time.perf_counter()
+    if args.corpus is not None:
+        retriever = _dataset_retriever(cfg, args.corpus, args.cache_dir, print)
+    else:
+        from deployments.retriever import HybridRetriever
+
+        retriever = HybridRetriever.from_config(cfg)
+        retriever.warm_up()
+    print(f"ragraph reranker adapt: mining {args.queries} pseudo-queries from index {retriever.version}")
+    pairs = mine_pairs(retriever, n_queries=args.queries, negatives=args.negatives, seed=args.seed)
+    mined = time.perf_counter() - t0
+    print(f"  {len(pairs)} pairs in {mined:.0f} s; training from {cfg.models.location('embedder')}")
+    stats = train_cross_encoder(cfg.models.location("embedder"), pairs, out, max_minutes=args.max_minutes - mined / 60)
+    stats = {"pairs": len(pairs), "mining_seconds": round(mined, 1), **stats,
+             "total_seconds": round(time.perf_counter() - t0, 1), "out": str(out)}
+    (out / "ragraph-adapt.json").write_text(json.dumps(stats, indent=2))
+    print(f"wrote {out} in {stats['total_seconds']:.0f} s; enable with reranker.enabled: true and reranker.model: {out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from deployments.retriever import HybridRetriever
-    from indexing.evaluate import DatasetError, dataset_key, evaluate, load_beir
-    from indexing.jobs import index_source, settings_from_config
+    from indexing.evaluate import DatasetError, evaluate, load_beir
 
     _offline()
     cfg = load_config(args.config)
@@ -100,11 +139,7 @@ def _eval(args: argparse.Namespace) -> int:
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    root = args.cache_dir.expanduser() / dataset_key(args.dataset, settings_from_config(cfg))
-    report = index_source(cfg, args.dataset, root, log=log)
-    log(report.summary())
-    retriever = HybridRetriever.from_config(cfg, index_dir=root)
-    retriever.warm_up()
+    retriever = _dataset_retriever(cfg, args.dataset, args.cache_dir, log)
     reranker = None
     if args.pipeline == "full" and cfg.reranker.enabled:
         from deployments.reranker import CrossEncoderReranker
@@ -151,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="where dataset indexes are cached, keyed by corpus checksum and settings",
     )
     e.set_defaults(func=_eval)
+
+    r = sub.add_parser("reranker", help="reranker tools")
+    rsub = r.add_subparsers(dest="reranker_command", required=True, metavar="COMMAND")
+    a = rsub.add_parser("adapt", help="train a cross-encoder from the packaged MiniLM on pseudo-labelled corpus pairs")
+    a.add_argument("--corpus", type=Path, default=None, help="a BEIR folder to mine (default: the live index)")
+    a.add_argument("--out", type=Path, default=None, help="output folder (default: reranker.model)")
+    a.add_argument("--queries", type=int, default=1500, help="pseudo-queries to mine")
+    a.add_argument("--negatives", type=int, default=3, help="hard negatives per pseudo-query")
+    a.add_argument("--max-minutes", type=float, default=14.0, help="time budget, mining included")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--cache-dir", type=Path, default=Path("~/.cache/ragraph/eval"))
+    a.set_defaults(func=_adapt)
 
     c = sub.add_parser("config", help="validate the config; --show prints the effective values")
     c.add_argument("--show", action="store_true", help="print the effective config as YAML")

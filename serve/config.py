@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelSpec(_Strict):
@@ -133,7 +133,10 @@ class IndexingConfig(_Strict):
         default=Path("~/.cache/ragraph/indexes/default"),
         description="Index root: versions/<name>/ plus a `current` pointer; '~' is expanded.",
     )
-    source: Path = Field(default=Path("docs"), description="What `ragraph index` reads when given no SOURCE.")
+    source: Path = Field(
+        default=Path("docs"),
+        description="What `ragraph index` reads when given no SOURCE; a relative path is taken from the repository root.",
+    )
     chunk_size: int = Field(default=200, gt=0, description="Chunk length in words.")
     chunk_overlap: int = Field(default=40, ge=0, description="Words shared by consecutive chunks.")
     engine: Literal["auto", "ray", "local"] = Field(
@@ -155,6 +158,12 @@ class IndexingConfig(_Strict):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("source")
+    @classmethod
+    def _from_repo(cls, v: Path) -> Path:
+        v = v.expanduser()
+        return v if v.is_absolute() else REPO_ROOT / v
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> IndexingConfig:

@@ -25,3 +25,45 @@ def provisioned(app_config):
 
     reports = provision_all(app_config.models, log=lambda _: None)
     return {r.role: Path(r.location) for r in reports}
+
+
+CORPUS = {
+    "wine/reds.md": "# Red wines\n\nOur cellar holds pinot noir and cabernet sauvignon from the Napa valley, "
+    "aged eighteen months in French oak barrels.",
+    "wine/whites.md": "# White wines\n\nChardonnay and riesling are served chilled; the riesling has notes of "
+    "green apple and lime.",
+    "club/membership.md": "# Membership\n\nClub members receive four shipments a year and can cancel at any time "
+    "from their account page.",
+    "visiting/hours.md": "# Opening hours\n\nThe tasting room is open from 10 am to 6 pm, Tuesday through Sunday. "
+    "Parking is free for visitors.",
+    "merchandise/shop.md": "# Shop\n\nCorkscrews, decanters and gift boxes are sold in the online shop and "
+    "shipped within two days.",
+    "merchandise/returns.md": "# Returns\n\nDamaged bottles are refunded within 30 days of delivery; send a "
+    "photo of the broken bottle.",
+}
+
+
+def write_corpus(folder: Path, docs: dict[str, str] = CORPUS) -> Path:
+    for rel, text in docs.items():
+        p = folder / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def local_cfg(app_config, provisioned):
+    """The app config with in-process embedding (no Ray) for small test corpora."""
+    return app_config.model_copy(update={"indexing": app_config.indexing.model_copy(update={"engine": "local"})})
+
+
+@pytest.fixture(scope="session")
+def built_index(tmp_path_factory, local_cfg):
+    """An index of CORPUS, built once per session: (source folder, index root)."""
+    from indexing.jobs import index_source
+
+    base = tmp_path_factory.mktemp("corpus")
+    source = write_corpus(base / "src")
+    root = base / "index"
+    index_source(local_cfg, source, root, log=lambda _: None)
+    return source, root

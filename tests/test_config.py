@@ -97,7 +97,7 @@ def test_package_source_needs_a_package(tmp_path):
 
 
 def test_tensor_parallel_needs_gpu(tmp_path):
-    p = write(tmp_path, local_text() + "  tensor_parallel_size: 2\n")
+    p = write(tmp_path, local_text().replace("  cpu_kvcache_space_gib: 1\n", "  cpu_kvcache_space_gib: 1\n  tensor_parallel_size: 2\n"))
     with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 needs device 'cuda'"):
         load_config(p, environ={})
 
@@ -117,6 +117,24 @@ def test_dump_round_trips():
     import yaml
 
     assert AppConfig.model_validate(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_default_paths_are_expanded_and_anchored():
+    cfg = AppConfig.model_validate({"models": load_config(LOCAL, environ={}).models.model_dump()})
+    assert "~" not in str(cfg.indexing.dir)
+    assert cfg.indexing.source == REPO_ROOT / "docs"
+
+
+def test_gpu_config_reranks_with_a_hub_cross_encoder():
+    cfg = load_config(GPU, environ={})
+    assert cfg.reranker.enabled and cfg.reranker.model == "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    assert cfg.indexing.faiss_device == "cuda"
+
+
+def test_overlap_must_fit_in_chunk(tmp_path):
+    p = write(tmp_path, local_text().replace("chunk_overlap: 40", "chunk_overlap: 500"))
+    with pytest.raises(ConfigError, match=r"chunk_overlap=500 must be below chunk_size=200"):
+        load_config(p, environ={})
 
 
 def test_config_is_frozen():

@@ -1,0 +1,98 @@
+import pytest
+
+from indexing.chunking import chunk_document
+from indexing.documents import Document, SourceError, read_source
+
+MD = """# Scaling
+
+Intro words here.
+
+## Adding GPU replicas
+
+Raise max_replicas of the generator deployment.
+
+```bash
+# not a heading inside a fence
+ray status
+```
+
+### Fractional GPUs
+
+Give the reranker num_gpus 0.25.
+"""
+
+
+def doc(text=MD, markdown=True, id="scaling.md"):
+    return Document(id=id, text=text, title="Scaling", source="docs/scaling.md", domain="docs", markdown=markdown)
+
+
+def test_markdown_sections_keep_their_heading_path():
+    chunks = chunk_document(doc(), size=50, overlap=10)
+    paths = [c.heading_path for c in chunks]
+    assert paths == ["Scaling", "Scaling > Adding GPU replicas", "Scaling > Adding GPU replicas > Fractional GPUs"]
+    assert "# not a heading inside a fence" in chunks[1].text
+    assert [c.id for c in chunks] == ["scaling.md#0", "scaling.md#1", "scaling.md#2"]
+    assert all(c.domain == "docs" and c.source == "docs/scaling.md" for c in chunks)
+
+
+def test_windows_overlap_and_cover_every_word():
+    words = [f"w{i}" for i in range(25)]
+    chunks = chunk_document(doc(" ".join(words), markdown=False), size=10, overlap=3)
+    got = [c.text.split() for c in chunks]
+    assert got[0] == words[0:10] and got[1][:3] == words[7:10]
+    assert set(sum(got, [])) == set(words)
+
+
+def test_checksum_is_stable_and_content_sensitive():
+    a = chunk_document(doc(), size=50, overlap=10)
+    b = chunk_document(doc(), size=50, overlap=10)
+    c = chunk_document(doc(MD.replace("0.25", "0.5")), size=50, overlap=10)
+    assert [x.checksum for x in a] == [x.checksum for x in b]
+    assert [x.checksum for x in a][:2] == [x.checksum for x in c][:2]
+    assert a[2].checksum != c[2].checksum
+
+
+@pytest.mark.parametrize("size, overlap, msg", [(0, 0, "chunk size must be > 0"), (10, 10, "overlap must be in")])
+def test_bad_chunk_settings(size, overlap, msg):
+    with pytest.raises(ValueError, match=msg):
+        chunk_document(doc(), size=size, overlap=overlap)
+
+
+def test_folder_layout_gives_domains(tmp_path):
+    (tmp_path / "wine").mkdir()
+    (tmp_path / "wine" / "reds.md").write_text("# Reds\nPinot noir.")
+    (tmp_path / "top.txt").write_text("plain text")
+    docs = {d.id: d for d in read_source(tmp_path)}
+    assert docs["wine/reds.md"].domain == "wine" and docs["wine/reds.md"].title == "Reds"
+    assert docs["top.txt"].domain == tmp_path.name and not docs["top.txt"].markdown
+
+
+def test_jsonl_and_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c.jsonl").write_text('{"_id": "1", "title": "T", "text": "x", "metadata": {"domain": "club"}}\n')
+    pq.write_table(pa.table({"id": ["p1"], "text": ["y"], "updated_at": ["2025-01-01T00:00:00+00:00"]}), tmp_path / "p.parquet")
+    docs = {d.id: d for d in read_source(tmp_path)}
+    assert docs["1"].domain == "club" and docs["1"].title == "T"
+    assert docs["p1"].updated_at.startswith("2025-01-01")
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"_id": "1", "text": "ok"}\n{broken\n')
+    with pytest.raises(SourceError, match=r"c.jsonl:2: not valid JSON"):
+        list(read_source(tmp_path / "c.jsonl"))
+
+
+def test_row_without_text_is_named(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"_id": "7", "body": "no text key"}\n')
+    with pytest.raises(SourceError, match=r"c.jsonl:1: row '7' has no 'text' string"):
+        list(read_source(tmp_path / "c.jsonl"))
+
+
+def test_missing_and_empty_sources(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        list(read_source(tmp_path / "nope"))
+    (tmp_path / "x.bin").write_bytes(b"\0")
+    with pytest.raises(SourceError, match="holds no readable file"):
+        list(read_source(tmp_path))
