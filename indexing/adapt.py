@@ -106,7 +106,7 @@ def train_cross_encoder(
         sched.step()
         opt.zero_grad()
         done += len(batch)
-        running = 0.98 * running + 0.02 * float(loss) if step else float(loss)
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if step % 50 == 0:
             log(f"  step {step}/{steps}  loss {running:.3f}  ({time.perf_counter() - t0:.0f} s)")
     model.eval()

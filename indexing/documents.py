@@ -46,7 +46,7 @@ def _title_of(text: str, fallback: str) -> str:
 
 def read_source(source: Path) -> Iterator[Document]:
     """Yield every document in ``source``; raise :class:`SourceError` on unreadable input."""
-    source = Path(source)
+    source = Path(source).expanduser().resolve()  # one spelling per file, so metadata is stable
     if not source.exists():
         raise SourceError(f"source {source} does not exist")
     if source.is_file():

@@ -105,11 +105,13 @@ def run_pipeline(
             run[q] = _dedupe_docs([doc_of[r] for r in rows], DEPTH)
             continue
         strategy = {"bm25": "lexical", "dense": "semantic"}.get(pipeline, "hybrid")
-        passages = retriever.run(query=text, top_k=DEPTH * 3 if len(idx) > DEPTH else len(idx), strategy=strategy)
         if pipeline == "full" and reranker is not None:
+            passages = retriever.run(query=text, top_k=DEPTH * 3, strategy=strategy)
             head = reranker.run(query=text, passages=passages[: reranker.candidates], top_k=reranker.candidates)
-            passages = head + passages[reranker.candidates :]
-        run[q] = _dedupe_docs([p.document_id for p in passages], DEPTH)
+            run[q] = _dedupe_docs([p.document_id for p in head + passages[reranker.candidates :]], DEPTH)
+        else:
+            rows, _, _ = retriever.rank(query=text, n=DEPTH * 3, strategy=strategy)
+            run[q] = _dedupe_docs([doc_of[r] for r in rows], DEPTH)
         if n % 10 == 0:
             log(f"  {pipeline}: {n}/{len(qids)} queries")
     ms = (time.perf_counter() - t0) / len(qids) * 1000
