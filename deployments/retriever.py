@@ -100,10 +100,12 @@ class HybridRetriever:
     @classmethod
     def from_config(cls, cfg, *, index_dir: Path | None = None) -> HybridRetriever:
         """Build from an :class:`serve.config.AppConfig`."""
-        r, e = cfg.retriever, cfg.embedder
+        from indexing.jobs import embedder_from_config
+
+        r = cfg.retriever
         return cls(
             index_dir=index_dir or cfg.indexing.dir,
-            embedder=Embedder(model=cfg.models.location("embedder"), device=e.device, batch_size=e.batch_size, normalize=e.normalize),
+            embedder=embedder_from_config(cfg),
             top_k=r.top_k,
             candidates=r.candidates,
             strategy=r.strategy,

@@ -19,17 +19,23 @@ Log = Callable[[str], None]
 class Embedder:
     """A sentence-transformers bi-encoder. Cheap to construct; ``warm_up()`` loads the model."""
 
-    def __init__(self, *, model: str, device: str = "cpu", batch_size: int = 32, normalize: bool = True) -> None:
+    def __init__(
+        self, *, model: str, device: str = "cpu", batch_size: int = 32, normalize: bool = True, dtype: str = "float32"
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        self.model, self.device, self.batch_size, self.normalize = model, device, batch_size, normalize
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        self.model, self.device, self.batch_size, self.normalize, self.dtype = model, device, batch_size, normalize, dtype
         self._st = None
 
     def warm_up(self) -> None:
         if self._st is None:
+            import torch
             from sentence_transformers import SentenceTransformer
 
-            self._st = SentenceTransformer(self.model, device=self.device)
+            st = SentenceTransformer(self.model, device=self.device)
+            self._st = st.to(getattr(torch, self.dtype)) if self.dtype != "float32" else st
 
     @property
     def dim(self) -> int:
@@ -41,9 +47,10 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         v = self._st.encode(
-            list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize, show_progress_bar=False
+            list(texts), batch_size=self.batch_size, normalize_embeddings=self.normalize, show_progress_bar=False,
+            convert_to_tensor=True,
         )
-        return np.asarray(v, dtype=np.float32)
+        return v.float().cpu().numpy()
 
 
 def embed_local(texts: Sequence[str], embedder: Embedder, *, log: Log = print, every: int = 2048) -> np.ndarray:
@@ -62,11 +69,11 @@ def embed_local(texts: Sequence[str], embedder: Embedder, *, log: Log = print, e
 class _EmbedActor:
     """One Ray Data actor: loads the model once, then embeds batches."""
 
-    def __init__(self, model: str, device: str, batch_size: int, normalize: bool, threads: int) -> None:
+    def __init__(self, model: str, device: str, batch_size: int, normalize: bool, dtype: str, threads: int) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self._e = Embedder(model=model, device=device, batch_size=batch_size, normalize=normalize)
+        self._e = Embedder(model=model, device=device, batch_size=batch_size, normalize=normalize, dtype=dtype)
         self._e.warm_up()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -113,6 +120,7 @@ def embed_with_ray(
             "device": embedder.device,
             "batch_size": embedder.batch_size,
             "normalize": embedder.normalize,
+            "dtype": embedder.dtype,
             "threads": threads_per_actor,
         },
         batch_size=embedder.batch_size * 4,

@@ -17,7 +17,9 @@ Log = Callable[[str], None]
 
 def embedder_from_config(cfg) -> Embedder:
     e = cfg.embedder
-    return Embedder(model=cfg.models.location("embedder"), device=e.device, batch_size=e.batch_size, normalize=e.normalize)
+    return Embedder(
+        model=cfg.models.location("embedder"), device=e.device, batch_size=e.batch_size, normalize=e.normalize, dtype=e.dtype
+    )
 
 
 def model_checksum(model: str) -> str:
@@ -34,6 +36,7 @@ def settings_from_config(cfg) -> BuildSettings:
     return BuildSettings(
         model=model,
         model_checksum=model_checksum(model),
+        embedder_dtype=cfg.embedder.dtype,
         chunk_size=ix.chunk_size,
         chunk_overlap=ix.chunk_overlap,
         bm25_k1=r.bm25_k1,

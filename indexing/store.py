@@ -55,6 +55,7 @@ class IndexBuildError(RuntimeError):
 class BuildSettings:
     model: str  # model folder or hub id
     model_checksum: str  # from the model's manifest; "" for hub models
+    embedder_dtype: str
     chunk_size: int
     chunk_overlap: int
     bm25_k1: float
@@ -282,7 +283,10 @@ def _previous_vectors(root: Path, settings: BuildSettings) -> tuple[str | None, 
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
     except (IndexLoadError, OSError, ValueError) as e:
         raise IndexBuildError(f"the live version {folder} cannot be read ({e}); rebuild with --full") from None
-    if m["model"].get("checksum") != settings.model_checksum or m["model"].get("name") != settings.model:
+    same_model = (m["model"].get("name"), m["model"].get("checksum"), m["model"].get("dtype")) == (
+        settings.model, settings.model_checksum, settings.embedder_dtype
+    )
+    if not same_model:  # vectors from another model or precision are never mixed in
         return name, {}, chunks
     return name, {c: vectors[i] for i, c in enumerate(chunks["checksum"])}, chunks
 
@@ -366,7 +370,7 @@ def build_index(
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
-            "model": {"name": settings.model, "checksum": settings.model_checksum},
+            "model": {"name": settings.model, "checksum": settings.model_checksum, "dtype": settings.embedder_dtype},
             "dim": dim,
             "chunking": {"size": settings.chunk_size, "overlap": settings.chunk_overlap},
             "settings": asdict(settings),

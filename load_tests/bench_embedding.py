@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--dataset", type=Path, default=SHARED_DATA / "msmarco-5k")
     ap.add_argument("--out", type=Path, default=Path("load_tests/results/embedding.json"))
-    ap.add_argument("--variants", default="plain,ray-data,int8,bf16")
+    ap.add_argument("--variants", default="plain,ray-data,ray-data-1x2,ray-data-bf16,ray-data-bf16-1x2,int8,bf16")
     args = ap.parse_args()
 
     import tempfile
@@ -59,15 +59,18 @@ def main() -> None:
         t = time.perf_counter()
         v = st.encode(texts, normalize_embeddings=True)
         record("plain", time.perf_counter() - t, v, "SentenceTransformer.encode, defaults")
-    if "ray-data" in variants:
+    for name, dtype, actors, threads in [
+        ("ray-data", "float32", 2, 1), ("ray-data-1x2", "float32", 1, 2), ("ray-data-bf16", "bfloat16", 2, 1),
+        ("ray-data-bf16-1x2", "bfloat16", 1, 2),
+    ]:
+        if name not in variants:
+            continue
         ensure_ray()
-        e = Embedder(model=model, batch_size=cfg.embedder.batch_size)
+        e = Embedder(model=model, batch_size=cfg.embedder.batch_size, dtype=dtype)
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
-            v = embed_with_ray(texts, e, concurrency=cfg.indexing.concurrency, threads_per_actor=cfg.indexing.threads_per_actor,
-                               shard_dir=Path(d), log=lambda m: None)
-            record("ray-data", time.perf_counter() - t, v,
-                   f"{cfg.indexing.concurrency} actors x {cfg.indexing.threads_per_actor} threads, incl. actor start")
+            v = embed_with_ray(texts, e, concurrency=actors, threads_per_actor=threads, shard_dir=Path(d), log=lambda m: None)
+            record(name, time.perf_counter() - t, v, f"{dtype}, {actors} actors x {threads} threads, incl. actor start")
     if "int8" in variants:
         q = SentenceTransformer(model, device="cpu")
         q[0].auto_model = torch.ao.quantization.quantize_dynamic(q[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8)
