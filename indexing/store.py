@@ -35,6 +35,7 @@ import numpy as np
 
 from indexing.chunking import Chunk, chunk_document
 from indexing.documents import read_source
+from serve.models import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,16 +94,6 @@ class BuildReport:
 
 # ---------------------------------------------------------------------------------------------
 # files and pointers
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def current_name(root: Path) -> str | None:
