@@ -176,3 +176,15 @@ def test_vectors_that_disagree_with_the_manifest_are_refused(version_copy):
 def test_no_published_index_says_how_to_make_one(tmp_path):
     with pytest.raises(IndexLoadError, match=r"no index has been published .*run `ragraph index`"):
         load_current(tmp_path)
+
+
+def test_above_the_ann_threshold_faiss_uses_hnsw(tmp_path, local_cfg):
+    from deployments.retriever import HybridRetriever
+
+    cfg = local_cfg.model_copy(update={"indexing": local_cfg.indexing.model_copy(update={"ann_threshold": 3})})
+    src, root = write_corpus(tmp_path / "src"), tmp_path / "index"
+    index_source(cfg, src, root, **quiet)
+    assert json.loads((current_path(root) / "manifest.json").read_text())["dense_index"] == "hnsw"
+    r = HybridRetriever.from_config(cfg, index_dir=root)
+    assert r.run(query="When is the tasting room open?", strategy="semantic")[0].document_id == "visiting/hours.md"
+    assert r.index.dense.hnsw.efSearch == cfg.indexing.hnsw_ef_search
