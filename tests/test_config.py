@@ -71,7 +71,9 @@ def test_bad_value_says_what_was_expected_and_given(tmp_path):
 
 
 def test_every_error_is_reported_at_once(tmp_path):
-    text = local_text().replace("dtype: bfloat16", "dtype: int3").replace("batch_size: 32", "batch_size: lots")
+    text = local_text().replace("  device: cpu\n  dtype: bfloat16", "  device: cpu\n  dtype: int3")
+    text = text.replace("batch_size: 32", "batch_size: lots")
+    assert text.count("int3") == 1 and text.count("lots") == 1
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text), environ={})
     msg = str(e.value)
