@@ -149,7 +149,7 @@ class HybridRetriever:
         idx = self.index
         assert idx is not None
         out = []
-        for r in rows[:k]:
+        for r in rows:
             c = idx.chunk(int(r))
             out.append(
                 Passage(
