@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 
 from indexing.embedding import Embedder, embed_local, embed_with_ray
 from indexing.store import BuildReport, BuildSettings, build_index
+from serve.models import read_manifest
 
 Log = Callable[[str], None]
 
@@ -24,10 +24,8 @@ def embedder_from_config(cfg) -> Embedder:
 
 def model_checksum(model: str) -> str:
     """The checksum `ragraph models` recorded for a local model folder ('' for a hub id)."""
-    manifest = Path(model) / "ragraph-model.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text())["checksum"]
-    return ""
+    manifest = read_manifest(Path(model))
+    return manifest["checksum"] if manifest else ""
 
 
 def settings_from_config(cfg) -> BuildSettings:

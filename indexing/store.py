@@ -35,7 +35,7 @@ import numpy as np
 
 from indexing.chunking import Chunk, chunk_document
 from indexing.documents import read_source
-from serve.models import sha256_file
+from serve.models import first_bad_file, tree_checksums
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -181,19 +181,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    for rel, digest in sorted(manifest["files"].items()):
-        p = folder / rel
-        if not p.is_file():
-            raise IndexLoadError(f"{p}: file listed in the manifest is missing")
-        if sha256_file(p) != digest:
-            raise IndexLoadError(f"{p}: checksum differs from {folder / MANIFEST}; the file is corrupt")
+    bad = first_bad_file(folder, manifest["files"])
+    if bad is None:
+        return
+    p, problem = bad
+    if problem == "missing":
+        raise IndexLoadError(f"{p}: file listed in the manifest is missing")
+    raise IndexLoadError(f"{p}: checksum differs from {folder / MANIFEST}; the file is corrupt")
 
 
 def load_version(
     folder: Path,
     *,
     expected_dim: int | None = None,
-    expected_model_checksum: str | None = None,
     ef_search: int = 128,
     faiss_device: str = "cpu",
     verify: bool = True,
@@ -214,11 +214,6 @@ def load_version(
     if expected_dim is not None and dim != expected_dim:
         raise IndexLoadError(
             f"{folder / MANIFEST}: index has dim {dim} but the embedder gives {expected_dim}; re-index with --full"
-        )
-    if expected_model_checksum and m["model"].get("checksum") not in ("", expected_model_checksum):
-        raise IndexLoadError(
-            f"{folder / MANIFEST}: built with embedder {m['model'].get('name')} (checksum "
-            f"{m['model'].get('checksum', '')[:12]}), not the configured one; re-index with --full"
         )
     try:
         vectors = np.load(folder / "vectors.npy", mmap_mode="r")
@@ -260,11 +255,14 @@ def load_current(root: Path, **kw: Any) -> IndexVersion:
 # building
 
 
-def _previous_vectors(root: Path, settings: BuildSettings) -> tuple[str | None, dict[str, np.ndarray], dict]:
-    """checksum -> vector from the live version, when it was embedded by the same model."""
+def _previous_vectors(
+    root: Path, settings: BuildSettings
+) -> tuple[str | None, dict[str, Any], dict[str, np.ndarray], dict]:
+    """The live version's name, manifest, checksum -> vector (when embedded by the same model and
+    precision) and chunk columns."""
     name = current_name(root)
     if name is None:
-        return None, {}, {}
+        return None, {}, {}, {}
     folder = root / "versions" / name
     try:
         m = read_manifest(folder)
@@ -278,8 +276,8 @@ def _previous_vectors(root: Path, settings: BuildSettings) -> tuple[str | None, 
         settings.model, settings.model_checksum, settings.embedder_dtype
     )
     if not same_model:  # vectors from another model or precision are never mixed in
-        return name, {}, chunks
-    return name, {c: vectors[i] for i, c in enumerate(chunks["checksum"])}, chunks
+        return name, m, {}, chunks
+    return name, m, {c: vectors[i] for i, c in enumerate(chunks["checksum"])}, chunks
 
 
 def build_index(
@@ -319,11 +317,12 @@ def build_index(
         report.seconds["read_and_chunk"] = time.perf_counter() - t0
         log(f"  read {len(docs)} documents into {len(chunks)} chunks ({report.seconds['read_and_chunk']:.1f} s)")
 
-        prev_name, prev_vecs, prev_chunks = _previous_vectors(root, settings) if not full else (current_name(root), {}, {})
+        prev_name, prev_manifest, prev_vecs, prev_chunks = (
+            _previous_vectors(root, settings) if not full else (current_name(root), {}, {}, {})
+        )
         report.previous = prev_name
         _diff_documents(report, chunks, prev_chunks)
         if prev_name and not full and not report.added and not report.changed and not report.removed and prev_vecs:
-            prev_manifest = read_manifest(versions / prev_name)
             if prev_manifest.get("settings") == asdict(settings) and _same_rows(chunks, prev_chunks):
                 report.chunks, report.reused = len(chunks), len(chunks)
                 report.seconds["total"] = time.perf_counter() - t0
@@ -357,7 +356,7 @@ def build_index(
         report.seconds["build_indexes"] = time.perf_counter() - t2
         log(f"  built FAISS ({index_kind(dense)}) and BM25 over {len(chunks)} chunks ({report.seconds['build_indexes']:.1f} s)")
 
-        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = tree_checksums(tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,

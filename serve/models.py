@@ -263,17 +263,28 @@ def read_manifest(folder: Path) -> dict | None:
         raise ModelSourceError(f"{folder / MANIFEST} is not valid JSON ({e}); fix: ragraph models --force") from None
 
 
-def verify_folder(folder: Path, manifest: dict) -> None:
-    """Check every file against the manifest; raise naming the first bad one."""
-    want: dict[str, str] = manifest.get("files", {})
-    for rel, digest in sorted(want.items()):
+def first_bad_file(folder: Path, files: dict[str, str]) -> tuple[Path, Literal["missing", "corrupt"]] | None:
+    """The first file of ``files`` (relative path -> sha256) that is missing or differs, if any."""
+    for rel, digest in sorted(files.items()):
         p = folder / rel
         if not p.is_file():
-            raise ModelSourceError(f"model file {p} is missing; fix: ragraph models --force")
+            return p, "missing"
         if sha256_file(p) != digest:
-            raise ModelSourceError(
-                f"model file {p} is corrupt (sha256 differs from {folder / MANIFEST}); fix: ragraph models --force"
-            )
+            return p, "corrupt"
+    return None
+
+
+def verify_folder(folder: Path, manifest: dict) -> None:
+    """Check every file against the manifest; raise naming the first bad one."""
+    bad = first_bad_file(folder, manifest.get("files", {}))
+    if bad is None:
+        return
+    p, problem = bad
+    if problem == "missing":
+        raise ModelSourceError(f"model file {p} is missing; fix: ragraph models --force")
+    raise ModelSourceError(
+        f"model file {p} is corrupt (sha256 differs from {folder / MANIFEST}); fix: ragraph models --force"
+    )
 
 
 def provision(
