@@ -58,3 +58,54 @@ class CrossEncoderReranker:
             replace(p, score=float(s), scores={**p.scores, "rerank": float(s), "retrieval": p.score or 0.0})
             for p, s in ranked[:k]
         ]
+
+    def run_batch(self, requests: list[tuple[str, list[Passage], int | None]]) -> list[list[Passage]]:
+        """Several (query, passages, top_k) requests scored in one cross-encoder call."""
+        self.warm_up()
+        pairs, spans = [], []
+        for query, passages, _ in requests:
+            head = passages[: self.candidates]
+            start = len(pairs)
+            pairs += [(query, "\n".join(x for x in (p.title, p.heading_path, p.text) if x)) for p in head]
+            spans.append((start, len(pairs), head))
+        scores = self._ce.predict(pairs, batch_size=self.batch_size, show_progress_bar=False) if pairs else []
+        out = []
+        for (start, end, head), (_, _, top_k) in zip(spans, requests, strict=True):
+            k = self.top_k if top_k is None else top_k
+            ranked = sorted(zip(head, scores[start:end], strict=True), key=lambda t: -float(t[1]))
+            out.append([
+                replace(p, score=float(s), scores={**p.scores, "rerank": float(s), "retrieval": p.score or 0.0})
+                for p, s in ranked[:k]
+            ])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Serve deployment: a thin wrapper
+
+from ray import serve  # noqa: E402  (the plain class above needs no Ray)
+
+
+class RerankerDeployment:
+    """Cross-encoder replicas; concurrent requests are scored in one ``predict`` (``@serve.batch``)."""
+
+    def __init__(self, cfg) -> None:
+        import torch
+
+        self._ce = CrossEncoderReranker.from_config(cfg)
+        self._ce.warm_up()
+        torch.set_num_threads(max(1, int(cfg.reranker.deployment.num_cpus)))
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._score.set_max_batch_size(cfg.reranker.batch.max_batch_size)
+        self._score.set_batch_wait_timeout_s(cfg.reranker.batch.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _score(self, requests: list[tuple[str, list[Passage], int | None]]) -> list[list[Passage]]:
+        import asyncio
+
+        return await asyncio.to_thread(self._ce.run_batch, requests)
+
+    async def rerank(self, query: str, passages: list[Passage], top_k: int | None) -> tuple[list[Passage], str]:
+        if not passages:
+            return [], self._replica
+        return await self._score((query, passages, top_k)), self._replica

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 
 from indexing.embedding import Embedder
-from indexing.store import IndexVersion, load_current
+from indexing.store import IndexLoadError, IndexVersion, current_name, current_path
 
 Strategy = Literal["hybrid", "lexical", "semantic"]
 STRATEGIES: tuple[Strategy, ...] = ("hybrid", "lexical", "semantic")
@@ -67,6 +67,26 @@ class Filters:
         return bool(self.domains or self.updated_after or self.updated_before)
 
 
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """One index version with its filter columns. Swapped as a whole: a request holds the one it
+    started with, so a live swap never mixes two versions in one answer."""
+
+    index: IndexVersion
+    domains: np.ndarray
+    updated: np.ndarray
+
+    @classmethod
+    def of(cls, index: IndexVersion) -> _Loaded:
+        return cls(index, np.asarray(index.chunks["domain"]), np.asarray(index.chunks["updated_at"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    passages: list[Passage]
+    version: str
+
+
 class HybridRetriever:
     def __init__(
         self,
@@ -82,6 +102,7 @@ class HybridRetriever:
         feedback_terms: int = 5,
         ef_search: int = 128,
         faiss_device: str = "cpu",
+        model_checksum: str = "",
     ) -> None:
         if top_k <= 0:
             raise ValueError(f"top_k must be > 0, got {top_k}")
@@ -94,13 +115,14 @@ class HybridRetriever:
         self.index_dir, self.embedder = Path(index_dir), embedder
         self.top_k, self.candidates, self.strategy, self.dense_weight = top_k, candidates, strategy, dense_weight
         self.feedback_docs, self.feedback_dense, self.feedback_terms = feedback_docs, feedback_dense, feedback_terms
-        self.ef_search, self.faiss_device = ef_search, faiss_device
-        self.index: IndexVersion | None = None
+        self.ef_search, self.faiss_device, self.model_checksum = ef_search, faiss_device, model_checksum
+        self._state: _Loaded | None = None
+        self._refused: str | None = None
 
     @classmethod
     def from_config(cls, cfg, *, index_dir: Path | None = None) -> HybridRetriever:
         """Build from an :class:`serve.config.AppConfig`."""
-        from indexing.jobs import embedder_from_config
+        from indexing.jobs import embedder_from_config, model_checksum
 
         r = cfg.retriever
         return cls(
@@ -115,21 +137,58 @@ class HybridRetriever:
             feedback_terms=r.feedback_terms,
             ef_search=cfg.indexing.hnsw_ef_search,
             faiss_device=cfg.indexing.faiss_device,
+            model_checksum=model_checksum(cfg.models.location("embedder")),
         )
+
+    def _load(self, name: str | None = None) -> _Loaded:
+        from indexing.store import load_version
+
+        folder = current_path(self.index_dir) if name is None else self.index_dir / "versions" / name
+        idx = load_version(
+            folder, expected_dim=self.embedder.dim, ef_search=self.ef_search, faiss_device=self.faiss_device
+        )
+        built_with = idx.manifest["model"].get("checksum") or ""
+        if self.model_checksum and built_with and built_with != self.model_checksum:
+            raise IndexLoadError(
+                f"{folder / 'manifest.json'}: built with embedder checksum {built_with[:12]}..., but the serving "
+                f"embedder {self.embedder.model} has {self.model_checksum[:12]}...; its vectors would not match "
+                "the queries. Re-index with `ragraph index --full`"
+            )
+        return _Loaded.of(idx)
 
     def warm_up(self) -> None:
         self.embedder.warm_up()
-        if self.index is None:
-            self.index = load_current(
-                self.index_dir, expected_dim=self.embedder.dim, ef_search=self.ef_search, faiss_device=self.faiss_device
-            )
-            self._domains = np.asarray(self.index.chunks["domain"])
-            self._updated = np.asarray(self.index.chunks["updated_at"])
+        if self._state is None:
+            self._state = self._load()
+
+    @property
+    def loaded(self) -> bool:
+        return self._state is not None
+
+    def refresh(self) -> str | None:
+        """Switch to the published version if it changed. Returns the new version's name, or None
+        when nothing changed. A version that fails to load raises :class:`IndexLoadError` once and
+        is not retried until ``current`` moves again; the old version keeps serving."""
+        name = current_name(self.index_dir)
+        if name is None or (self._state is not None and name == self._state.index.name) or name == self._refused:
+            return None
+        self.embedder.warm_up()
+        try:
+            state = self._load(name)
+        except IndexLoadError:
+            self._refused = name
+            raise
+        self._state, self._refused = state, None  # one attribute write: requests see old or new
+        return name
+
+    @property
+    def index(self) -> IndexVersion:
+        self.warm_up()
+        assert self._state is not None
+        return self._state.index
 
     @property
     def version(self) -> str:
-        self.warm_up()
-        assert self.index is not None
         return self.index.name
 
     # -----------------------------------------------------------------------------------------
@@ -142,12 +201,27 @@ class HybridRetriever:
         filters: Filters | None = None,
         strategy: Strategy | None = None,
     ) -> list[Passage]:
+        return self.search(query=query, top_k=top_k, filters=filters, strategy=strategy).passages
+
+    def search(
+        self,
+        *,
+        query: str,
+        top_k: int | None = None,
+        filters: Filters | None = None,
+        strategy: Strategy | None = None,
+        query_vector: np.ndarray | None = None,
+    ) -> Retrieval:
+        """Like :meth:`run`, and says which index version answered. ``query_vector``: the query's
+        embedding when the caller batched it (the Serve deployment does)."""
         k = self.top_k if top_k is None else top_k
         if k <= 0:
             raise ValueError(f"top_k must be > 0, got {k}")
-        rows, fused, parts = self.rank(query=query, n=k, filters=filters, strategy=strategy)
-        idx = self.index
-        assert idx is not None
+        self.warm_up()
+        st = self._state
+        assert st is not None
+        rows, fused, parts = self._rank_in(st, query, k, filters, strategy, query_vector)
+        idx = st.index
         out = []
         for r in rows:
             c = idx.chunk(int(r))
@@ -158,42 +232,42 @@ class HybridRetriever:
                     scores={name: float(s[r]) for name, s in parts.items()},
                 )
             )
-        return out
+        return Retrieval(out, idx.name)
 
     def rank(
         self, *, query: str, n: int, filters: Filters | None = None, strategy: Strategy | None = None
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The best ``n`` chunk rows in order, with full-length score arrays (fused and per
         retriever). What ``run`` builds passages from; evaluation uses it directly."""
+        self.warm_up()
+        assert self._state is not None
+        return self._rank_in(self._state, query, n, filters, strategy, None)
+
+    def _rank_in(
+        self,
+        st: _Loaded,
+        query: str,
+        n: int,
+        filters: Filters | None,
+        strategy: Strategy | None,
+        qv: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         strategy = strategy or self.strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-        self.warm_up()
         empty = np.zeros(0, dtype=np.int64)
         if not query.strip():
             return empty, np.zeros(0, dtype=np.float32), {}
-        mask = self._mask(filters) if filters is not None and filters.active else None
+        mask = _mask(st, filters) if filters is not None and filters.active else None
         if mask is not None and not mask.any():
             return empty, np.zeros(0, dtype=np.float32), {}
-        rows, fused, parts = self._rank(query, n, mask, strategy)
+        rows, fused, parts = self._rank(st.index, query, n, mask, strategy, qv)
         return rows[:n], fused, parts
 
-    def _mask(self, f: Filters) -> np.ndarray:
-        m = np.ones(len(self._domains), dtype=bool)
-        if f.domains:
-            m &= np.isin(self._domains, list(f.domains))
-        if f.updated_after:
-            m &= self._updated >= f.updated_after
-        if f.updated_before:
-            m &= self._updated <= f.updated_before
-        return m
-
-    def _dense(self, qv: np.ndarray, n: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _dense(self, idx: IndexVersion, qv: np.ndarray, n: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Top-n rows by inner product (only rows in ``mask``)."""
         import faiss
 
-        idx = self.index
-        assert idx is not None
         n = min(n, len(idx))
         q = np.ascontiguousarray(qv[None, :], dtype=np.float32)
         if mask is None:
@@ -205,35 +279,35 @@ class HybridRetriever:
         keep = r[0] >= 0
         return r[0][keep], s[0][keep]
 
-    def _bm25_all(self, tokens: list[str], mask: np.ndarray | None) -> np.ndarray:
-        assert self.index is not None
-        s = np.asarray(self.index.bm25.scores(tokens), dtype=np.float32)
+    @staticmethod
+    def _bm25_all(idx: IndexVersion, tokens: list[str], mask: np.ndarray | None) -> np.ndarray:
+        s = np.asarray(idx.bm25.scores(tokens), dtype=np.float32)
         if mask is not None:
             s = np.where(mask, s, 0.0).astype(np.float32)
         return s
 
     def _rank(
-        self, query: str, n: int, mask: np.ndarray | None, strategy: Strategy
+        self, idx: IndexVersion, query: str, n: int, mask: np.ndarray | None, strategy: Strategy,
+        qv: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Rows in final order, and full-length score arrays (fused and per retriever)."""
-        idx = self.index
-        assert idx is not None
         size = len(idx)
         tokens = idx.bm25.tokenize([query])[0]
         if strategy == "lexical":
-            b = self._bm25_all(tokens, mask)
+            b = self._bm25_all(idx, tokens, mask)
             order = _top(b, n)
             return order[b[order] > 0], b, {"bm25": b}
-        qv = self.embedder.embed([query])[0]
+        if qv is None:
+            qv = self.embedder.embed([query])[0]
         if strategy == "semantic":
-            rows, s = self._dense(qv, n, mask)
+            rows, s = self._dense(idx, qv, n, mask)
             d = np.full(size, -np.inf, dtype=np.float32)
             d[rows] = s
             return rows, d, {"dense": d}
 
         def fuse(qv: np.ndarray, toks: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-            b = self._bm25_all(toks, mask)
-            d_rows, _ = self._dense(qv, self.candidates, mask)
+            b = self._bm25_all(idx, toks, mask)
+            d_rows, _ = self._dense(idx, qv, self.candidates, mask)
             b_top = _top(b, self.candidates)
             b_top = b_top[b[b_top] > 0]
             cand = np.union1d(d_rows, b_top)
@@ -253,6 +327,17 @@ class HybridRetriever:
         return order[:n], fused, {"dense": d, "bm25": b}
 
 
+def _mask(st: _Loaded, f: Filters) -> np.ndarray:
+    m = np.ones(len(st.domains), dtype=bool)
+    if f.domains:
+        m &= np.isin(st.domains, list(f.domains))
+    if f.updated_after:
+        m &= st.updated >= f.updated_after
+    if f.updated_before:
+        m &= st.updated <= f.updated_before
+    return m
+
+
 def _top(scores: np.ndarray, n: int) -> np.ndarray:
     """Indices of the ``n`` highest scores, best first, without sorting the whole array."""
     n = min(n, len(scores))
@@ -265,3 +350,110 @@ def _top(scores: np.ndarray, n: int) -> np.ndarray:
 def _by_max(x: np.ndarray) -> np.ndarray:
     m = float(x.max()) if len(x) else 0.0
     return x / m if m > 0 else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Serve deployment: a thin wrapper (the graph builder applies ``serve.deployment`` with options)
+
+from ray import serve  # noqa: E402  (the plain class above needs no Ray)
+
+
+class RetrieverDeployment:
+    """One retriever replica: query embeddings batched across concurrent requests with
+    ``@serve.batch``; the search itself in a worker thread; a background task that follows the
+    published index version (live swap: requests in flight finish on the version they started with)."""
+
+    def __init__(self, cfg) -> None:
+        import logging
+
+        self._log = logging.getLogger("ray.serve")
+        self._r = HybridRetriever.from_config(cfg)
+        self._interval = cfg.retriever.reload_interval_s
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._error: str | None = None
+        self._set_threads(cfg.retriever.deployment.num_cpus)
+        self._r.embedder.warm_up()
+        try:
+            self._r.warm_up()
+        except IndexLoadError as e:  # start anyway: report not-ready and pick the index up once published
+            self._error = str(e)
+            self._log.warning(f"retriever starts without an index: {e}")
+        self._embed.set_max_batch_size(cfg.retriever.batch.max_batch_size)
+        self._embed.set_batch_wait_timeout_s(cfg.retriever.batch.batch_wait_timeout_s)
+        self._watcher = None
+
+    @staticmethod
+    def _set_threads(num_cpus: float) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, int(num_cpus)))
+
+    def _ensure_watcher(self) -> None:
+        import asyncio
+
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                new = await asyncio.to_thread(self._r.refresh)
+            except IndexLoadError as e:
+                self._error = f"refused new index version: {e}"
+                self._log.error(self._error)
+                continue
+            except Exception as e:  # keep watching; the current version keeps serving
+                self._log.exception(f"index refresh failed: {e}")
+                continue
+            if new:
+                self._error = None
+                self._log.info(f"switched to index version {new}")
+
+    async def _embed_one(self, query: str) -> np.ndarray:
+        return await self._embed(query)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # sizes reset from the config in __init__
+    async def _embed(self, queries: list[str]) -> list[np.ndarray]:
+        import asyncio
+
+        vectors = await asyncio.to_thread(self._r.embedder.embed, queries)
+        return list(vectors)
+
+    async def search(self, query: str, top_k: int, filters: Filters | None, strategy: str | None) -> tuple:
+        """(passages, replica id, info) for :class:`serve.pipeline.StageReply`."""
+        import asyncio
+        import time
+
+        self._ensure_watcher()
+        if not self._r.loaded:
+            raise IndexLoadError(self._error or "no index loaded")
+        t = time.perf_counter()
+        qv = None
+        if (strategy or self._r.strategy) != "lexical" and query.strip():
+            qv = await self._embed_one(query)
+        t_embed = time.perf_counter() - t
+        res = await asyncio.to_thread(
+            self._r.search, query=query, top_k=top_k, filters=filters, strategy=strategy, query_vector=qv
+        )
+        info = {
+            "version": res.version, "embed_ms": round(t_embed * 1000, 2),
+            "search_ms": round((time.perf_counter() - t - t_embed) * 1000, 2),
+        }
+        return res.passages, self._replica, info
+
+    async def info(self) -> dict:
+        self._ensure_watcher()
+        st = self._r._state
+        return {
+            "replica": self._replica,
+            "version": st.index.name if st else None,
+            "chunks": len(st.index) if st else 0,
+            "error": self._error,
+            "index_dir": str(self._r.index_dir),
+        }
+
+    async def check_health(self) -> None:
+        self._ensure_watcher()

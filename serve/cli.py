@@ -155,6 +155,40 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    _offline()
+    cfg = load_config(args.config)
+    if args.host or args.port:
+        http = cfg.http.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+        cfg = cfg.model_copy(update={"http": http})
+    if args.export is not None:
+        from serve.launch import export_serve_config
+
+        args.export.write_text(export_serve_config(cfg))
+        print(f"wrote {args.export}; deploy it with: serve deploy {args.export}")
+        return 0
+    from serve.launch import LaunchError, launch
+
+    try:
+        return launch(cfg, address=args.address, verbose=args.verbose, block=not args.no_block)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from serve.client import ChatClientError, chat
+
+    try:
+        return chat(
+            args.question, url=args.url, model=args.model, stream=args.stream, rag=not args.no_rag, top_k=args.top_k,
+            strategy=args.strategy, domains=args.domain, max_tokens=args.max_tokens, show_json=args.json,
+        )
+    except ChatClientError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragraph", description="Retrieval-augmented chat on Ray Serve.")
     p.add_argument(
@@ -198,6 +232,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--cache-dir", type=Path, default=Path("~/.cache/ragraph/eval"))
     a.set_defaults(func=_adapt)
+
+    s = sub.add_parser("serve", help="start the serving graph (local Ray, or --address auto) and wait until ready")
+    s.add_argument("--address", default=None, help="a running Ray cluster ('auto'); default: start a local one")
+    s.add_argument("--host", default=None, help="bind address (default: http.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default: http.port, 8000)")
+    s.add_argument("--export", type=Path, default=None, metavar="FILE",
+                   help="write a Serve config for `serve deploy` and exit")
+    s.add_argument("--no-block", action="store_true", help="return once ready (the app stays up only on a cluster)")
+    s.add_argument("--verbose", action="store_true", help="stream every replica's log lines to the terminal")
+    s.set_defaults(func=_serve)
+
+    ch = sub.add_parser("chat", help="ask the running service a question; prints the answer and its sources")
+    ch.add_argument("question")
+    ch.add_argument("--url", default="http://127.0.0.1:8000", help="service URL")
+    ch.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
+    ch.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    ch.add_argument("--no-rag", action="store_true", help="plain chat, no retrieval")
+    ch.add_argument("--top-k", type=int, default=None)
+    ch.add_argument("--strategy", choices=["hybrid", "lexical", "semantic"], default=None)
+    ch.add_argument("--domain", action="append", default=None, help="filter to a domain (repeatable)")
+    ch.add_argument("--max-tokens", type=int, default=None)
+    ch.add_argument("--json", action="store_true", help="print the raw JSON response")
+    ch.set_defaults(func=_chat)
 
     c = sub.add_parser("config", help="validate the config; --show prints the effective values")
     c.add_argument("--show", action="store_true", help="print the effective config as YAML")

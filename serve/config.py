@@ -87,6 +87,62 @@ class ModelsConfig(_Strict):
         return str(self.dir / spec.name)
 
 
+class DeploymentOptions(_Strict):
+    """How one graph stage runs on Ray Serve: replicas, admission limits and resources."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor (0 lets an idle stage scale to zero).")
+    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(
+        default=2, gt=0, description="Autoscaling target: in-flight requests per replica before adding one."
+    )
+    max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one replica runs at once.")
+    max_queued_requests: int = Field(
+        default=64, ge=-1, description="Requests waiting for a replica before callers get a 503 (-1: no limit)."
+    )
+    num_cpus: float = Field(default=0.5, ge=0, description="Logical CPUs per replica (fractions allowed).")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per replica (fractions allowed, e.g. 0.25).")
+    health_check_period_s: float = Field(default=10, gt=0)
+    graceful_shutdown_timeout_s: float = Field(
+        default=20, ge=0, description="How long a stopping replica may finish its in-flight requests."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DeploymentOptions:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            actor["num_gpus"] = self.num_gpus
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": actor,
+            "health_check_period_s": self.health_check_period_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+
+
+def _deployment(**defaults: Any) -> Any:
+    return Field(default_factory=lambda: DeploymentOptions(**defaults), description="Ray Serve options of this stage.")
+
+
+class BatchOptions(_Strict):
+    """``@serve.batch`` settings: calls gathered into one model call."""
+
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="How long a batch waits to fill up.")
+
+
 class EmbedderConfig(_Strict):
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="'cpu' or 'cuda'.")
     batch_size: int = Field(default=32, gt=0, description="Sentences per encode call.")
@@ -112,6 +168,25 @@ class GeneratorConfig(_Strict):
         default=0.9, gt=0, le=1, description="GPU only: fraction of GPU memory vLLM may take."
     )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPU only: GPUs per replica.")
+    served_model_name: str = Field(
+        default="ragraph", description="The `model` clients send; `GET /v1/models` lists it."
+    )
+    max_tokens: int = Field(default=256, ge=1, description="Answer length when the request gives none.")
+    max_tokens_limit: int = Field(default=1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature when the request gives none.")
+    context_tokens: int = Field(
+        default=1200, ge=64,
+        description="Tokenizer tokens the numbered context blocks may fill; further cut to what fits in "
+        "max_model_len after the conversation and the answer's max_tokens.",
+    )
+    system_prompt: str = Field(
+        default="You are a helpful assistant. Answer the question using only the numbered context blocks. "
+        "Cite the blocks you use as [1], [2]. If the context does not contain the answer, say you do not know.",
+        description="Instructions put before the context blocks.",
+    )
+    deployment: DeploymentOptions = _deployment(
+        num_cpus=1, max_ongoing_requests=32, target_ongoing_requests=16, max_queued_requests=64
+    )
 
     def engine_kwargs(self, model: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
@@ -129,6 +204,16 @@ class GeneratorConfig(_Strict):
     def engine_env(self) -> dict[str, str]:
         """Environment variables the engine reads at start-up."""
         return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_space_gib)} if self.device == "cpu" else {}
+
+    @model_validator(mode="after")
+    def _limits(self) -> GeneratorConfig:
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError(f"max_tokens={self.max_tokens} exceeds max_tokens_limit={self.max_tokens_limit}")
+        if self.max_tokens_limit >= self.max_model_len:
+            raise ValueError(
+                f"max_tokens_limit={self.max_tokens_limit} leaves no room for a prompt in max_model_len={self.max_model_len}"
+            )
+        return self
 
 
 class IndexingConfig(_Strict):
@@ -194,6 +279,12 @@ class RetrieverConfig(_Strict):
     bm25_k1: float = Field(default=1.2, gt=0)
     bm25_b: float = Field(default=0.75, ge=0, le=1)
     stemmer: Literal["english", "none"] = Field(default="english", description="BM25 token stemming.")
+    max_top_k: int = Field(default=50, gt=0, description="Largest `top_k` a request may ask for.")
+    reload_interval_s: float = Field(
+        default=2.0, gt=0, description="How often replicas look for a newly published index version."
+    )
+    batch: BatchOptions = Field(default_factory=BatchOptions, description="Query-embedding batching.")
+    deployment: DeploymentOptions = _deployment(num_cpus=0.5, max_ongoing_requests=16, max_queued_requests=128)
 
 
 class RerankerConfig(_Strict):
@@ -206,6 +297,63 @@ class RerankerConfig(_Strict):
     candidates: int = Field(default=30, gt=0, description="Retrieved passages the cross-encoder scores.")
     batch_size: int = Field(default=32, gt=0)
     device: Literal["cpu", "cuda"] = "cpu"
+    batch: BatchOptions = Field(default_factory=BatchOptions, description="Requests scored in one predict call.")
+    deployment: DeploymentOptions = _deployment(num_cpus=0.5, max_ongoing_requests=16, max_queued_requests=128)
+
+
+class DomainRoute(_Strict):
+    keywords: list[str] = Field(default_factory=list, description="Words in a query that select this domain.")
+    related: list[str] = Field(
+        default_factory=list, description="Domains searched along with this one (e.g. wine -> club, visiting)."
+    )
+
+
+class RouterConfig(_Strict):
+    """Query routing: small talk, retrieval strategy, domain filters, follow-up condensing."""
+
+    domains: dict[str, DomainRoute] = Field(
+        default_factory=dict,
+        description="Domain map: a query naming a domain's keywords is filtered to it and its related domains. "
+        "Empty: no domain filter is ever added.",
+    )
+    history_turns: int = Field(default=3, ge=0, description="Earlier user turns a follow-up may borrow terms from.")
+    deployment: DeploymentOptions = _deployment(num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256)
+
+    @model_validator(mode="after")
+    def _related_known(self) -> RouterConfig:
+        for name, d in self.domains.items():
+            unknown = [r for r in d.related if r not in self.domains]
+            if unknown:
+                raise ValueError(
+                    f"domains.{name}.related names {unknown}, which are not domains; known: {sorted(self.domains)}"
+                )
+        return self
+
+
+class StageTimeouts(_Strict):
+    router: float = Field(default=5, gt=0)
+    retriever: float = Field(default=10, gt=0)
+    reranker: float = Field(default=10, gt=0)
+    generator_first_token: float = Field(
+        default=60, gt=0, description="Seconds until the generator's first token before the answer degrades."
+    )
+
+
+class HttpConfig(_Strict):
+    """The ingress: where it listens, how it is admitted, and the local Ray it starts."""
+
+    host: str = Field(default="127.0.0.1", description="Bind address; 0.0.0.0 exposes the service on the network.")
+    port: int = Field(default=8000, ge=1, le=65535)
+    ray_num_cpus: int | None = Field(
+        default=None, ge=1,
+        description="Logical CPUs of the local Ray that `ragraph serve` starts (default: max(cores, 8)). "
+        "Logical CPUs only admit actors; vLLM and the stages still share the real cores.",
+    )
+    ready_timeout_s: float = Field(default=600, gt=0, description="How long `ragraph serve` waits for /health/ready.")
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
+    deployment: DeploymentOptions = _deployment(
+        num_cpus=0.1, max_ongoing_requests=64, target_ongoing_requests=16, max_queued_requests=256
+    )
 
 
 class AppConfig(_Strict):
@@ -215,6 +363,8 @@ class AppConfig(_Strict):
     indexing: IndexingConfig = IndexingConfig()
     retriever: RetrieverConfig = RetrieverConfig()
     reranker: RerankerConfig = RerankerConfig()
+    router: RouterConfig = RouterConfig()
+    http: HttpConfig = HttpConfig()
 
     @model_validator(mode="after")
     def _tensor_parallel_needs_gpu(self) -> AppConfig:

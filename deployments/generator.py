@@ -1,0 +1,249 @@
+"""The generator stage: vLLM behind ``ray.serve.llm``, plus the prompt and citation logic.
+
+* :class:`PromptBuilder` (plain class): system instructions, numbered context blocks and the
+  conversation, with the context budget counted in tokenizer tokens within the model's context.
+* :class:`CitationFilter` (plain class): maps ``[n]`` in the answer back to the numbered sources
+  and drops any number that names no source; it works on a token stream.
+* :func:`build_generator`: config -> ``LLMConfig`` -> ``build_llm_deployment``. The engine is
+  ``ray.serve.llm``'s ``LLMServer`` (vLLM's ``AsyncLLM``, continuous batching, token streaming);
+  we do not wrap vLLM by hand.
+
+Cold start on CPU (docs/operations.md): the local model is already on disk, so the per-node
+"download" task that ``ray.serve.llm`` runs by default is skipped (:class:`LocalModelCallback`,
+13 s), and the engine runs its worker in the engine-core process (``distributed_executor_backend:
+uni``) instead of spawning one more process that imports vLLM again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deployments.retriever import Passage
+from deployments.router import Message
+
+# ---------------------------------------------------------------------------------------------
+# prompting
+
+
+class PromptTooLong(ValueError):
+    """The conversation alone does not fit in the model's context."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    messages: list[dict[str, str]]  # OpenAI-style chat messages for the engine
+    sources: list[Passage]  # numbered 1..n in the order given to the model
+    prompt_tokens: int
+    context_tokens: int
+    dropped_turns: int = 0
+
+
+def escape_block(text: str) -> str:
+    """Keep retrieved text from closing or faking a context block."""
+    return text.replace("<<<", "‹‹‹").replace(">>>", "›››")
+
+
+class PromptBuilder:
+    """Layout: the system instructions; earlier turns; then one user turn holding the numbered
+    context blocks and the question. The question comes last, where a small model attends best."""
+
+    TEMPLATE_OVERHEAD = 16  # chat-template tokens per message, counted generously
+
+    def __init__(
+        self, *, tokenizer: str, system_prompt: str, context_tokens: int = 1200, max_model_len: int = 2048
+    ) -> None:
+        if context_tokens <= 0:
+            raise ValueError(f"context_tokens must be > 0, got {context_tokens}")
+        self.tokenizer_path, self.system_prompt = tokenizer, system_prompt
+        self.context_tokens, self.max_model_len = context_tokens, max_model_len
+        self._tok = None
+
+    @classmethod
+    def from_config(cls, cfg) -> PromptBuilder:
+        g = cfg.generator
+        return cls(
+            tokenizer=cfg.models.location("generator"), system_prompt=g.system_prompt,
+            context_tokens=g.context_tokens, max_model_len=g.max_model_len,
+        )
+
+    def warm_up(self) -> None:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    def count(self, text: str) -> int:
+        self.warm_up()
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def _truncate(self, text: str, tokens: int) -> str:
+        ids = self._tok(text, add_special_tokens=False)["input_ids"][:tokens]
+        return self._tok.decode(ids)
+
+    def build(self, *, messages: list[Message], passages: list[Passage], max_tokens: int) -> Prompt:
+        self.warm_up()
+        if not messages or messages[-1].role != "user":
+            raise ValueError("the last message must come from the user")
+        question = messages[-1].content
+        system = "\n\n".join(m.content for m in messages if m.role == "system")
+        system = self.system_prompt + (f"\n\n{system}" if system else "")
+        history = [m for m in messages[:-1] if m.role != "system"]
+
+        fixed = self.count(system) + self.count(question) + 3 * self.TEMPLATE_OVERHEAD
+        room = self.max_model_len - max_tokens - fixed
+        if room < 0:
+            raise PromptTooLong(
+                f"the question and instructions take {fixed} tokens; with max_tokens={max_tokens} that exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+        # earlier turns: newest first, as many as fit in half the room
+        kept: list[Message] = []
+        spent = 0
+        for m in reversed(history):
+            n = self.count(m.content) + self.TEMPLATE_OVERHEAD
+            if spent + n > room // 2:
+                break
+            kept.insert(0, m)
+            spent += n
+        budget = min(self.context_tokens, room - spent)
+
+        blocks: list[str] = []
+        sources: list[Passage] = []
+        used = 0
+        for p in passages:
+            head = f"<<<source [{len(sources) + 1}] {escape_block(_label(p))}\n"
+            tail = "\n>>>"
+            body = escape_block(p.text)
+            n = self.count(head + body + tail) + 1
+            if used + n > budget:
+                left = budget - used - self.count(head + tail) - 2
+                if left < 32:  # a sliver of a passage helps nobody
+                    break
+                body = self._truncate(body, left)
+                n = self.count(head + body + tail) + 1
+            blocks.append(head + body + tail)
+            sources.append(p)
+            used += n
+        if blocks:
+            user = "Context:\n" + "\n".join(blocks) + f"\n\nQuestion: {question}"
+        else:
+            user = question
+        out = [{"role": "system", "content": system}]
+        out += [{"role": m.role, "content": m.content} for m in kept]
+        out.append({"role": "user", "content": user})
+        prompt_tokens = self.count(system) + sum(self.count(m["content"]) for m in out[1:]) + len(out) * 4
+        return Prompt(
+            messages=out, sources=sources, prompt_tokens=prompt_tokens, context_tokens=used,
+            dropped_turns=len(history) - len(kept),
+        )
+
+
+def _label(p: Passage) -> str:
+    parts = [x for x in (p.title, p.heading_path) if x]
+    label = " > ".join(dict.fromkeys(parts)) if parts else p.document_id
+    return label.replace("\n", " ")
+
+
+# ---------------------------------------------------------------------------------------------
+# citations
+
+_CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_OPEN = re.compile(r"\[[\d,\s]{0,12}$")
+
+
+class CitationFilter:
+    """Streams answer text through, keeping ``[n]`` only where ``1 <= n <= n_sources``.
+
+    A bracket that may still become a citation (``"... [1"``) is held back until it closes, so a
+    streamed answer never shows a number that is later dropped."""
+
+    def __init__(self, n_sources: int) -> None:
+        self.n_sources = n_sources
+        self.cited: list[int] = []
+        self._held = ""
+
+    def _map(self, m: re.Match[str]) -> str:
+        nums = [int(x) for x in re.split(r"\s*,\s*", m.group(1))]
+        ok = [n for n in nums if 1 <= n <= self.n_sources]
+        for n in ok:
+            if n not in self.cited:
+                self.cited.append(n)
+        return "[" + ", ".join(str(n) for n in ok) + "]" if ok else ""
+
+    def feed(self, text: str) -> str:
+        text = self._held + text
+        self._held = ""
+        m = _OPEN.search(text)
+        if m:
+            text, self._held = text[: m.start()], text[m.start() :]
+        return _CITE.sub(self._map, text)
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return _CITE.sub(self._map, text)
+
+    def apply(self, text: str) -> str:
+        return self.feed(text) + self.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine deployment (ray.serve.llm)
+
+
+try:  # the callback base comes with ray[serve]; the module still imports without Ray
+    from ray.llm._internal.common.callbacks.base import CallbackBase as _CallbackBase
+except ImportError:  # pragma: no cover
+    _CallbackBase = object  # type: ignore[assignment,misc]
+
+
+class LocalModelCallback(_CallbackBase):  # type: ignore[misc,valid-type]
+    """Skips ``ray.serve.llm``'s per-node model download when the model is a local folder that
+    `ragraph models` has provisioned: the download task only re-imports vLLM in a fresh worker (13 s
+    of every cold start on CPU) to find files that are already there."""
+
+    async def on_before_node_init(self) -> None:
+        source = self.llm_config.model_loading_config.model_source
+        if isinstance(source, str) and Path(source).is_dir():
+            self.ctx.run_init_node = False
+
+
+def llm_config(cfg) -> Any:
+    """The ``ray.serve.llm.LLMConfig`` for the configured generator."""
+    from ray.serve.llm import LLMConfig
+
+    g, d = cfg.generator, cfg.generator.deployment
+    location = cfg.models.location("generator")
+    engine = g.engine_kwargs(location)
+    engine.pop("model")
+    kw: dict[str, Any] = {}
+    if g.device == "cpu":
+        # One bundle holds the replica and its engine: the replica actor itself asks for 0 CPUs, so
+        # the whole generator takes `deployment.num_cpus` (ray.serve.llm's default adds 1 for the actor).
+        engine["distributed_executor_backend"] = "uni"
+        kw["placement_group_config"] = {"bundles": [{"CPU": d.num_cpus}], "strategy": "PACK"}
+        actor = {"num_cpus": 0}
+    else:
+        actor = {"num_cpus": d.num_cpus}
+    from deployments.graph import LOGGING
+
+    opts = d.serve_options()
+    opts["ray_actor_options"] = actor
+    opts["logging_config"] = LOGGING
+    return LLMConfig(
+        model_loading_config={"model_id": g.served_model_name, "model_source": location},
+        engine_kwargs=engine,
+        deployment_config=opts,
+        runtime_env={"env_vars": {**g.engine_env(), "HF_HUB_OFFLINE": "1" if cfg.models.generator.source != "hub" else "0"}},
+        callback_config={"callback_class": LocalModelCallback},
+        **kw,
+    )
+
+
+def build_generator(cfg, *, name: str = "generator") -> Any:
+    """The bound generator deployment (``LLMServer``) for the graph."""
+    from ray.serve.llm import build_llm_deployment
+
+    return build_llm_deployment(llm_config(cfg), name_prefix="", override_serve_options={"name": name})

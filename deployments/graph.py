@@ -1,0 +1,66 @@
+"""The graph builder: one config -> one Serve application.
+
+    ingress (FastAPI) -> router -> retriever -> reranker (optional) -> generator (ray.serve.llm)
+
+Every stage's Serve options (autoscaling, admission limits, resources) come from its
+``deployment`` section in the config; :func:`deployment_options` returns them without starting
+anything, which is what ``ragraph serve --export`` and the config tests use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+APP_NAME = "ragraph"
+LOGGING = {"encoding": "JSON", "log_level": "INFO"}
+
+
+def deployment_options(cfg) -> dict[str, dict[str, Any]]:
+    """Serve options of every deployment of the graph, keyed by deployment name."""
+    from deployments.generator import llm_config
+
+    opts = {
+        "ingress": cfg.http.deployment.serve_options(),
+        "router": cfg.router.deployment.serve_options(),
+        "retriever": cfg.retriever.deployment.serve_options(),
+    }
+    if cfg.reranker.enabled:
+        opts["reranker"] = cfg.reranker.deployment.serve_options()
+    lc = llm_config(cfg)
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+
+    gen = LLMServer.get_deployment_options(lc)
+    gen.pop("name", None)
+    opts["generator"] = gen
+    return opts
+
+
+def build_app(cfg, *, app_name: str = APP_NAME):
+    """The bound Serve application for ``cfg`` (an :class:`serve.config.AppConfig`)."""
+    from ray import serve
+
+    from deployments.generator import build_generator
+    from deployments.reranker import RerankerDeployment
+    from deployments.retriever import RetrieverDeployment
+    from deployments.router import RouterDeployment
+    from serve.app import RagIngress
+
+    def stage(cls, name: str, section) -> Any:
+        return serve.deployment(cls, name=name, logging_config=LOGGING, **section.deployment.serve_options()).bind(cfg)
+
+    router = stage(RouterDeployment, "router", cfg.router)
+    retriever = stage(RetrieverDeployment, "retriever", cfg.retriever)
+    reranker = stage(RerankerDeployment, "reranker", cfg.reranker) if cfg.reranker.enabled else None
+    generator = build_generator(cfg, name="generator")
+    ingress = serve.deployment(RagIngress, name="ingress", logging_config=LOGGING, **cfg.http.deployment.serve_options())
+    return ingress.bind(cfg, router, retriever, reranker, generator, app_name)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point for ``serve run`` / ``serve deploy`` configs: ``args`` is ``{"config": PATH}`` or
+    the whole config tree (what ``ragraph serve --export`` writes)."""
+    from serve.config import AppConfig, load_config
+
+    if set(args) <= {"config"}:
+        return build_app(load_config(args.get("config")))
+    return build_app(AppConfig.model_validate(args))

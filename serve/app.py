@@ -1,0 +1,277 @@
+"""The FastAPI ingress, as a Ray Serve deployment that composes the stage handles.
+
+Routes: ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream`` as SSE), ``POST /v1/search``,
+``GET /v1/models``, ``GET /health``, ``GET /health/ready``, ``GET /metrics``. Every error is in
+OpenAI's format; nothing returns a bare 500. The graph itself is built by
+:func:`deployments.graph.build_app`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from deployments.retriever import Filters, Passage
+from deployments.router import Message
+from serve.api import ApiError, ChatRequest, SearchRequest, validation_error
+from serve.metrics import Metrics
+from serve.pipeline import GenChunk, Pipeline, StageError, StageReply, new_request_id
+
+log = logging.getLogger("ray.serve")
+METRICS = Metrics()  # one registry per ingress process
+
+app = FastAPI(
+    title="ragraph",
+    version="0.1.0",
+    description="Retrieval-augmented chat on a Ray Serve graph: router -> hybrid retriever -> reranker -> vLLM.",
+)
+
+
+def request_id(request: Request) -> str:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:  # outside Serve (tests of the app alone)
+        rid = ""
+    return rid or request.headers.get("x-request-id") or new_request_id()
+
+
+def error_response(err: ApiError, rid: str) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, "X-Request-ID": rid})
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(list(exc.errors())), request_id(request))
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc, request_id(request))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    rid = request_id(request)
+    log.exception(f"unhandled error: {exc}")
+    METRICS.errors.labels("ingress", "error").inc()
+    return error_response(
+        ApiError(500, f"internal error ({type(exc).__name__}); quote request id {rid} when reporting it",
+                 type="server_error", code="internal_error"),
+        rid,
+    )
+
+
+@app.middleware("http")
+async def _observe(request: Request, call_next):
+    t = time.perf_counter()
+    endpoint = request.url.path
+    try:
+        response = await call_next(request)
+    except Exception:
+        METRICS.http_requests.labels(request.method, endpoint, "500").inc()
+        raise
+    METRICS.http_requests.labels(request.method, endpoint, str(response.status_code)).inc()
+    if not isinstance(response, StreamingResponse) or endpoint != "/v1/chat/completions":
+        METRICS.http_duration.labels(endpoint).observe(time.perf_counter() - t)
+    return response
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages behind Serve handles
+
+
+def _stage_error(stage: str, e: Exception) -> StageError:
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(e, StageError):
+        return e
+    if isinstance(e, BackPressureError):
+        return StageError(stage, "overloaded", "its queue is full")
+    if isinstance(e, DeploymentUnavailableError):
+        return StageError(stage, "unavailable", "no replica is running")
+    name = type(e).__name__
+    if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:
+        return StageError(stage, "unavailable", f"replica died ({name})")
+    cause = getattr(e, "cause", None) or e
+    return StageError(stage, "error", f"{type(cause).__name__}: {cause}".splitlines()[0][:300])
+
+
+class HandleStages:
+    def __init__(self, *, app_name: str, router, retriever, reranker, generator) -> None:
+        self.app_name = app_name
+        self.router, self.retriever, self.reranker, self.generator = router, retriever, reranker, generator
+        self.rerank_enabled = reranker is not None
+
+    async def route(self, messages: list[Message]) -> StageReply:
+        try:
+            route, replica = await self.router.route.remote(messages)
+        except Exception as e:
+            raise _stage_error("router", e) from None
+        return StageReply(route, replica)
+
+    async def retrieve(self, *, query: str, top_k: int, filters: Filters | None, strategy: str | None) -> StageReply:
+        try:
+            passages, replica, info = await self.retriever.search.remote(query, top_k, filters, strategy)
+        except Exception as e:
+            raise _stage_error("retriever", e) from None
+        return StageReply(passages, replica, info)
+
+    async def rerank(self, *, query: str, passages: list[Passage], top_k: int) -> StageReply:
+        try:
+            ranked, replica = await self.reranker.rerank.remote(query, passages, top_k)
+        except Exception as e:
+            raise _stage_error("reranker", e) from None
+        return StageReply(ranked, replica)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[GenChunk]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        try:
+            stream = self.generator.options(stream=True).chat.remote(ChatCompletionRequest(**request))
+            async for batch in stream:
+                for item in batch if isinstance(batch, list) else [batch]:
+                    for chunk in _engine_chunks(item):
+                        yield chunk
+        except StageError:
+            raise
+        except Exception as e:
+            raise _stage_error("generator", e) from None
+
+    async def readiness(self) -> dict[str, str | None]:
+        problems: dict[str, str | None] = {}
+        try:
+            status = serve.status().applications.get(self.app_name)
+            deployments = status.deployments if status else {}
+            for name, d in deployments.items():
+                state = str(getattr(d.status, "value", d.status))
+                problems[name] = None if state == "HEALTHY" else f"{state}: {d.message}".strip(": ")
+        except Exception as e:
+            problems["serve"] = f"cannot read Serve status: {e}"
+        try:
+            info = await self.retriever.info.remote()
+            problems["index"] = (
+                None if info["version"] else f"no index loaded from {info['index_dir']}: {info['error']}; run `ragraph index`"
+            )
+        except Exception as e:
+            problems["index"] = f"retriever not answering: {_stage_error('retriever', e).detail}"
+        return problems
+
+
+def _engine_chunks(item: Any) -> list[GenChunk]:
+    """vLLM's OpenAI output (SSE strings, an ErrorResponse or a full response) -> GenChunks."""
+    if isinstance(item, str):
+        out = []
+        for line in item.splitlines():
+            line = line.strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                continue
+            body = json.loads(data)
+            if "error" in body and "choices" not in body:
+                err = body["error"]
+                raise StageError("generator", "error", str(err.get("message", err)))
+            text, finish = "", None
+            for c in body.get("choices") or []:
+                text += (c.get("delta") or {}).get("content") or ""
+                finish = c.get("finish_reason") or finish
+            out.append(GenChunk(text, finish, body.get("usage")))
+        return out
+    body = item.model_dump() if hasattr(item, "model_dump") else item
+    if isinstance(body, dict) and "error" in body and "choices" not in body:
+        err = body["error"]
+        code = err.get("code") if isinstance(err, dict) else None
+        raise StageError("generator", "overloaded" if code == 503 else "error",
+                         str(err.get("message", err)) if isinstance(err, dict) else str(err))
+    if isinstance(body, dict) and "choices" in body:  # a non-streamed response
+        c = body["choices"][0]
+        return [GenChunk((c.get("message") or {}).get("content") or "", c.get("finish_reason"), body.get("usage"))]
+    raise StageError("generator", "error", f"unexpected engine output {type(item).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the ingress
+
+
+@serve.ingress(app)
+class RagIngress:
+    def __init__(self, cfg, router, retriever, reranker, generator, app_name: str = "ragraph") -> None:
+        stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker, generator=generator)
+        self.cfg = cfg
+        self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
+        self.pipeline.warm_up()
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest, request: Request) -> Response:
+        rid = request_id(request)
+        t = time.perf_counter()
+        prep = await self.pipeline.prepare(body, rid)
+        if not body.stream:
+            result = await self.pipeline.chat_completion(body, prep)
+            return JSONResponse(result, headers={"X-Request-ID": rid})
+        events = self.pipeline.chat_events(body, prep)
+        first = await anext(events)  # generation has started (or degraded, or raised a 503)
+
+        async def replay() -> AsyncIterator[tuple[str, Any]]:
+            yield first
+            async for ev in events:
+                yield ev
+
+        async def body_iter() -> AsyncIterator[str]:
+            try:
+                async for line in self.pipeline.chat_stream(body, prep, replay()):
+                    yield line
+            finally:
+                METRICS.http_duration.labels("/v1/chat/completions").observe(time.perf_counter() - t)
+
+        return StreamingResponse(
+            body_iter(), media_type="text/event-stream",
+            headers={"X-Request-ID": rid, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/search")
+    async def search(self, body: SearchRequest, request: Request) -> JSONResponse:
+        rid = request_id(request)
+        return JSONResponse(await self.pipeline.search(body, rid), headers={"X-Request-ID": rid})
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": self.pipeline.model, "object": "model", "created": 0, "owned_by": "ragraph",
+                      "root": self.cfg.models.location("generator")}],
+        }
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> dict:
+        if model_id != self.pipeline.model:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this service serves {self.pipeline.model!r}",
+                           param="model", code="model_not_found")
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "ragraph"}
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready(self) -> JSONResponse:
+        problems = await self.pipeline.stages.readiness()
+        missing = {k: v for k, v in problems.items() if v}
+        body = {"status": "ready" if not missing else "not_ready", "checks": {k: v or "ok" for k, v in problems.items()}}
+        return JSONResponse(body, status_code=200 if not missing else 503,
+                            headers={} if not missing else {"Retry-After": "5"})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        return Response(METRICS.render(), media_type="text/plain; version=0.0.4")

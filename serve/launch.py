@@ -1,0 +1,150 @@
+"""Starting the graph: a local Ray (or a running cluster), Serve on host:port, then waiting for
+``/health/ready`` while showing each deployment's progress. Also the Serve config export."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import yaml
+
+from deployments.graph import APP_NAME
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def ready_status(url: str, timeout: float = 5) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"{url}/health/ready", timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"{}")
+        except ValueError:
+            return e.code, {}
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0, {}
+
+
+def runtime_env(cfg) -> dict[str, Any]:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.models.generator.source == "hub" or cfg.models.embedder.source == "hub":
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+    return {"env_vars": env}
+
+
+def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local and loopback-only by default
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, runtime_env=runtime_env(cfg), log_to_driver=verbose)
+        return
+    cpus = cfg.http.ray_num_cpus or max(os.cpu_count() or 1, 8)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose)
+
+
+def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=print) -> float:
+    """Start Ray and Serve, deploy the graph, wait for /health/ready. Returns the cold start (s)."""
+    from ray import serve
+
+    from deployments.graph import build_app
+
+    t0 = time.perf_counter()
+    start_ray(cfg, address=address, verbose=verbose)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    url = f"http://{'127.0.0.1' if cfg.http.host in ('0.0.0.0', '::') else cfg.http.host}:{cfg.http.port}"
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        except BaseException as e:  # shown by the waiting loop
+            failure.append(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    last = ""
+    while True:
+        elapsed = time.perf_counter() - t0
+        if failure:
+            raise LaunchError(f"deploying the graph failed after {elapsed:.0f} s: {failure[0]}")
+        code, body = ready_status(url, timeout=2)
+        if code == 200:
+            return time.perf_counter() - t0
+        line = _progress_line(body)
+        if line != last:
+            progress(f"  [{elapsed:5.0f} s] {line}")
+            last = line
+        if elapsed > cfg.http.ready_timeout_s:
+            raise LaunchError(
+                f"not ready after {cfg.http.ready_timeout_s:.0f} s (http.ready_timeout_s): {line}; "
+                "replica logs: /tmp/ray/session_latest/logs/serve/"
+            )
+        time.sleep(1)
+
+
+def _progress_line(body: dict[str, Any]) -> str:
+    try:
+        from ray import serve
+
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and app.deployments:
+            states = ", ".join(f"{n}: {str(getattr(d.status, 'value', d.status)).lower()}" for n, d in app.deployments.items())
+            extra = body.get("checks", {}).get("index")
+            return states + (f"; index: {extra}" if extra and extra != "ok" else "")
+    except Exception:
+        pass
+    return "starting Serve"
+
+
+def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
+    from ray import serve
+
+    url = f"http://{cfg.http.host}:{cfg.http.port}"
+    print(f"ragraph serve: starting the graph on {'Ray at ' + address if address else 'a local Ray'}")
+    took = deploy(cfg, address=address, verbose=verbose)
+    print(f"ragraph is ready at {url} (cold start {took:.0f} s)")
+    print(f"  OpenAI base URL: {url}/v1   model: {cfg.generator.served_model_name}")
+    print(f"  try: ragraph chat \"how do I add GPU replicas?\"")
+    if not verbose:
+        print("  replica logs (JSON): /tmp/ray/session_latest/logs/serve/")
+    sys.stdout.flush()
+    if address or not block:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ragraph")
+        serve.shutdown()
+    return 0
+
+
+def export_serve_config(cfg) -> str:
+    """A Serve config file for ``serve deploy``: the app builder plus the whole config tree as its
+    args, so the cluster runs exactly this config."""
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "deployments.graph:app_builder",
+                "runtime_env": runtime_env(cfg),
+                "args": cfg.model_dump(mode="json"),
+            }
+        ],
+    }
+    head = "# Generated by `ragraph serve --export`; edit the ragraph config and export again.\n"
+    return head + yaml.safe_dump(doc, sort_keys=False)
