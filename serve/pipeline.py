@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from deployments.generator import CitationFilter, Prompt, PromptBuilder, PromptTooLong
+from deployments.generator import CitationFilter, Prompt, PromptBuilder, PromptTooLong, attribute
 from deployments.retriever import Filters, Passage
 from deployments.router import Message, Route
 from serve.api import ApiError, ChatRequest, SearchRequest
@@ -337,21 +337,25 @@ class Pipeline:
         stream, first = await self.start_generation(req, prep)
         trace = prep.trace
         cites = CitationFilter(len(prep.sources))
+        citations = "model"
         usage = {"prompt_tokens": prep.prompt.prompt_tokens, "completion_tokens": 0}
         finish = "stop"
         if stream is None:
             text = self.sources_only_text(prep)
             cites.apply(text)
+            citations = "listed"
             yield "delta", text
             status = "sources_only"
         else:
             t = time.perf_counter()
             chunk: GenChunk | None = first
+            answer: list[str] = []
             try:
                 while chunk is not None:
                     if chunk.text:
                         out = cites.feed(chunk.text)
                         if out:
+                            answer.append(out)
                             yield "delta", out
                     if chunk.finish_reason:
                         finish = chunk.finish_reason
@@ -368,6 +372,13 @@ class Pipeline:
             finally:
                 await _close(stream)
             tail = cites.flush()
+            answer.append(tail)
+            if not cites.cited and finish != "error":
+                found = attribute("".join(answer), prep.sources)
+                if found:
+                    cites.cited = found
+                    citations = "attributed"
+                    tail += " [" + ", ".join(str(n) for n in sorted(found)) + "]"
             if tail:
                 yield "delta", tail
             took = time.perf_counter() - t
@@ -390,7 +401,8 @@ class Pipeline:
                 }
                 for i, p in enumerate(prep.sources, 1)
             ],
-            "metadata": self._meta(trace, status=status, usage=usage, prep=prep),
+            "metadata": {**self._meta(trace, status=status, usage=usage, prep=prep),
+                         "citations": citations if cites.cited else "none"},
         }
         yield "done", (finish, usage, rag)
 

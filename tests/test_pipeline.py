@@ -1,0 +1,209 @@
+"""The ingress pipeline without Ray: real router, real retriever over the test corpus, real
+prompt builder; the generator is a hand-written engine (this tests error mapping, degradation
+and streaming framing, not generation; the real engine is tested in test_serve_graph.py)."""
+
+import asyncio
+import json
+
+import pytest
+
+from deployments.retriever import HybridRetriever
+from deployments.router import QueryRouter
+from serve.api import ApiError, ChatRequest, SearchRequest
+from serve.pipeline import GenChunk, Pipeline, StageError, StageReply
+
+
+class Engine:
+    """Echoes the first context block's words back, citing it, then a bad citation."""
+
+    def __init__(self, mode="ok"):
+        self.mode = mode
+        self.requests = []
+
+    async def generate(self, request):
+        self.requests.append(request)
+        if self.mode == "overloaded":
+            raise StageError("generator", "overloaded", "its queue is full")
+        if self.mode == "down":
+            raise StageError("generator", "unavailable", "no replica is running")
+        for piece in ["The tasting room opens at 10 am [", "1]", " and closes at 6 pm [7]."]:
+            await asyncio.sleep(0)
+            yield GenChunk(piece)
+        yield GenChunk("", "stop", {"prompt_tokens": 50, "completion_tokens": 12})
+
+
+class Stages:
+    def __init__(self, retriever, engine, *, retriever_down=False):
+        self.router, self.retriever, self.engine = QueryRouter(), retriever, engine
+        self.rerank_enabled = False
+        self.retriever_down = retriever_down
+
+    async def route(self, messages):
+        return StageReply(self.router.run(messages=messages), "r1")
+
+    async def retrieve(self, *, query, top_k, filters, strategy):
+        if self.retriever_down:
+            raise StageError("retriever", "unavailable", "replica died (ActorDiedError)")
+        res = self.retriever.search(query=query, top_k=top_k, filters=filters, strategy=strategy)
+        return StageReply(res.passages, "ret1", {"version": res.version})
+
+    async def rerank(self, *, query, passages, top_k):
+        raise AssertionError("reranker is disabled")
+
+    def generate(self, request):
+        return self.engine.generate(request)
+
+    async def readiness(self):
+        return {"retriever": None, "index": None}
+
+
+@pytest.fixture(scope="module")
+def retriever(built_index, local_cfg):
+    r = HybridRetriever.from_config(local_cfg, index_dir=built_index[1])
+    r.warm_up()
+    return r
+
+
+def pipeline(cfg, retriever, engine=None, **kw):
+    p = Pipeline(cfg, Stages(retriever, engine or Engine(), **kw))
+    p.warm_up()
+    return p
+
+
+def chat(text="When does the tasting room open?", **kw):
+    return ChatRequest(model="ragraph", messages=[{"role": "user", "content": text}], **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_answer_cites_and_drops_unknown_numbers(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever)
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid-1"))
+
+    out = run(go())
+    text = out["choices"][0]["message"]["content"]
+    assert text == "The tasting room opens at 10 am [1] and closes at 6 pm ."
+    rag = out["rag"]
+    assert rag["sources"][0]["document_id"] == "visiting/hours.md" and rag["sources"][0]["cited"]
+    meta = rag["metadata"]
+    assert meta["request_id"] == "rid-1" and meta["status"] == "ok" and meta["index_version"] == retriever.version
+    assert {"router", "retriever", "prompt", "generator", "total"} <= set(meta["timings_ms"])
+    assert out["usage"] == {"prompt_tokens": 50, "completion_tokens": 12, "total_tokens": 62}
+
+
+def test_stream_frames_and_final_chunk_carries_rag(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever)
+
+    async def go():
+        req = chat(stream=True)
+        prep = await p.prepare(req, "rid-2")
+        return [line async for line in p.chat_stream(req, prep, p.chat_events(req, prep))]
+
+    lines = run(go())
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(x[6:]) for x in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-rid-2" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == (
+        "The tasting room opens at 10 am [1] and closes at 6 pm ."
+    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["rag"]["sources"][0]["document_id"] == "visiting/hours.md"
+    assert all("rag" not in c for c in chunks[:-1])
+
+
+def test_generator_down_gives_sources_only(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever, Engine("down"))
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    out = run(go())
+    meta = out["rag"]["metadata"]
+    assert meta["status"] == "sources_only" and meta["degraded"] == ["generator"]
+    assert "no replica is running" in meta["degraded_reasons"]["generator"]
+    assert "generator is unavailable" in out["choices"][0]["message"]["content"]
+    assert out["rag"]["sources"][0]["document_id"] == "visiting/hours.md"
+
+
+def test_generator_down_without_sources_is_503(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever, Engine("down"))
+
+    async def go():
+        req = chat(rag={"enabled": False})
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    with pytest.raises(ApiError) as e:
+        run(go())
+    assert e.value.status == 503 and e.value.code == "generator_unavailable"
+
+
+def test_generator_overloaded_is_503_with_retry_after(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever, Engine("overloaded"))
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    with pytest.raises(ApiError) as e:
+        run(go())
+    assert e.value.status == 503 and e.value.headers["Retry-After"] and e.value.code == "overloaded"
+
+
+def test_retriever_down_degrades_to_no_context(local_cfg, retriever):
+    engine = Engine()
+    p = pipeline(local_cfg, retriever, engine, retriever_down=True)
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    out = run(go())
+    meta = out["rag"]["metadata"]
+    assert meta["degraded"] == ["retriever"] and meta["status"] == "degraded" and out["rag"]["sources"] == []
+    assert "Context:" not in engine.requests[0]["messages"][-1]["content"]
+    assert p.metrics.errors.labels("retriever", "unavailable")._value.get() == 1
+
+
+def test_search_is_503_when_the_retriever_is_down(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever, retriever_down=True)
+    with pytest.raises(ApiError) as e:
+        run(p.search(SearchRequest(query="parking"), "rid"))
+    assert e.value.status == 503
+
+
+def test_search_results_and_scores(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever)
+    out = run(p.search(SearchRequest(query="is parking free?", top_k=3), "rid"))
+    assert out["results"][0]["document_id"] == "visiting/hours.md"
+    assert {"bm25", "dense"} <= set(out["results"][0]["scores"])
+    assert out["metadata"]["index_version"] == retriever.version and "retriever" in out["metadata"]["timings_ms"]
+
+
+def test_small_talk_skips_retrieval(local_cfg, retriever):
+    engine = Engine()
+    p = pipeline(local_cfg, retriever, engine)
+    prep = run(p.prepare(chat("hello!"), "rid"))
+    assert prep.sources == [] and "retriever" not in prep.trace.timings_ms
+
+
+@pytest.mark.parametrize(
+    "change, status, param",
+    [
+        ({"model": "gpt-4"}, 404, "model"),
+        ({"max_tokens": 100000}, 400, "max_tokens"),
+        ({"rag": {"top_k": 1000}}, 400, "rag.top_k"),
+        ({"rag": {"rerank": True}}, 400, "rerank"),
+    ],
+)
+def test_request_limits(local_cfg, retriever, change, status, param):
+    p = pipeline(local_cfg, retriever)
+    body = {"model": "ragraph", "messages": [{"role": "user", "content": "hi there, parking?"}], **change}
+    with pytest.raises(ApiError) as e:
+        run(p.prepare(ChatRequest(**body), "rid"))
+    assert e.value.status == status and e.value.param == param and e.value.message
