@@ -269,7 +269,13 @@ def llm_config(cfg) -> Any:
         model_loading_config={"model_id": g.served_model_name, "model_source": location},
         engine_kwargs=engine,
         deployment_config=opts,
-        runtime_env={"env_vars": {**g.engine_env(), "HF_HUB_OFFLINE": "1" if cfg.models.generator.source != "hub" else "0"}},
+        runtime_env={"env_vars": {
+            **g.engine_env(),
+            "HF_HUB_OFFLINE": "1" if cfg.models.generator.source != "hub" else "0",
+            # vLLM's own logging setup replaces Serve's handlers: the replica's JSON log (with the
+            # request id on every line) would stop after start-up.
+            "VLLM_CONFIGURE_LOGGING": "0",
+        }},
         callback_config={"callback_class": LocalModelCallback},
         **kw,
     )

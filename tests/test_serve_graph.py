@@ -1,0 +1,292 @@
+"""The serving graph end to end: real Ray Serve, real vLLM CPU engine, real indexes.
+
+One deployment for the whole module (cold start about a minute): the test corpus plus a fact found
+nowhere else, the retriever on 2 replicas, the index re-read every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, write_corpus
+
+FACT_DOC = "team/winemaker.md"
+FACT = "# Our team\n\nThe head winemaker of the estate is Marguerite Okonkwo, who joined the winery in 2009."
+NEW_DOC = "team/cellar.md"
+NEW_FACT = "# Cellar\n\nThe cellar master is Ilse Vandenberghe; she runs the barrel room."
+PORT = 8123
+
+
+@dataclass
+class Service:
+    url: str
+    cfg: object
+    source: Path
+    root: Path
+    cold_start: float
+
+
+def http(method: str, url: str, body=None, headers=None, timeout: float = 120):
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, local_cfg):
+    import ray
+    from ray import serve
+
+    from indexing.jobs import index_source
+    from serve.config import AppConfig
+    from serve.launch import deploy
+
+    base = tmp_path_factory.mktemp("graph")
+    source = write_corpus(base / "src", {**CORPUS, FACT_DOC: FACT})
+    root = base / "index"
+    index_source(local_cfg, source, root, log=lambda _: None)
+    data = local_cfg.model_dump()
+    data["indexing"]["dir"] = str(root)
+    data["retriever"]["reload_interval_s"] = 0.5
+    data["retriever"]["deployment"].update(min_replicas=2, max_replicas=2)
+    data["http"]["port"] = PORT
+    data["router"] = {"domains": {"wine": {"keywords": ["wine", "red"], "related": ["club"]}, "club": {"keywords": ["member"]}}}
+    cfg = AppConfig.model_validate(data)
+    took = deploy(cfg, progress=lambda m: print(m, flush=True))
+    print(f"cold start (until /health/ready = 200): {took:.1f} s")
+    yield Service(f"http://127.0.0.1:{PORT}", cfg, source, root, took)
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    import openai
+
+    return openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_ready_health_models(service):
+    code, _, body = http("GET", f"{service.url}/health/ready")
+    checks = json.loads(body)["checks"]
+    assert code == 200 and set(checks) >= {"ingress", "router", "retriever", "generator", "index"}
+    assert all(v == "ok" for v in checks.values())
+    assert http("GET", f"{service.url}/health")[0] == 200
+    models = json.loads(http("GET", f"{service.url}/v1/models")[2])
+    assert [m["id"] for m in models["data"]] == ["ragraph"]
+
+
+def test_openai_create_answers_from_the_corpus(client):
+    r = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "Who is the head winemaker of the estate?"}], max_tokens=60
+    )
+    text = r.choices[0].message.content
+    assert "Okonkwo" in text, text
+    rag = r.model_extra["rag"]
+    assert FACT_DOC in [s["document_id"] for s in rag["sources"]]
+    assert all(set(s) >= {"document_id", "title", "excerpt", "relevance_score", "source"} for s in rag["sources"])
+    meta = rag["metadata"]
+    assert meta["status"] == "ok" and meta["index_version"] and meta["model"] == "ragraph" and not meta["cached"]
+    assert {"router", "retriever", "generator", "total"} <= set(meta["timings_ms"])
+    assert r.usage.completion_tokens > 0 and meta["tokens"]["completion_tokens"] == r.usage.completion_tokens
+    cited = [s for s in rag["sources"] if s["cited"]]
+    assert cited and all(f"[{s['index']}]" in text or ", " in text for s in cited)
+    assert all(1 <= int(n) <= len(rag["sources"]) for group in re.findall(r"\[([\d, ]+)\]", text) for n in group.split(","))
+
+
+def test_openai_stream_answers_and_final_chunk_has_sources(client):
+    stream = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "Who is the head winemaker of the estate?"}],
+        max_tokens=60, stream=True,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Okonkwo" in text, text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # really streamed
+    final = chunks[-1].model_extra["rag"]
+    assert FACT_DOC in [s["document_id"] for s in final["sources"]]
+    assert all("rag" not in (c.model_extra or {}) for c in chunks[:-1])
+
+
+def test_plain_chat_without_rag(client):
+    r = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "What is the capital of France? Answer briefly."}],
+        max_tokens=20, temperature=0, extra_body={"rag": {"enabled": False}},
+    )
+    assert "Paris" in r.choices[0].message.content
+    assert r.model_extra["rag"]["sources"] == []
+
+
+def test_unknown_model_is_404_in_openai_format(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "model_not_found" and "ragraph" in e.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        (b"{not json", None, "not valid JSON"),
+        ({"model": "ragraph"}, "messages", "required"),
+        ({"model": "ragraph", "messages": []}, "messages", "at least 1"),
+        ({"model": "ragraph", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'system'"),
+        ({"model": "ragraph", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}, "temperature", "less than or equal to 2"),
+        ({"model": "ragraph", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"model": "ragraph", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999}, "max_tokens", "<= 1024"),
+        ({"model": "ragraph", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, "frobnicate", "unrecognized"),
+        ({"model": "ragraph", "messages": [{"role": "assistant", "content": "hi"}]}, None, "role 'user'"),
+        ({"model": "ragraph", "messages": [{"role": "user", "content": "  "}]}, None, "empty"),
+    ],
+)
+def test_bad_bodies_get_4xx_in_openai_format(service, body, param, words):
+    code, headers, raw = http("POST", f"{service.url}/v1/chat/completions", body)
+    assert code == 400
+    err = json.loads(raw)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert words in err["message"], err["message"]
+    if param:
+        assert err["param"] == param
+    assert headers.get("x-request-id")
+
+
+def test_request_id_is_echoed_and_logged_by_every_stage(service):
+    rid = f"test-rid-{int(time.time())}"
+    code, headers, raw = http(
+        "POST", f"{service.url}/v1/chat/completions",
+        {"model": "ragraph", "messages": [{"role": "user", "content": "Is parking free?"}], "max_tokens": 8},
+        headers={"X-Request-ID": rid},
+    )
+    assert code == 200 and headers["x-request-id"] == rid
+    assert json.loads(raw)["rag"]["metadata"]["request_id"] == rid
+    code, headers, _ = http("GET", f"{service.url}/health")
+    assert len(headers["x-request-id"]) >= 16  # a new one when the client sends none
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    seen: set[str] = set()
+    deadline = time.time() + 15
+    stages = {"ragraph_ingress", "ragraph_router", "ragraph_retriever", "ragraph_generator"}
+    while time.time() < deadline and not stages <= seen:
+        for f in logs.glob("replica_ragraph_*.log"):
+            for line in f.read_text(errors="replace").splitlines():
+                if rid in line:
+                    entry = json.loads(line)  # JSON logs
+                    assert entry["request_id"] == rid
+                    seen.add(entry["deployment"])
+        time.sleep(1)
+    assert stages <= seen, seen
+
+
+def _metric(text: str, name: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_two_retriever_replicas_share_the_load_and_metrics_count_them(service):
+    before = _metric(http("GET", f"{service.url}/metrics")[2].decode(), "rag_stage_requests_total")
+    queries = [f"query number {i} about parking and wine" for i in range(40)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda q: http("POST", f"{service.url}/v1/search", {"query": q, "top_k": 3}), queries))
+    assert all(code == 200 for code, _, _ in replies)
+    replicas = {json.loads(raw)["metadata"]["replicas"]["retriever"] for _, _, raw in replies}
+    assert len(replicas) == 2, replicas
+    text = http("GET", f"{service.url}/metrics")[2].decode()
+    after = _metric(text, "rag_stage_requests_total")
+    counted = {k: v - before.get(k, 0) for k, v in after.items() if 'stage="retriever"' in k}
+    assert sum(counted.values()) == 40 and sum(1 for v in counted.values() if v > 0) == 2, counted
+    for name in ("rag_http_requests_total", "rag_http_request_duration_seconds", "rag_retrieval_duration_seconds",
+                 "rag_generation_duration_seconds", "rag_generation_tokens_total", "rag_pipeline_errors_total",
+                 "rag_stage_duration_seconds", "rag_stage_inflight"):
+        assert f"# TYPE {name}" in text or f"# HELP {name}" in text, name
+
+
+def test_search_scores_and_filters(service):
+    code, _, raw = http("POST", f"{service.url}/v1/search", {"query": "which red wines?", "filters": {"domains": ["club"]}})
+    assert code == 200
+    out = json.loads(raw)
+    assert out["results"] and {r["domain"] for r in out["results"]} == {"club"}
+    assert {"bm25", "dense"} <= set(out["results"][0]["scores"]) and "retriever" in out["metadata"]["timings_ms"]
+
+
+def test_router_domains_reach_the_retriever(client):
+    r = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "Which red wine do you age in oak?"}], max_tokens=8
+    )
+    meta = r.model_extra["rag"]["metadata"]
+    assert meta["route"]["domains"] == ["wine", "club"]
+    assert {s["domain"] for s in r.model_extra["rag"]["sources"]} <= {"wine", "club"}
+
+
+def test_chat_cli_prints_answer_and_sources(service):
+    import io
+
+    from serve.client import chat
+
+    out = io.StringIO()
+    assert chat("Who is the head winemaker of the estate?", url=service.url, max_tokens=40, out=out) == 0
+    text = out.getvalue()
+    assert "Sources:" in text and FACT_DOC in text
+
+
+def test_index_swap_under_load_drops_nothing(service):
+    from indexing.jobs import index_source
+    from indexing.store import current_name
+
+    old = current_name(service.root)
+    stop = threading.Event()
+    results: list[tuple[int, str | None, bool]] = []
+
+    def hammer(i: int) -> None:
+        while not stop.is_set():
+            if i == 0:
+                code, _, raw = http("POST", f"{service.url}/v1/chat/completions",
+                                    {"model": "ragraph", "max_tokens": 4,
+                                     "messages": [{"role": "user", "content": "Who is the cellar master?"}]})
+                body = json.loads(raw)
+                results.append((code, body.get("rag", {}).get("metadata", {}).get("index_version"), False))
+            else:
+                code, _, raw = http("POST", f"{service.url}/v1/search", {"query": "Who is the cellar master?", "top_k": 3})
+                body = json.loads(raw)
+                found = code == 200 and any(r["document_id"] == NEW_DOC for r in body["results"])
+                results.append((code, body.get("metadata", {}).get("index_version"), found))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    write_corpus(service.source, {NEW_DOC: NEW_FACT})
+    index_source(service.cfg, service.source, service.root, log=lambda _: None)
+    new = current_name(service.root)
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(v == new for _, v, _ in results[-10:]):
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    codes = [c for c, _, _ in results]
+    assert new != old and len(results) > 20
+    assert codes.count(200) == len(codes), {c: codes.count(c) for c in set(codes)}
+    versions = [v for _, v, _ in results]
+    assert old in versions and new in versions
+    assert versions.index(new) > versions.index(old)
+    assert results[-1][1] == new and any(found for _, v, found in results if v == new)
+    assert not any(found for _, v, found in results if v == old)
