@@ -40,9 +40,8 @@ index: models
 	$(BIN)/ragraph index
 
 serve: index
-	@echo
-	@echo "ragraph is installed, its models are verified and the demo corpus (docs/) is indexed."
-	@echo "The HTTP service is not built yet: it arrives with the serving graph (issue #4)."
+	@# starts a local Ray and the Serve graph on http://127.0.0.1:8000, prints the URL when ready; Ctrl-C stops it
+	$(BIN)/ragraph serve
 
 test: install-test models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
