@@ -143,3 +143,26 @@ def test_config_is_frozen():
     cfg = load_config(LOCAL, environ={})
     with pytest.raises(Exception, match="frozen"):
         cfg.generator.max_model_len = 1  # type: ignore[misc]
+
+
+def test_exported_serve_config_passes_serve_schema_and_round_trips(app_config):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.config import AppConfig
+    from serve.launch import export_serve_config
+
+    doc = yaml.safe_load(export_serve_config(app_config))
+    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    app = schema.applications[0]
+    assert app.import_path == "deployments.graph:app_builder" and app.route_prefix == "/"
+    assert AppConfig.model_validate(app.args) == app_config
+
+
+def test_deployment_bounds_are_checked(app_config):
+    from serve.config import AppConfig
+
+    data = app_config.model_dump()
+    data["retriever"]["deployment"] = {"min_replicas": 3, "max_replicas": 2}
+    with pytest.raises(ValueError, match="min_replicas=3 exceeds max_replicas=2"):
+        AppConfig.model_validate(data)

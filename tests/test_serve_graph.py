@@ -34,6 +34,7 @@ class Service:
     source: Path
     root: Path
     cold_start: float
+    not_ready: list | None = None
 
 
 def http(method: str, url: str, body=None, headers=None, timeout: float = 120):
@@ -57,8 +58,7 @@ def service(tmp_path_factory, local_cfg):
 
     base = tmp_path_factory.mktemp("graph")
     source = write_corpus(base / "src", {**CORPUS, FACT_DOC: FACT})
-    root = base / "index"
-    index_source(local_cfg, source, root, log=lambda _: None)
+    root = base / "index"  # empty: the graph starts without an index, reports it, then picks it up
     data = local_cfg.model_dump()
     data["indexing"]["dir"] = str(root)
     data["retriever"]["reload_interval_s"] = 0.5
@@ -66,11 +66,36 @@ def service(tmp_path_factory, local_cfg):
     data["http"]["port"] = PORT
     data["router"] = {"domains": {"wine": {"keywords": ["wine", "red"], "related": ["club"]}, "club": {"keywords": ["member"]}}}
     cfg = AppConfig.model_validate(data)
+    seen_not_ready: list[dict] = []
+
+    def index_once_not_ready_is_reported() -> None:
+        url = f"http://127.0.0.1:{PORT}/health/ready"
+        for _ in range(600):
+            code, _, raw = http("GET", url, timeout=5) if _listening() else (0, {}, b"")
+            if code == 503 and "no index" in json.loads(raw).get("checks", {}).get("index", ""):
+                seen_not_ready.append(json.loads(raw))
+                break
+            time.sleep(0.5)
+        index_source(local_cfg, source, root, log=lambda _: None)
+
+    indexer = threading.Thread(target=index_once_not_ready_is_reported, daemon=True)
+    indexer.start()
     took = deploy(cfg, progress=lambda m: print(m, flush=True))
-    print(f"cold start (until /health/ready = 200): {took:.1f} s")
-    yield Service(f"http://127.0.0.1:{PORT}", cfg, source, root, took)
+    indexer.join()
+    print(f"cold start (until /health/ready = 200, indexing included): {took:.1f} s")
+    service = Service(f"http://127.0.0.1:{PORT}", cfg, source, root, took)
+    service.not_ready = seen_not_ready
+    yield service
     serve.shutdown()
     ray.shutdown()
+
+
+def _listening() -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", PORT)) == 0
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +103,12 @@ def client(service):
     import openai
 
     return openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_not_ready_without_an_index_then_ready(service):
+    assert service.not_ready, "/health/ready never said the index was missing"
+    body = service.not_ready[0]
+    assert body["status"] == "not_ready" and "ragraph index" in body["checks"]["index"]
 
 
 def test_ready_health_models(service):
