@@ -8,10 +8,10 @@
   ``ray.serve.llm``'s ``LLMServer`` (vLLM's ``AsyncLLM``, continuous batching, token streaming);
   we do not wrap vLLM by hand.
 
-Cold start on CPU (docs/operations.md): the local model is already on disk, so the per-node
-"download" task that ``ray.serve.llm`` runs by default is skipped (:class:`LocalModelCallback`,
-13 s), and the engine runs its worker in the engine-core process (``distributed_executor_backend:
-uni``) instead of spawning one more process that imports vLLM again.
+Cold start on CPU (docs/operations.md): eager mode (no torch.compile warm-up), and the local
+model is already on disk, so the per-node "download" task that ``ray.serve.llm`` runs by default
+is skipped (:class:`LocalModelCallback`, 13 s). The engine's worker stays a separate process: both
+``ray.serve.llm`` and vLLM's CPU platform force the multiprocess executor (OpenMP thread binding).
 """
 
 from __future__ import annotations
@@ -255,7 +255,6 @@ def llm_config(cfg) -> Any:
     if g.device == "cpu":
         # One bundle holds the replica and its engine: the replica actor itself asks for 0 CPUs, so
         # the whole generator takes `deployment.num_cpus` (ray.serve.llm's default adds 1 for the actor).
-        engine["distributed_executor_backend"] = "uni"
         kw["placement_group_config"] = {"bundles": [{"CPU": d.num_cpus}], "strategy": "PACK"}
         actor = {"num_cpus": 0}
     else:

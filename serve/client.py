@@ -31,7 +31,7 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 300)
 def chat(
     question: str, *, url: str, model: str | None = None, stream: bool = False, rag: bool = True,
     top_k: int | None = None, strategy: str | None = None, domains: list[str] | None = None,
-    max_tokens: int | None = None, show_json: bool = False, out=sys.stdout,
+    max_tokens: int | None = None, show_json: bool = False, rerank: bool | None = None, out=sys.stdout,
 ) -> int:
     url = url.rstrip("/")
     if model is None:
@@ -44,6 +44,8 @@ def chat(
         opts["strategy"] = strategy
     if domains:
         opts["filters"] = {"domains": domains}
+    if rerank is not None:
+        opts["rerank"] = rerank
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": question}], "rag": opts,
                             "stream": stream}
     if max_tokens:

@@ -84,3 +84,17 @@ def test_training_needs_pairs(provisioned, tmp_path):
 
 def test_pair_is_plain_data():
     assert Pair("q", "p", 1.0).label == 1.0
+
+
+def test_batched_requests_score_like_single_ones(adapted):
+    out, _, _ = adapted
+    rr = CrossEncoderReranker(model=str(out), top_k=2, candidates=4)
+    docs = ["gift boxes ship in two days", "pinot noir aged in oak", "parking is free", "cancel membership online"]
+    passages = [Passage(id=str(i), document_id=str(i), text=t, score=0.5) for i, t in enumerate(docs)]
+    queries = ["is parking free", "which wine is aged in oak", "how do I cancel"]
+    batched = rr.run_batch([(q, passages, None) for q in queries] + [("empty", [], 1)])
+    assert batched[-1] == []
+    for q, got in zip(queries, batched, strict=False):
+        single = rr.run(query=q, passages=passages)
+        assert [p.id for p in got] == [p.id for p in single]
+        assert [p.score for p in got] == pytest.approx([p.score for p in single], abs=1e-4)

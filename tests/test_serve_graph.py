@@ -48,7 +48,7 @@ def http(method: str, url: str, body=None, headers=None, timeout: float = 120):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, local_cfg):
+def service(tmp_path_factory, local_cfg, provisioned):
     import ray
     from ray import serve
 
@@ -64,6 +64,10 @@ def service(tmp_path_factory, local_cfg):
     data["retriever"]["reload_interval_s"] = 0.5
     data["retriever"]["deployment"].update(min_replicas=2, max_replicas=2)
     data["http"]["port"] = PORT
+    # The reranker stage on its own replica. No trained cross-encoder ships in a package, so the
+    # packaged MiniLM gets an untrained scoring head: this exercises the stage (wiring, batching,
+    # scores), not ranking quality; the fact tests below therefore ask for rerank: false.
+    data["reranker"] = {"enabled": True, "model": str(provisioned["embedder"]), "top_k": 10, "candidates": 20}
     data["router"] = {"domains": {"wine": {"keywords": ["wine", "red"], "related": ["club"]}, "club": {"keywords": ["member"]}}}
     cfg = AppConfig.model_validate(data)
     seen_not_ready: list[dict] = []
@@ -123,13 +127,15 @@ def test_ready_health_models(service):
 
 def test_openai_create_answers_from_the_corpus(client):
     r = client.chat.completions.create(
-        model="ragraph", messages=[{"role": "user", "content": "Who is the head winemaker of the estate?"}], max_tokens=60
+        model="ragraph", messages=[{"role": "user", "content": "Who is the head winemaker of the estate?"}], max_tokens=60,
+        extra_body={"rag": {"rerank": False}},
     )
     text = r.choices[0].message.content
     assert "Okonkwo" in text, text
     rag = r.model_extra["rag"]
     assert FACT_DOC in [s["document_id"] for s in rag["sources"]]
     assert all(set(s) >= {"document_id", "title", "excerpt", "relevance_score", "source"} for s in rag["sources"])
+    assert "reranker" not in rag["metadata"]["timings_ms"]
     meta = rag["metadata"]
     assert meta["status"] == "ok" and meta["index_version"] and meta["model"] == "ragraph" and not meta["cached"]
     assert {"router", "retriever", "generator", "total"} <= set(meta["timings_ms"])
@@ -142,7 +148,7 @@ def test_openai_create_answers_from_the_corpus(client):
 def test_openai_stream_answers_and_final_chunk_has_sources(client):
     stream = client.chat.completions.create(
         model="ragraph", messages=[{"role": "user", "content": "Who is the head winemaker of the estate?"}],
-        max_tokens=60, stream=True,
+        max_tokens=60, stream=True, extra_body={"rag": {"rerank": False}},
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -257,9 +263,21 @@ def test_search_scores_and_filters(service):
     assert {"bm25", "dense"} <= set(out["results"][0]["scores"]) and "retriever" in out["metadata"]["timings_ms"]
 
 
+def test_reranker_stage_rescores_search_and_chat(service, client):
+    code, _, raw = http("POST", f"{service.url}/v1/search", {"query": "is parking free?", "top_k": 3, "rerank": True})
+    assert code == 200
+    out = json.loads(raw)
+    assert len(out["results"]) == 3 and all("rerank" in r["scores"] for r in out["results"])
+    assert [r["relevance_score"] for r in out["results"]] == sorted((r["relevance_score"] for r in out["results"]), reverse=True)
+    assert "reranker" in out["metadata"]["timings_ms"] and out["metadata"]["replicas"]["reranker"]
+    r = client.chat.completions.create(model="ragraph", messages=[{"role": "user", "content": "Is parking free?"}], max_tokens=8)
+    assert "reranker" in r.model_extra["rag"]["metadata"]["timings_ms"]
+
+
 def test_router_domains_reach_the_retriever(client):
     r = client.chat.completions.create(
-        model="ragraph", messages=[{"role": "user", "content": "Which red wine do you age in oak?"}], max_tokens=8
+        model="ragraph", messages=[{"role": "user", "content": "Which red wine do you age in oak?"}], max_tokens=8,
+        extra_body={"rag": {"rerank": False}},
     )
     meta = r.model_extra["rag"]["metadata"]
     assert meta["route"]["domains"] == ["wine", "club"]
@@ -272,7 +290,7 @@ def test_chat_cli_prints_answer_and_sources(service):
     from serve.client import chat
 
     out = io.StringIO()
-    assert chat("Who is the head winemaker of the estate?", url=service.url, max_tokens=40, out=out) == 0
+    assert chat("Who is the head winemaker of the estate?", url=service.url, max_tokens=40, out=out, rerank=False) == 0
     text = out.getvalue()
     assert "Sources:" in text and FACT_DOC in text
 
@@ -289,12 +307,12 @@ def test_index_swap_under_load_drops_nothing(service):
         while not stop.is_set():
             if i == 0:
                 code, _, raw = http("POST", f"{service.url}/v1/chat/completions",
-                                    {"model": "ragraph", "max_tokens": 4,
+                                    {"model": "ragraph", "max_tokens": 4, "rag": {"rerank": False},
                                      "messages": [{"role": "user", "content": "Who is the cellar master?"}]})
                 body = json.loads(raw)
                 results.append((code, body.get("rag", {}).get("metadata", {}).get("index_version"), False))
             else:
-                code, _, raw = http("POST", f"{service.url}/v1/search", {"query": "Who is the cellar master?", "top_k": 3})
+                code, _, raw = http("POST", f"{service.url}/v1/search", {"query": "Who is the cellar master?", "top_k": 3, "rerank": False})
                 body = json.loads(raw)
                 found = code == 200 and any(r["document_id"] == NEW_DOC for r in body["results"])
                 results.append((code, body.get("metadata", {}).get("index_version"), found))
