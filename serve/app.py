@@ -148,22 +148,28 @@ class HandleStages:
             raise _stage_error("generator", e) from None
 
     async def readiness(self) -> dict[str, str | None]:
+        """Stage -> None when fine, else what is wrong. Every probe is bounded: a stage still
+        starting must not hang the readiness check."""
+        import asyncio
+
         problems: dict[str, str | None] = {}
         try:
-            status = serve.status().applications.get(self.app_name)
+            status = (await asyncio.wait_for(asyncio.to_thread(serve.status), 5)).applications.get(self.app_name)
             deployments = status.deployments if status else {}
             for name, d in deployments.items():
                 state = str(getattr(d.status, "value", d.status))
                 problems[name] = None if state == "HEALTHY" else f"{state}: {d.message}".strip(": ")
         except Exception as e:
-            problems["serve"] = f"cannot read Serve status: {e}"
+            problems["serve"] = f"cannot read Serve status: {type(e).__name__} {e}".strip()
         try:
-            info = await self.retriever.info.remote()
+            info = await asyncio.wait_for(self.retriever.info.remote(), 3)
             problems["index"] = (
                 None if info["version"] else f"no index loaded from {info['index_dir']}: {info['error']}; run `ragraph index`"
             )
+        except asyncio.TimeoutError:
+            problems["index"] = "unknown: the retriever did not answer within 3 s (starting?)"
         except Exception as e:
-            problems["index"] = f"retriever not answering: {_stage_error('retriever', e).detail}"
+            problems["index"] = f"unknown: the retriever is not answering ({_stage_error('retriever', e).detail})"
         return problems
 
 

@@ -64,6 +64,7 @@ def service(tmp_path_factory, local_cfg, provisioned):
     data["retriever"]["reload_interval_s"] = 0.5
     data["retriever"]["deployment"].update(min_replicas=2, max_replicas=2)
     data["http"]["port"] = PORT
+    data["http"]["ready_timeout_s"] = 300
     # The reranker stage on its own replica. No trained cross-encoder ships in a package, so the
     # packaged MiniLM gets an untrained scoring head: this exercises the stage (wiring, batching,
     # scores), not ranking quality; the fact tests below therefore ask for rerank: false.
@@ -74,13 +75,19 @@ def service(tmp_path_factory, local_cfg, provisioned):
 
     def index_once_not_ready_is_reported() -> None:
         url = f"http://127.0.0.1:{PORT}/health/ready"
-        for _ in range(600):
-            code, _, raw = http("GET", url, timeout=5) if _listening() else (0, {}, b"")
-            if code == 503 and "no index" in json.loads(raw).get("checks", {}).get("index", ""):
-                seen_not_ready.append(json.loads(raw))
-                break
-            time.sleep(0.5)
-        index_source(local_cfg, source, root, log=lambda _: None)
+        try:
+            for _ in range(600):
+                try:
+                    code, _, raw = http("GET", url, timeout=10) if _listening() else (0, {}, b"")
+                    body = json.loads(raw) if code == 503 else {}
+                except (ValueError, OSError):  # the proxy's own 503/404 text before the app exists
+                    body = {}
+                if "no index" in (body.get("checks") or {}).get("index", ""):
+                    seen_not_ready.append(body)
+                    break
+                time.sleep(0.5)
+        finally:
+            index_source(local_cfg, source, root, log=lambda _: None)
 
     indexer = threading.Thread(target=index_once_not_ready_is_reported, daemon=True)
     indexer.start()
