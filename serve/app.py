@@ -81,8 +81,8 @@ async def _observe(request: Request, call_next):
         METRICS.http_requests.labels(request.method, endpoint, "500").inc()
         raise
     METRICS.http_requests.labels(request.method, endpoint, str(response.status_code)).inc()
-    if not isinstance(response, StreamingResponse) or endpoint != "/v1/chat/completions":
-        METRICS.http_duration.labels(endpoint).observe(time.perf_counter() - t)
+    if not response.headers.get("content-type", "").startswith("text/event-stream"):
+        METRICS.http_duration.labels(endpoint).observe(time.perf_counter() - t)  # streams: at their last byte
     return response
 
 
