@@ -41,12 +41,12 @@ class Prompt:
     dropped_turns: int = 0
 
 
-_BLOCK_MARK = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")  # [1] or [1, 2]: a citation, or a block number
 
 
 def escape_block(text: str) -> str:
     """Keep retrieved text from faking a context block or a citation: ``[3]`` becomes ``(3)``."""
-    return _BLOCK_MARK.sub(r"(\1)", text)
+    return _CITE.sub(r"(\1)", text)
 
 
 class PromptBuilder:
@@ -98,7 +98,8 @@ class PromptBuilder:
         system = self.system_prompt + (f"\n\n{system}" if system else "")
         history = [m for m in messages[:-1] if m.role != "system"]
 
-        fixed = self.count(system) + self.count(question) + self.count(self.ANSWER_HINT) + 3 * self.TEMPLATE_OVERHEAD
+        system_n = self.count(system)
+        fixed = system_n + self.count(question) + self.count(self.ANSWER_HINT) + 3 * self.TEMPLATE_OVERHEAD
         room = self.max_model_len - max_tokens - fixed
         if room < 0:
             raise PromptTooLong(
@@ -107,13 +108,15 @@ class PromptBuilder:
             )
         # earlier turns: newest first, as many as fit in half the room
         kept: list[Message] = []
-        spent = 0
+        spent = kept_n = 0  # kept_n: the kept turns' own tokens, without template overhead
         for m in reversed(history):
-            n = self.count(m.content) + self.TEMPLATE_OVERHEAD
+            content_n = self.count(m.content)
+            n = content_n + self.TEMPLATE_OVERHEAD
             if spent + n > room // 2:
                 break
             kept.insert(0, m)
             spent += n
+            kept_n += content_n
         budget = min(self.context_tokens, room - spent)
 
         blocks: list[str] = []
@@ -139,7 +142,7 @@ class PromptBuilder:
         out = [{"role": "system", "content": system}]
         out += [{"role": m.role, "content": m.content} for m in kept]
         out.append({"role": "user", "content": user})
-        prompt_tokens = self.count(system) + sum(self.count(m["content"]) for m in out[1:]) + len(out) * 4
+        prompt_tokens = system_n + kept_n + self.count(user) + len(out) * 4
         return Prompt(
             messages=out, sources=sources, prompt_tokens=prompt_tokens, context_tokens=used,
             dropped_turns=len(history) - len(kept),
@@ -154,7 +157,6 @@ def _label(p: Passage) -> str:
 # ---------------------------------------------------------------------------------------------
 # citations
 
-_CITE = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _OPEN = re.compile(r"\[[\d,\s]{0,12}$")
 
 

@@ -3,8 +3,7 @@
     ingress (FastAPI) -> router -> retriever -> reranker (optional) -> generator (ray.serve.llm)
 
 Every stage's Serve options (autoscaling, admission limits, resources) come from its
-``deployment`` section in the config; :func:`deployment_options` returns them without starting
-anything, which is what ``ragraph serve --export`` and the config tests use.
+``deployment`` section in the config (``DeploymentOptions.serve_options``).
 """
 
 from __future__ import annotations
@@ -13,26 +12,6 @@ from typing import Any
 
 APP_NAME = "ragraph"
 LOGGING = {"encoding": "JSON", "log_level": "INFO"}
-
-
-def deployment_options(cfg) -> dict[str, dict[str, Any]]:
-    """Serve options of every deployment of the graph, keyed by deployment name."""
-    from deployments.generator import llm_config
-
-    opts = {
-        "ingress": cfg.http.deployment.serve_options(),
-        "router": cfg.router.deployment.serve_options(),
-        "retriever": cfg.retriever.deployment.serve_options(),
-    }
-    if cfg.reranker.enabled:
-        opts["reranker"] = cfg.reranker.deployment.serve_options()
-    lc = llm_config(cfg)
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer
-
-    gen = LLMServer.get_deployment_options(lc)
-    gen.pop("name", None)
-    opts["generator"] = gen
-    return opts
 
 
 def build_app(cfg, *, app_name: str = APP_NAME):

@@ -412,9 +412,6 @@ class RetrieverDeployment:
                 self._error = None
                 self._log.info(f"switched to index version {new}")
 
-    async def _embed_one(self, query: str) -> np.ndarray:
-        return await self._embed(query)
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # sizes reset from the config in __init__
     async def _embed(self, queries: list[str]) -> list[np.ndarray]:
         import asyncio
@@ -433,7 +430,7 @@ class RetrieverDeployment:
         t = time.perf_counter()
         qv = None
         if (strategy or self._r.strategy) != "lexical" and query.strip():
-            qv = await self._embed_one(query)
+            qv = await self._embed(query)  # batched with concurrent requests
         t_embed = time.perf_counter() - t
         res = await asyncio.to_thread(
             self._r.search, query=query, top_k=top_k, filters=filters, strategy=strategy, query_vector=qv
