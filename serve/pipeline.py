@@ -385,8 +385,9 @@ class Pipeline:
             self.metrics.generation_duration.observe(took)
             trace.timings_ms["generator"] = round(took * 1000 + trace.timings_ms.get("generator.first_token", 0), 2)
             status = "ok" if not trace.degraded else "degraded"
-        self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
-        self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
+        if stream is not None:  # a sources-only answer sent nothing through the generator
+            self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
+            self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
         for stage in trace.degraded:
             if stage != "generator":
                 self.metrics.degraded.labels(stage).inc()

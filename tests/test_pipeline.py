@@ -129,6 +129,7 @@ def test_generator_down_gives_sources_only(local_cfg, retriever):
     assert "no replica is running" in meta["degraded_reasons"]["generator"]
     assert "generator is unavailable" in out["choices"][0]["message"]["content"]
     assert out["rag"]["sources"][0]["document_id"] == "visiting/hours.md"
+    assert p.metrics.generation_tokens.labels("prompt")._value.get() == 0  # nothing went through the generator
 
 
 def test_generator_down_without_sources_is_503(local_cfg, retriever):
