@@ -207,6 +207,65 @@ def _engine_chunks(item: Any) -> list[GenChunk]:
 
 
 # ---------------------------------------------------------------------------------------------
+# route bodies shared by the Serve ingress and the in-process app (serve/local.py)
+
+
+async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request) -> Response:
+    rid = request_id(request)
+    t = time.perf_counter()
+    prep = await pipeline.prepare(body, rid)
+    if not body.stream:
+        result = await pipeline.chat_completion(body, prep)
+        return JSONResponse(result, headers={"X-Request-ID": rid})
+    events = pipeline.chat_events(body, prep)
+    first = await anext(events)  # generation has started (or degraded, or raised a 503)
+
+    async def replay() -> AsyncIterator[tuple[str, Any]]:
+        yield first
+        async for ev in events:
+            yield ev
+
+    async def body_iter() -> AsyncIterator[str]:
+        try:
+            async for line in pipeline.chat_stream(body, prep, replay()):
+                yield line
+        finally:
+            METRICS.http_duration.labels("/v1/chat/completions").observe(time.perf_counter() - t)
+
+    return StreamingResponse(
+        body_iter(), media_type="text/event-stream",
+        headers={"X-Request-ID": rid, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def search_response(pipeline: Pipeline, body: SearchRequest, request: Request) -> JSONResponse:
+    rid = request_id(request)
+    return JSONResponse(await pipeline.search(body, rid), headers={"X-Request-ID": rid})
+
+
+async def ready_response(pipeline: Pipeline) -> JSONResponse:
+    problems = await pipeline.stages.readiness()
+    missing = {k: v for k, v in problems.items() if v}
+    body = {"status": "ready" if not missing else "not_ready", "checks": {k: v or "ok" for k, v in problems.items()}}
+    return JSONResponse(body, status_code=200 if not missing else 503, headers={} if not missing else {"Retry-After": "5"})
+
+
+def models_list(pipeline: Pipeline) -> dict:
+    return {
+        "object": "list",
+        "data": [{"id": pipeline.model, "object": "model", "created": 0, "owned_by": "ragraph",
+                  "root": pipeline.cfg.models.location("generator")}],
+    }
+
+
+def model_card(pipeline: Pipeline, model_id: str) -> dict:
+    if model_id != pipeline.model:
+        raise ApiError(404, f"the model {model_id!r} does not exist; this service serves {pipeline.model!r}",
+                       param="model", code="model_not_found")
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "ragraph"}
+
+
+# ---------------------------------------------------------------------------------------------
 # the ingress
 
 
@@ -220,51 +279,19 @@ class RagIngress:
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request) -> Response:
-        rid = request_id(request)
-        t = time.perf_counter()
-        prep = await self.pipeline.prepare(body, rid)
-        if not body.stream:
-            result = await self.pipeline.chat_completion(body, prep)
-            return JSONResponse(result, headers={"X-Request-ID": rid})
-        events = self.pipeline.chat_events(body, prep)
-        first = await anext(events)  # generation has started (or degraded, or raised a 503)
-
-        async def replay() -> AsyncIterator[tuple[str, Any]]:
-            yield first
-            async for ev in events:
-                yield ev
-
-        async def body_iter() -> AsyncIterator[str]:
-            try:
-                async for line in self.pipeline.chat_stream(body, prep, replay()):
-                    yield line
-            finally:
-                METRICS.http_duration.labels("/v1/chat/completions").observe(time.perf_counter() - t)
-
-        return StreamingResponse(
-            body_iter(), media_type="text/event-stream",
-            headers={"X-Request-ID": rid, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return await chat_response(self.pipeline, body, request)
 
     @app.post("/v1/search")
     async def search(self, body: SearchRequest, request: Request) -> JSONResponse:
-        rid = request_id(request)
-        return JSONResponse(await self.pipeline.search(body, rid), headers={"X-Request-ID": rid})
+        return await search_response(self.pipeline, body, request)
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": self.pipeline.model, "object": "model", "created": 0, "owned_by": "ragraph",
-                      "root": self.cfg.models.location("generator")}],
-        }
+        return models_list(self.pipeline)
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str) -> dict:
-        if model_id != self.pipeline.model:
-            raise ApiError(404, f"the model {model_id!r} does not exist; this service serves {self.pipeline.model!r}",
-                           param="model", code="model_not_found")
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "ragraph"}
+        return model_card(self.pipeline, model_id)
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -272,11 +299,7 @@ class RagIngress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        problems = await self.pipeline.stages.readiness()
-        missing = {k: v for k, v in problems.items() if v}
-        body = {"status": "ready" if not missing else "not_ready", "checks": {k: v or "ok" for k, v in problems.items()}}
-        return JSONResponse(body, status_code=200 if not missing else 503,
-                            headers={} if not missing else {"Retry-After": "5"})
+        return await ready_response(self.pipeline)
 
     @app.get("/metrics")
     async def metrics(self) -> Response:

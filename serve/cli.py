@@ -189,6 +189,18 @@ def _chat(args: argparse.Namespace) -> int:
         return 1
 
 
+def _loadtest_args(p: argparse.ArgumentParser) -> None:
+    from load_tests.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from load_tests.cli import main as loadtest
+
+    return loadtest(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ragraph", description="Retrieval-augmented chat on Ray Serve.")
     p.add_argument(
@@ -256,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", action="store_true", help="print the raw JSON response")
     ch.set_defaults(func=_chat)
 
+    lt = sub.add_parser(
+        "loadtest", help="load-test a running service (open/closed loop, sweep); writes report.json, report.md, plots",
+        description="Drive a running service and measure it (docs: load_tests/README.md).",
+    )
+    _loadtest_args(lt)
+    lt.set_defaults(func=_loadtest)
+
     c = sub.add_parser("config", help="validate the config; --show prints the effective values")
     c.add_argument("--show", action="store_true", help="print the effective config as YAML")
     c.set_defaults(func=_config)
@@ -263,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except ConfigError as e:

@@ -1,0 +1,1 @@
+"""The load-testing harness behind `ragraph loadtest`, and the benchmarks (bench_*.py scripts)."""
