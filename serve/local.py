@@ -28,7 +28,7 @@ from deployments.retriever import Filters, HybridRetriever, Passage
 from deployments.router import Message, QueryRouter
 from serve.api import ApiError, ChatRequest, SearchRequest
 from serve.app import (
-    METRICS, _api_error, _invalid, _observe, _unexpected, chat_response, model_card, models_list, ready_response,
+    METRICS, ObservedRoute, _api_error, _invalid, _unexpected, chat_response, model_card, models_list, ready_response,
     search_response,
 )
 from serve.pipeline import GenChunk, Pipeline, StageError, StageReply
@@ -142,7 +142,7 @@ def create_app(cfg) -> FastAPI:
     api.add_exception_handler(RequestValidationError, _invalid)
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(Exception, _unexpected)
-    api.middleware("http")(_observe)
+    api.router.route_class = ObservedRoute
 
     @api.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:

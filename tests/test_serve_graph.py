@@ -262,6 +262,41 @@ def test_two_retriever_replicas_share_the_load_and_metrics_count_them(service):
         assert f"# TYPE {name}" in text or f"# HELP {name}" in text, name
 
 
+def test_http_counters_count_every_routed_request(service):
+    """Serve's class-based ingress skips FastAPI middleware: the counter lives in the route class."""
+    def count(text: str, status: str) -> float:
+        return sum(v for k, v in _metric(text, "rag_http_requests_total").items()
+                   if 'endpoint="/v1/search"' in k and f'status="{status}"' in k)
+
+    text = http("GET", f"{service.url}/metrics")[2].decode()
+    ok, bad = count(text, "200"), count(text, "400")
+    for _ in range(3):
+        assert http("POST", f"{service.url}/v1/search", {"query": "parking"})[0] == 200
+    assert http("POST", f"{service.url}/v1/search", {"query": "  "})[0] == 400
+    text = http("GET", f"{service.url}/metrics")[2].decode()
+    assert (count(text, "200") - ok, count(text, "400") - bad) == (3, 1)
+
+
+def test_loadtest_against_the_graph_agrees_with_the_server(service, tmp_path):
+    from serve.cli import main
+
+    rc = main(["loadtest", "--url", service.url, "--mode", "open", "--rate", "2", "--duration", "6",
+               "--max-tokens", "8", "--mix", "chat=1,stream=1,search=1,multiturn=1", "--seed", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "throughput_rps", "output_tokens_per_s", "errors"):
+        assert key in report, key
+    assert report["requests"] >= 4 and report["ok"] == report["requests"] and report["errors"] == {}
+    assert report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
+    assert report["output_tokens_per_s"] > 0 and report["throughput_rps"] > 0
+    samples = report["samples"]
+    streamed = [s for s in samples if s["kind"] == "stream"]
+    assert streamed and all(s["ttft_ms"] and s["ttft_ms"] <= s["e2e_ms"] and s["output_tokens"] > 0 for s in streamed)
+    assert all("retriever" in s["stages_ms"] for s in samples)
+    assert all(r["agree"] for r in report["cross_check"]["rows"].values()), report["cross_check"]
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"latency_vs_load.png", "ttft.png", "stages.png"}
+
+
 def test_search_scores_and_filters(service):
     code, _, raw = http("POST", f"{service.url}/v1/search", {"query": "which red wines?", "filters": {"domains": ["club"]}})
     assert code == 200

@@ -1,0 +1,134 @@
+"""The Serve graph against the same pipeline in one process: what the graph costs, what it carries.
+
+    python load_tests/bench_graph.py [--requests 20] [--max-tokens 16] [--users 8] [--duration 45]
+
+Both sides serve the same config (configs/local.yaml), the same index and the same HTTP routes, and
+are measured by the same client (``ragraph loadtest``'s):
+
+* graph: ``ragraph serve`` (Serve proxy -> ingress -> router / retriever / generator replicas);
+* in-process: ``python -m serve.local`` (uvicorn -> the plain classes -> vLLM ``AsyncLLM``).
+
+Low load: ``--requests`` sequential requests (one in flight), p50 end to end, for chat (greedy,
+``--max-tokens``) and for search. Saturation: ``--users`` closed-loop users with no think time for
+``--duration`` s: answered requests/s and output tokens/s. One side runs at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from _common import REPO, print_table, write_json
+
+sys.path.insert(0, str(REPO))
+
+from load_tests.runner import Limits, closed_loop  # noqa: E402
+from load_tests.report import summarize  # noqa: E402
+from load_tests.workload import Workload, load_questions  # noqa: E402
+
+
+async def measure(url: str, args: argparse.Namespace) -> dict:
+    import httpx
+
+    qs = load_questions(None)
+    out: dict = {}
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=10)) as client:
+        t0 = time.perf_counter()
+        for kind in ("chat", "search"):
+            w = Workload(qs, mix={kind: 1.0}, max_tokens=(args.max_tokens, args.max_tokens))
+            await closed_loop(client, w, users=1, think_s=0, limits=Limits(60, 3), t0=t0)  # warm-up
+            low = await closed_loop(client, w, users=1, think_s=0, limits=Limits(600, args.requests), t0=t0)
+            sat = await closed_loop(client, Workload(qs, mix={kind: 1.0}, max_tokens=(args.max_tokens, args.max_tokens)),
+                                    users=args.users, think_s=0, limits=Limits(args.duration, 100_000), t0=t0)
+            lo, hi = summarize(low.samples, low.window_s), summarize(sat.samples, sat.window_s)
+            out[kind] = {"low": lo, "saturation": hi}
+            print(f"  {kind}: low-load p50 {lo['p50_ms']} ms ({lo['ok']}/{lo['requests']} ok); "
+                  f"saturation {hi['throughput_rps']} req/s, {hi['output_tokens_per_s']} tok/s, errors {hi['errors']}")
+    return out
+
+
+def wait_ready(url: str, timeout: float = 600) -> float:
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        try:
+            with urllib.request.urlopen(f"{url}/health/ready", timeout=5) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t
+        except Exception:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout:g} s")
+
+
+def run_graph(args: argparse.Namespace) -> dict:
+    import ray
+    from ray import serve
+
+    from serve.config import load_config
+    from serve.launch import deploy
+
+    cfg = load_config()
+    cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"port": args.graph_port})})
+    cold = deploy(cfg, progress=lambda m: None)
+    print(f"graph ready in {cold:.0f} s")
+    try:
+        return asyncio.run(measure(f"http://127.0.0.1:{args.graph_port}", args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_local(args: argparse.Namespace) -> dict:
+    url = f"http://127.0.0.1:{args.local_port}"
+    proc = subprocess.Popen([sys.executable, "-m", "serve.local", "--port", str(args.local_port)], cwd=REPO,
+                            start_new_session=True)
+    try:
+        print(f"in-process ready in {wait_ready(url):.0f} s")
+        return asyncio.run(measure(url, args))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # uvicorn's shutdown stops the engine and its processes
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=20, help="sequential requests at low load, per kind")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--users", type=int, default=8, help="closed-loop users at saturation")
+    ap.add_argument("--duration", type=float, default=45, help="seconds at saturation, per kind")
+    ap.add_argument("--graph-port", type=int, default=8000)
+    ap.add_argument("--local-port", type=int, default=8001)
+    ap.add_argument("--out", type=Path, default=REPO / "load_tests" / "results" / "graph.json")
+    args = ap.parse_args()
+
+    sides = {"graph": run_graph(args), "in-process": run_local(args)}
+    rows = []
+    for kind in ("chat", "search"):
+        g, p = sides["graph"][kind], sides["in-process"][kind]
+        for side, r in (("graph", g), ("in-process", p)):
+            rows.append({
+                "request": kind, "side": side, "p50_ms": r["low"]["p50_ms"], "p95_ms": r["low"]["p95_ms"],
+                "tokens/answer": round(r["low"]["output_tokens"] / max(r["low"]["ok"], 1), 1),
+                "sat_rps": r["saturation"]["throughput_rps"], "sat_tok_s": r["saturation"]["output_tokens_per_s"],
+                "sat_p50_ms": r["saturation"]["p50_ms"], "sat_errors": sum(r["saturation"]["errors"].values()),
+            })
+        rows.append({"request": kind, "side": "graph - in-process",
+                     "p50_ms": round(g["low"]["p50_ms"] - p["low"]["p50_ms"], 2),
+                     "sat_rps": f"x{g['saturation']['throughput_rps'] / max(p['saturation']['throughput_rps'], 1e-9):.2f}"})
+    print(f"\nlow load: {args.requests} sequential requests; saturation: {args.users} users, {args.duration:g} s")
+    print_table(rows, ["request", "side", "p50_ms", "p95_ms", "tokens/answer", "sat_rps", "sat_tok_s", "sat_p50_ms", "sat_errors"])
+    write_json(args.out, {"args": vars(args) | {"out": str(args.out)}, "rows": rows, "sides": sides})
+
+
+if __name__ == "__main__":
+    main()
