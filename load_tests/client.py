@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from typing import Any
 import httpx
 
 from load_tests.workload import Request
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise, under Ray's logging
 
 
 @dataclass(slots=True)
