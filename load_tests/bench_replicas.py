@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from _common import REPO, print_table, write_json
@@ -33,14 +34,15 @@ async def sweep(url: str, rates: list[float], args: argparse.Namespace) -> tuple
     w = Workload(load_questions(None), mix={"search": 1.0}, seed=1)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=10),
                                  limits=httpx.Limits(max_connections=512)) as client:
-        for _ in range(20):  # warm-up, and see which replicas answer
-            r = await client.post("/v1/search", json={"query": "how do I scale the retriever?"})
-            replicas.add(r.json()["metadata"]["replicas"]["retriever"])
+        for _ in range(20):  # warm-up
+            await client.post("/v1/search", json={"query": "how do I scale the retriever?"})
         t0 = time.perf_counter()
         for rate in rates:
             res = await open_loop(client, w, rate=rate, limits=Limits(args.duration, 100_000, timeout_s=30), t0=t0)
             s = summarize(res.samples, res.window_s)
-            steps.append({"rate": rate, "summary": s})
+            served = Counter(x.replicas.get("retriever") for x in res.samples if x.ok)
+            replicas |= set(served)
+            steps.append({"rate": rate, "summary": s, "retriever_replicas": dict(served)})
             print(f"  {rate:g} req/s: p50 {s['p50_ms']} ms, p95 {s['p95_ms']} ms, {s['throughput_rps']} answered/s, "
                   f"errors {s['errors']}")
             if not passes(s, args.slo_p95_ms, 0.01):
@@ -48,9 +50,22 @@ async def sweep(url: str, rates: list[float], args: argparse.Namespace) -> tuple
     return steps, replicas
 
 
+def wait_replicas(name: str, n: int, timeout: float = 300) -> None:
+    """Serve reports an app healthy before a scaled-up deployment's new replica runs: wait for it."""
+    from ray import serve
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        d = serve.status().applications["ragraph"].deployments[name]
+        if sum(v for k, v in d.replica_states.items() if str(getattr(k, "value", k)) == "RUNNING") >= n:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{name}: {n} replicas not running after {timeout:g} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rates", default="5,10,15,20,25,30,40,50", help="open-loop search rates to sweep (req/s)")
+    ap.add_argument("--rates", default="10,20,30,40,50,60,70,80,100,120", help="open-loop search rates to sweep (req/s)")
     ap.add_argument("--slo-p95-ms", type=float, default=250)
     ap.add_argument("--duration", type=float, default=20, help="seconds per step")
     ap.add_argument("--port", type=int, default=8000)
@@ -75,6 +90,7 @@ def main() -> None:
                 "http": base.http.model_copy(update={"port": args.port}),
             })
             print(f"deploying with {n} retriever replica(s): ready in {deploy(cfg, progress=lambda m: None):.0f} s")
+            wait_replicas("retriever", n)
             steps, seen = asyncio.run(sweep(f"http://127.0.0.1:{args.port}", rates, args))
             results[n] = {"steps": steps, "replicas_seen": sorted(seen),
                           "knee_rps": knee([(s["rate"], s["summary"]) for s in steps], args.slo_p95_ms, 0.01)}

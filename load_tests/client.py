@@ -41,6 +41,7 @@ class Sample:
     prompt_tokens: int = 0
     stages_ms: dict[str, float] = field(default_factory=dict)
     rag_status: str | None = None  # ok | degraded | sources_only
+    replicas: dict[str, str] = field(default_factory=dict)  # stage -> the replica that served it
     retry_after: str | None = None
 
     @property
@@ -123,6 +124,7 @@ def _take_body(s: Sample, body: dict[str, Any], kind: str) -> None:
 def _take_meta(s: Sample, meta: dict[str, Any]) -> None:
     s.stages_ms = {k: float(v) for k, v in (meta.get("timings_ms") or {}).items()}
     s.rag_status = meta.get("status")
+    s.replicas = dict(meta.get("replicas") or {})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,11 +121,17 @@ def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     sys.stdout.flush()
     if address or not block:
         return 0
+    import signal
+
+    def stop(signum, _frame) -> None:  # SIGTERM (systemd, docker stop, kill) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("\nstopping ragraph")
+        print("\nstopping ragraph (the generator's engine processes stop with it)")
         serve.shutdown()
     return 0
 
