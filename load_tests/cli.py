@@ -152,7 +152,8 @@ async def _main(args: argparse.Namespace) -> int:
     delta = counter_delta(before, after) if before and after else {}
     report = {
         **{k: v for k, v in head["summary"].items() if k not in ("by_kind",)},
-        "headline_from": f"the knee step ({head['load']:g})" if args.mode == "sweep" else "the whole run",
+        "headline_from": ("the whole run" if args.mode != "sweep" else f"the knee step ({head['load']:g})"
+                          if the_knee is not None else "the first step (no step was carried)"),
         "url": url, "mode": loop, "sweep": args.mode == "sweep", "knee": the_knee,
         "slo_p95_ms": args.slo_p95_ms if args.mode == "sweep" else None, "max_error_rate": args.max_error_rate,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
