@@ -355,6 +355,25 @@ def _by_max(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Serve deployment: a thin wrapper (the graph builder applies ``serve.deployment`` with options)
 
+async def timed_search(
+    r: HybridRetriever, embed, *, query: str, top_k: int, filters: Filters | None, strategy: str | None
+) -> tuple[list[Passage], dict]:
+    """Embed the query with ``embed`` (an async callable: batched in a replica, a thread in one
+    process), search in a worker thread, and time both: (passages, {version, embed_ms, search_ms})."""
+    import asyncio
+    import time
+
+    t = time.perf_counter()
+    qv = None
+    if (strategy or r.strategy) != "lexical" and query.strip():
+        qv = await embed(query)
+    t_embed = time.perf_counter() - t
+    res = await asyncio.to_thread(r.search, query=query, top_k=top_k, filters=filters, strategy=strategy, query_vector=qv)
+    info = {"version": res.version, "embed_ms": round(t_embed * 1000, 2),
+            "search_ms": round((time.perf_counter() - t - t_embed) * 1000, 2)}
+    return res.passages, info
+
+
 from ray import serve  # noqa: E402  (the plain class above needs no Ray)
 
 
@@ -421,25 +440,13 @@ class RetrieverDeployment:
 
     async def search(self, query: str, top_k: int, filters: Filters | None, strategy: str | None) -> tuple:
         """(passages, replica id, info) for :class:`serve.pipeline.StageReply`."""
-        import asyncio
-        import time
-
         self._ensure_watcher()
         if not self._r.loaded:
             raise IndexLoadError(self._error or "no index loaded")
-        t = time.perf_counter()
-        qv = None
-        if (strategy or self._r.strategy) != "lexical" and query.strip():
-            qv = await self._embed(query)  # batched with concurrent requests
-        t_embed = time.perf_counter() - t
-        res = await asyncio.to_thread(
-            self._r.search, query=query, top_k=top_k, filters=filters, strategy=strategy, query_vector=qv
-        )
-        info = {
-            "version": res.version, "embed_ms": round(t_embed * 1000, 2),
-            "search_ms": round((time.perf_counter() - t - t_embed) * 1000, 2),
-        }
-        return res.passages, self._replica, info
+        # the query embedding is batched with concurrent requests
+        passages, info = await timed_search(self._r, self._embed, query=query, top_k=top_k, filters=filters,
+                                            strategy=strategy)
+        return passages, self._replica, info
 
     async def info(self) -> dict:
         self._ensure_watcher()

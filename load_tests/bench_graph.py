@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from _common import REPO, print_table, write_json
@@ -55,16 +54,14 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
 
 
 def wait_ready(url: str, timeout: float = 600) -> float:
+    from serve.launch import ready_status
+
     t = time.perf_counter()
-    while time.perf_counter() - t < timeout:
-        try:
-            with urllib.request.urlopen(f"{url}/health/ready", timeout=5) as r:
-                if r.status == 200:
-                    return time.perf_counter() - t
-        except Exception:
-            pass
+    while ready_status(url)[0] != 200:
+        if time.perf_counter() - t > timeout:
+            raise TimeoutError(f"{url} not ready after {timeout:g} s")
         time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout:g} s")
+    return time.perf_counter() - t
 
 
 def run_graph(args: argparse.Namespace) -> dict:

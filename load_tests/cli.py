@@ -95,7 +95,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     from load_tests.client import counter_delta, scrape
     from load_tests.report import cross_check, summarize, write_report
-    from load_tests.runner import Limits, closed_loop, knee, open_loop
+    from load_tests.runner import Limits, closed_loop, knee, open_loop, passes
     from load_tests.workload import Workload, load_questions, parse_mix, parse_range
 
     url = check_target(args.url, args.allow_remote)
@@ -141,9 +141,8 @@ async def _main(args: argparse.Namespace) -> int:
             steps.append({"load": load, "summary": summary})
             samples += res.samples
             print(_line(load, summary, loop), file=sys.stderr)
-            if args.mode == "sweep" and not args.keep_going and knee([(s["load"], s["summary"]) for s in steps],
-                                                                      args.slo_p95_ms, args.max_error_rate) != load:
-                break
+            if args.mode == "sweep" and not args.keep_going and not passes(summary, args.slo_p95_ms, args.max_error_rate):
+                break  # the first step not carried: higher loads will not be either
         after = await scrape(client)
 
     the_knee = knee([(s["load"], s["summary"]) for s in steps], args.slo_p95_ms, args.max_error_rate) if args.mode == "sweep" else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from deployments.reranker import CrossEncoderReranker
-from deployments.retriever import Filters, HybridRetriever, Passage
+from deployments.retriever import Filters, HybridRetriever, Passage, timed_search
 from deployments.router import Message, QueryRouter
 from serve.api import ApiError, ChatRequest, SearchRequest
 from serve.app import (
@@ -75,17 +74,12 @@ class InProcessStages:
         return StageReply(self.router.run(messages=messages), REPLICA)
 
     async def retrieve(self, *, query: str, top_k: int, filters: Filters | None, strategy: str | None) -> StageReply:
-        t = time.perf_counter()
-        qv = None
-        if (strategy or self.retriever.strategy) != "lexical" and query.strip():
-            qv = (await asyncio.to_thread(self.retriever.embedder.embed, [query]))[0]
-        t_embed = time.perf_counter() - t
-        res = await asyncio.to_thread(
-            self.retriever.search, query=query, top_k=top_k, filters=filters, strategy=strategy, query_vector=qv
-        )
-        info = {"version": res.version, "embed_ms": round(t_embed * 1000, 2),
-                "search_ms": round((time.perf_counter() - t - t_embed) * 1000, 2)}
-        return StageReply(res.passages, REPLICA, info)
+        async def embed(q: str):
+            return (await asyncio.to_thread(self.retriever.embedder.embed, [q]))[0]
+
+        passages, info = await timed_search(self.retriever, embed, query=query, top_k=top_k, filters=filters,
+                                            strategy=strategy)
+        return StageReply(passages, REPLICA, info)
 
     async def rerank(self, *, query: str, passages: list[Passage], top_k: int) -> StageReply:
         ranked = await asyncio.to_thread(self.reranker.run_batch, [(query, passages, top_k)])
@@ -118,10 +112,9 @@ class InProcessStages:
             raise StageError("generator", "error", f"{type(e).__name__}: {e}"[:300]) from None
 
     async def readiness(self) -> dict[str, str | None]:
-        st = self.retriever._state
         return {
             "generator": None if self.engine is not None else "starting",
-            "index": None if st else f"no index loaded from {self.retriever.index_dir}; run `ragraph index`",
+            "index": None if self.retriever.loaded else f"no index loaded from {self.retriever.index_dir}; run `ragraph index`",
         }
 
 
