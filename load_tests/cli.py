@@ -115,6 +115,12 @@ async def _main(args: argparse.Namespace) -> int:
         if loads[0] <= 0:
             raise LoadTestError(f"--{'rate' if loop == 'open' else 'users'} must be > 0")
 
+    try:  # before the run, not after it: a run whose report cannot be written is lost
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / ".write-test").touch()
+        (args.out / ".write-test").unlink()
+    except OSError as e:
+        raise LoadTestError(f"--out {args.out}: cannot write the report there ({e.strerror or e})") from None
     questions = load_questions(args.queries, args.limit_queries)
     mix, max_tokens = parse_mix(args.mix), parse_range(args.max_tokens)
     limits = Limits(args.duration, args.max_requests, args.timeout, args.max_inflight)

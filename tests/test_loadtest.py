@@ -154,3 +154,13 @@ def test_report_files(tmp_path):
             assert f.read_bytes()[:4] == b"\x89PNG" and f.stat().st_size > 5000
     md = (tmp_path / "report.md").read_text()
     assert "| 2 req/s | 30 | 29 | 503: 1 |" in md and "![ttft](ttft.png)" in md
+
+
+def test_an_unwritable_out_folder_is_refused_before_the_run(tmp_path, capsys):
+    from serve.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = main(["loadtest", "--url", "http://127.0.0.1:9", "--out", str(blocker / "run")])
+    assert rc == 2
+    assert "cannot write the report there" in capsys.readouterr().err
