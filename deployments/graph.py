@@ -1,6 +1,7 @@
 """The graph builder: one config -> one Serve application.
 
     ingress (FastAPI) -> router -> retriever -> reranker (optional) -> generator (ray.serve.llm)
+       \-> governor (API keys, rate limits, quotas, response cache; one replica)
 
 Every stage's Serve options (autoscaling, admission limits, resources) come from its
 ``deployment`` section in the config (``DeploymentOptions.serve_options``).
@@ -19,6 +20,7 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     from ray import serve
 
     from deployments.generator import build_generator
+    from deployments.governor import GovernorDeployment
     from deployments.reranker import RerankerDeployment
     from deployments.retriever import RetrieverDeployment
     from deployments.router import RouterDeployment
@@ -31,8 +33,9 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     retriever = stage(RetrieverDeployment, "retriever", cfg.retriever)
     reranker = stage(RerankerDeployment, "reranker", cfg.reranker) if cfg.reranker.enabled else None
     generator = build_generator(cfg, name="generator")
+    governor = stage(GovernorDeployment, "governor", cfg.governor)
     ingress = serve.deployment(RagIngress, name="ingress", logging_config=LOGGING, **cfg.http.deployment.serve_options())
-    return ingress.bind(cfg, router, retriever, reranker, generator, app_name)
+    return ingress.bind(cfg, router, retriever, reranker, generator, governor, app_name)
 
 
 def app_builder(args: dict[str, Any]):

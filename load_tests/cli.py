@@ -28,6 +28,15 @@ class LoadTestError(RuntimeError):
     pass
 
 
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line for the report, without the API key."""
+    out, hide = [], False
+    for a in argv:
+        out.append("***" if hide else "--api-key=***" if a.startswith("--api-key=") else a)
+        hide = a == "--api-key"
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default: loopback)")
     p.add_argument("--allow-remote", action="store_true", help="allow a target that is not a loopback address")
@@ -54,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="passages per request (default: the service's)")
     p.add_argument("--model", default=None, help="model name to send (default: the first from /v1/models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=os.environ.get("RAGRAPH_API_KEY"),
+                   help="sent as `Authorization: Bearer` (default: $RAGRAPH_API_KEY; needed when the service has auth on)")
+    p.add_argument("--use-cache", action="store_true",
+                   help="let the response cache answer repeated questions (default: every request sends "
+                   "`Cache-Control: no-cache`, so the run measures the pipeline, not the cache)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (matplotlib not needed)")
     p.add_argument("--out", type=Path, required=True, help="folder for report.json, report.md and the plots")
 
@@ -125,7 +139,11 @@ async def _main(args: argparse.Namespace) -> int:
     mix, max_tokens = parse_mix(args.mix), parse_range(args.max_tokens)
     limits = Limits(args.duration, args.max_requests, args.timeout, args.max_inflight)
     conn = httpx.Limits(max_connections=args.max_inflight + 8, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=10), limits=conn) as client:
+    headers = {} if args.use_cache else {"Cache-Control": "no-cache"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=10), limits=conn,
+                                 headers=headers) as client:
         try:
             (await client.get("/health", timeout=10)).raise_for_status()
             model = args.model or (await client.get("/v1/models", timeout=10)).json()["data"][0]["id"]
@@ -163,9 +181,10 @@ async def _main(args: argparse.Namespace) -> int:
         "slo_p95_ms": args.slo_p95_ms if args.mode == "sweep" else None, "max_error_rate": args.max_error_rate,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {os.cpu_count()} cores (client side)",
-        "command": "ragraph " + shlex.join(getattr(args, "argv", None) or sys.argv[1:]),
+        "command": "ragraph " + shlex.join(_redacted(getattr(args, "argv", None) or sys.argv[1:])),
         "workload": {"source": str(args.queries or DEMO_PROMPTS.name), "questions": len(questions), "mix": mix,
-                     "max_tokens": args.max_tokens, "top_k": args.top_k, "model": model, "seed": args.seed},
+                     "max_tokens": args.max_tokens, "top_k": args.top_k, "model": model, "seed": args.seed,
+                     "cache": args.use_cache},
         "limits": {"duration_s": args.duration, "max_requests": args.max_requests, "timeout_s": args.timeout,
                    "think_s": args.think if loop == "closed" else None},
         "steps": steps,

@@ -57,6 +57,9 @@ class RagOptions(_Body):
         default=None, description=f"Retrieval strategy, one of {list(STRATEGIES)}; default: the router's choice."
     )
     rerank: bool | None = Field(default=None, description="Override reranker.enabled for this request.")
+    cache: bool = Field(
+        default=True, description="false: neither answer from nor store in the response cache (also: `Cache-Control: no-cache`)."
+    )
 
 
 class StreamOptions(_Body):

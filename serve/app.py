@@ -1,20 +1,26 @@
 """The FastAPI ingress, as a Ray Serve deployment that composes the stage handles.
 
 Routes: ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream`` as SSE), ``POST /v1/search``,
-``GET /v1/models``, ``GET /health``, ``GET /health/ready``, ``GET /metrics``. Every error is in
-OpenAI's format; nothing returns a bare 500. The graph itself is built by
-:func:`deployments.graph.build_app`.
+``GET /v1/models``, ``GET /v1/usage``, ``GET /v1/cache/stats`` and ``DELETE /v1/cache`` (admin),
+``GET /health``, ``GET /health/ready``, ``GET /metrics``. Every error is in OpenAI's format;
+nothing returns a bare 500. The graph itself is built by :func:`deployments.graph.build_app`.
+
+Every routed request but ``/health*`` (and ``/metrics`` when ``governor.auth.metrics_open``) is
+admitted first, in :class:`ObservedRoute`: body size, then the governor's verdict on its API key,
+rate limits and quota (401/403/429/413 in OpenAI's format; the key itself is never logged).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
@@ -72,8 +78,86 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+OPEN_ROUTES = ("/health", "/health/ready")
+ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
+
+
+def bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+
+
+def _in(addr: str, nets: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in nets)
+    except ValueError:
+        return False
+
+
+def client_ip(request: Request, trusted_proxies: list[str]) -> str:
+    """The peer address, or the nearest untrusted address in X-Forwarded-For when the peer is a
+    trusted proxy (a forged header from anyone else is ignored)."""
+    peer = request.client.host if request.client else "unknown"
+    if not trusted_proxies or not _in(peer, trusted_proxies):
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted_proxies):
+            return hop
+    return peer
+
+
+async def admit(request: Request, endpoint: str) -> None:
+    """Admission of one request (see the module docstring); raises :class:`ApiError` to refuse.
+    Sets ``request.state.key_id`` for the usage ledger."""
+    request.state.key_id = None
+    if endpoint in OPEN_ROUTES:
+        return
+    pipeline: Pipeline = request.app.state.pipeline
+    cfg = pipeline.cfg
+    if request.method in ("POST", "PUT", "PATCH"):
+        limit = cfg.http.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        size = int(declared) if declared and declared.isdigit() else len(await request.body())
+        if size > limit:
+            METRICS.admission.labels("request_too_large").inc()
+            raise ApiError(413, f"body: the request body is {size} bytes; the limit is {limit} "
+                           "(http.limits.max_body_bytes)", param="body", code="request_too_large")
+    if endpoint == "/metrics" and cfg.governor.auth.metrics_open:
+        return
+    token = bearer(request)
+    try:
+        verdict = await pipeline.govern(
+            "admit", token, client_ip(request, cfg.http.trusted_proxies), endpoint,
+            (request.method, endpoint) in ADMIN_ROUTES,
+        )
+    except StageError as e:
+        if cfg.governor.auth.enabled:  # fail closed: no key can be checked
+            raise ApiError(503, f"the governor is unavailable ({e.detail}); API keys cannot be checked, retry shortly",
+                           type="service_unavailable", code="governor_unavailable",
+                           headers={"Retry-After": "5"}) from None
+        METRICS.admission.labels("governor_unavailable_open").inc()
+        log.warning(f"governor unavailable, request admitted without limits (auth is off): {e}")
+        return
+    if not verdict.allowed:
+        METRICS.admission.labels(verdict.code).inc()
+        headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after)))} if verdict.status == 429 else {}
+        if verdict.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        kind = {401: "invalid_request_error", 403: "permission_error", 429: (
+            "insufficient_quota" if verdict.code == "insufficient_quota" else "rate_limit_error")}[verdict.status]
+        raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers)
+    request.state.key_id = verdict.key_id
+    request.state.scope = verdict.scope
+
+
 class ObservedRoute(APIRoute):
-    """Counts and times every routed request (``rag_http_requests_total``, ``..._duration_seconds``).
+    """Admits (:func:`admit`), counts and times every routed request (``rag_http_requests_total``,
+    ``..._duration_seconds``).
 
     A route class, not an ``@app.middleware``: Ray Serve's class-based ingress does not run the
     app's HTTP middleware (measured on Ray 2.60: the counter stayed at 0), but it does run the
@@ -86,6 +170,7 @@ class ObservedRoute(APIRoute):
         async def handler(request: Request) -> Response:
             t = time.perf_counter()
             try:
+                await admit(request, endpoint)
                 response = await inner(request)
             except Exception as e:
                 status = (400 if isinstance(e, RequestValidationError) else e.status if isinstance(e, ApiError)
@@ -124,9 +209,10 @@ def _stage_error(stage: str, e: Exception) -> StageError:
 
 
 class HandleStages:
-    def __init__(self, *, app_name: str, router, retriever, reranker, generator) -> None:
+    def __init__(self, *, app_name: str, router, retriever, reranker, generator, governor) -> None:
         self.app_name = app_name
         self.router, self.retriever, self.reranker, self.generator = router, retriever, reranker, generator
+        self.governor = governor
         self.rerank_enabled = reranker is not None
 
     async def route(self, messages: list[Message]) -> StageReply:
@@ -163,6 +249,12 @@ class HandleStages:
             raise
         except Exception as e:
             raise _stage_error("generator", e) from None
+
+    async def govern(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.governor, method).remote(*args)
+        except Exception as e:
+            raise _stage_error("governor", e) from None
 
     async def readiness(self) -> dict[str, str | None]:
         """Stage -> None when fine, else what is wrong. Every probe is bounded: a stage still
@@ -227,10 +319,15 @@ def _engine_chunks(item: Any) -> list[GenChunk]:
 # route bodies shared by the Serve ingress and the in-process app (serve/local.py)
 
 
+def no_cache(request: Request) -> bool:
+    return "no-cache" in request.headers.get("cache-control", "").lower()
+
+
 async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request) -> Response:
     rid = request_id(request)
     t = time.perf_counter()
-    prep = await pipeline.prepare(body, rid)
+    prep = await pipeline.prepare(body, rid, key_id=getattr(request.state, "key_id", None),
+                                  bypass_cache=no_cache(request))
     if not body.stream:
         result = await pipeline.chat_completion(body, prep)
         return JSONResponse(result, headers={"X-Request-ID": rid})
@@ -267,6 +364,29 @@ async def ready_response(pipeline: Pipeline) -> JSONResponse:
     return JSONResponse(body, status_code=200 if not missing else 503, headers={} if not missing else {"Retry-After": "5"})
 
 
+async def usage_response(pipeline: Pipeline, request: Request, key_id: str | None, all_keys: bool) -> dict:
+    """The caller's token usage; an admin may ask for another key's (``key_id``) or every key's."""
+    own = getattr(request.state, "key_id", None)
+    if (key_id or all_keys) and getattr(request.state, "scope", None) != "admin":
+        raise ApiError(403, "key_id and all need an admin key; without them you see your own usage",
+                       type="permission_error", param="key_id" if key_id else "all", code="insufficient_scope")
+    try:
+        if all_keys:
+            return await pipeline.govern("all_usage")
+        return {"object": "usage", **await pipeline.govern("usage", key_id or own)}
+    except StageError as e:
+        raise ApiError(503, f"usage is unavailable: {e.detail}", type="service_unavailable",
+                       code="governor_unavailable", headers={"Retry-After": "5"}) from None
+
+
+async def cache_call(pipeline: Pipeline, method: str) -> Any:
+    try:
+        return await pipeline.govern(method)
+    except StageError as e:
+        raise ApiError(503, f"the response cache is unavailable: {e.detail}", type="service_unavailable",
+                       code="governor_unavailable", headers={"Retry-After": "5"}) from None
+
+
 def models_list(pipeline: Pipeline) -> dict:
     return {
         "object": "list",
@@ -288,11 +408,13 @@ def model_card(pipeline: Pipeline, model_id: str) -> dict:
 
 @serve.ingress(app)
 class RagIngress:
-    def __init__(self, cfg, router, retriever, reranker, generator, app_name: str = "ragraph") -> None:
-        stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker, generator=generator)
+    def __init__(self, cfg, router, retriever, reranker, generator, governor, app_name: str = "ragraph") -> None:
+        stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker,
+                              generator=generator, governor=governor)
         self.cfg = cfg
         self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
         self.pipeline.warm_up()
+        app.state.pipeline = self.pipeline  # for admission in ObservedRoute (one ingress per process)
 
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request) -> Response:
@@ -305,6 +427,19 @@ class RagIngress:
     @app.get("/v1/models")
     async def models(self) -> dict:
         return models_list(self.pipeline)
+
+    @app.get("/v1/usage")
+    async def usage(self, request: Request, key_id: str | None = None,
+                    all_keys: bool = Query(False, alias="all")) -> dict:
+        return await usage_response(self.pipeline, request, key_id, all_keys)
+
+    @app.get("/v1/cache/stats")
+    async def cache_stats(self) -> dict:
+        return await cache_call(self.pipeline, "cache_stats")
+
+    @app.delete("/v1/cache")
+    async def cache_clear(self) -> dict:
+        return {"object": "cache.cleared", "removed": await cache_call(self.pipeline, "cache_clear")}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -189,6 +190,45 @@ def _chat(args: argparse.Namespace) -> int:
         return 1
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from serve.auth import AuthError, KeyStore
+
+    cfg = load_config(args.config)
+    db = args.db or cfg.governor.db
+    store = KeyStore(db)
+    try:
+        if args.keys_command == "create":
+            token, key = store.create(
+                args.name, args.scope, chat_per_min=args.chat_per_min, search_per_min=args.search_per_min,
+                other_per_min=args.other_per_min, daily_tokens=args.daily_tokens, monthly_tokens=args.monthly_tokens,
+            )
+            if args.json:
+                print(json.dumps({**key.public(), "key": token}))
+            else:
+                print(f"created key {key.id} ({key.name}, scope {key.scope}) in {db}")
+                print(f"  {token}")
+                print("  this is the only time the key is shown; it is stored hashed")
+                if not cfg.governor.auth.enabled:
+                    print("  note: auth is off in this config (governor.auth.enabled: false); keys are not checked")
+        elif args.keys_command == "list":
+            keys = store.list(include_revoked=args.all)
+            if args.json:
+                print(json.dumps([k.public() for k in keys]))
+            elif not keys:
+                print(f"no {'' if args.all else 'active '}keys in {db}; `ragraph keys create NAME` makes one")
+            else:
+                for k in keys:
+                    state = "revoked" if k.revoked else "active"
+                    print(f"{k.id}  {k.scope:<5}  {state:<7}  {k.name}")
+        else:
+            key = store.revoke(args.id)
+            print(json.dumps(key.public()) if args.json else f"revoked key {key.id} ({key.name}); it is refused from now on")
+    except AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _loadtest_args(p: argparse.ArgumentParser) -> None:
     from load_tests.cli import add_arguments
 
@@ -267,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-tokens", type=int, default=None)
     ch.add_argument("--json", action="store_true", help="print the raw JSON response")
     ch.set_defaults(func=_chat)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed in governor.db)")
+    k.add_argument("--db", type=Path, default=None, help="key database (default: governor.db of the config)")
+    ksub = k.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    kc = ksub.add_parser("create", help="make a key; prints it once")
+    kc.add_argument("name", help="who or what the key is for")
+    kc.add_argument("--scope", choices=["user", "admin"], default="user",
+                    help="admin may also read every key's usage and clear the response cache")
+    for kind in ("chat", "search", "other"):
+        kc.add_argument(f"--{kind}-per-min", type=float, default=None, help=f"this key's {kind} rate limit (default: config)")
+    kc.add_argument("--daily-tokens", type=int, default=None, help="this key's daily token quota (default: config)")
+    kc.add_argument("--monthly-tokens", type=int, default=None, help="this key's monthly token quota (default: config)")
+    kl = ksub.add_parser("list", help="list keys (never their secrets)")
+    kl.add_argument("--all", action="store_true", help="include revoked keys")
+    kr = ksub.add_parser("revoke", help="revoke a key by its id (the part after rg- and before the dot)")
+    kr.add_argument("id")
+    for sp in (kc, kl, kr):
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+    k.set_defaults(func=_keys)
 
     lt = sub.add_parser(
         "loadtest", help="load-test a running service (open/closed loop, sweep); writes report.json, report.md, plots",

@@ -336,9 +336,37 @@ class StageTimeouts(_Strict):
     router: float = Field(default=5, gt=0)
     retriever: float = Field(default=10, gt=0)
     reranker: float = Field(default=10, gt=0)
+    governor: float = Field(default=3, gt=0, description="Admission, usage and cache calls.")
     generator_first_token: float = Field(
         default=60, gt=0, description="Seconds until the generator's first token before the answer degrades."
     )
+
+
+class InputLimits(_Strict):
+    """What one request may carry; a violation is a 4xx naming the field and the limit."""
+
+    max_body_bytes: int = Field(default=262_144, ge=1024, description="Largest request body (413 above).")
+    max_messages: int = Field(default=64, ge=1, description="Most messages in one chat request.")
+    max_message_chars: int = Field(default=16_000, ge=1, description="Longest single message, in characters.")
+    max_query_chars: int = Field(default=2_000, ge=1, description="Longest search query, in characters.")
+
+
+class RetryPolicy(_Strict):
+    """Retries of the idempotent stages (router, retriever, reranker) after a failure or a lost
+    replica: exponential backoff with full jitter. Backpressure (a full queue) and timeouts are
+    not retried: the first is the stage saying 'not now', the second already spent the budget."""
+
+    attempts: int = Field(default=3, ge=1, description="Tries per stage call, the first included.")
+    backoff_s: float = Field(default=0.25, ge=0, description="Backoff before the 2nd try; doubles each time.")
+    max_backoff_s: float = Field(default=2.0, ge=0)
+
+
+class BreakerConfig(_Strict):
+    """The circuit breaker around the generator (state metric: 0 closed, 1 half-open, 2 open)."""
+
+    enabled: bool = True
+    failure_threshold: int = Field(default=5, ge=1, description="Consecutive generator failures that open it.")
+    reset_timeout_s: float = Field(default=30, gt=0, description="Open this long, then let one trial through.")
 
 
 class HttpConfig(_Strict):
@@ -353,9 +381,78 @@ class HttpConfig(_Strict):
     )
     ready_timeout_s: float = Field(default=600, gt=0, description="How long `ragraph serve` waits for /health/ready.")
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
+    limits: InputLimits = Field(default_factory=InputLimits)
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses (or CIDR networks) of proxies whose X-Forwarded-For names the client IP.",
+    )
     deployment: DeploymentOptions = _deployment(
         num_cpus=0.1, max_ongoing_requests=64, target_ongoing_requests=16, max_queued_requests=256
     )
+
+
+class AuthConfig(_Strict):
+    enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on every endpoint but /health*.")
+    metrics_open: bool = Field(default=True, description="With auth on, serve /metrics without a key.")
+
+
+class RatePerMinute(_Strict):
+    """Requests per minute, per bucket; 0 turns that limit off."""
+
+    chat: float = Field(default=30, ge=0)
+    search: float = Field(default=60, ge=0)
+    other: float = Field(default=100, ge=0)
+
+
+class RateLimitConfig(_Strict):
+    enabled: bool = True
+    per_key: RatePerMinute = Field(default_factory=RatePerMinute, description="Each API key's buckets.")
+    per_ip: RatePerMinute = Field(default_factory=RatePerMinute, description="Each client address's buckets.")
+    exempt_ips: list[str] = Field(default_factory=list, description="Addresses or CIDR networks without per-IP limits.")
+
+
+class QuotaConfig(_Strict):
+    daily_tokens: int | None = Field(default=200_000, ge=1, description="Tokens (prompt + completion) per key per UTC day; null: none.")
+    monthly_tokens: int | None = Field(default=3_000_000, ge=1, description="Tokens per key per UTC month; null: none.")
+
+
+class CacheConfig(_Strict):
+    enabled: bool = True
+    max_entries: int = Field(default=2048, ge=1)
+    ttl_s: float = Field(default=600, gt=0, description="Seconds an answer stays servable.")
+
+
+class GovernorConfig(_Strict):
+    """The governor stage: API keys, rate limits, token quotas and the response cache, in one
+    deployment so that every ingress replica sees the same counts (it runs one replica)."""
+
+    db: Path = Field(
+        default=Path("~/.cache/ragraph/governor.sqlite3"),
+        description="SQLite file (WAL) of API keys (hashed) and token usage. `ragraph keys` manages it.",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    deployment: DeploymentOptions = _deployment(
+        num_cpus=0.1, max_ongoing_requests=256, max_queued_requests=512, min_replicas=1, max_replicas=1
+    )
+
+    @field_validator("db")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @model_validator(mode="after")
+    def _one_replica(self) -> GovernorConfig:
+        if self.deployment.max_replicas != 1 or self.deployment.min_replicas != 1:
+            raise ValueError(
+                "governor.deployment must keep min_replicas = max_replicas = 1: it holds the shared rate-limit "
+                "buckets and cache, which several replicas would split"
+            )
+        return self
 
 
 class AppConfig(_Strict):
@@ -367,6 +464,7 @@ class AppConfig(_Strict):
     reranker: RerankerConfig = RerankerConfig()
     router: RouterConfig = RouterConfig()
     http: HttpConfig = HttpConfig()
+    governor: GovernorConfig = GovernorConfig()
 
     @model_validator(mode="after")
     def _tensor_parallel_needs_gpu(self) -> AppConfig:

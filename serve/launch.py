@@ -107,6 +107,21 @@ def _progress_line(body: dict[str, Any]) -> str:
     return "starting Serve"
 
 
+def auth_notice(cfg) -> str | None:
+    """What `ragraph serve` says about access control at start-up (None: nothing to say)."""
+    g = cfg.governor
+    if not g.auth.enabled:
+        exposed = cfg.http.host not in ("127.0.0.1", "localhost", "::1")
+        return ("auth is OFF (governor.auth.enabled: false): anyone who can reach the port can use every endpoint"
+                + (f", and the service listens on {cfg.http.host}" if exposed else "")
+                + "; turn it on and create keys with `ragraph keys create NAME`")
+    from serve.auth import KeyStore
+
+    if KeyStore(g.db).count_active() == 0:
+        return f"auth is on but {g.db} holds no active key: every request will get 401; `ragraph keys create NAME`"
+    return None
+
+
 def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     from ray import serve
 
@@ -116,6 +131,9 @@ def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     print(f"ragraph is ready at {url} (cold start {took:.0f} s)")
     print(f"  OpenAI base URL: {url}/v1   model: {cfg.generator.served_model_name}")
     print(f"  try: ragraph chat \"how do I add GPU replicas?\"")
+    notice = auth_notice(cfg)
+    if notice:
+        print(f"  note: {notice}")
     if not verbose:
         print("  replica logs (JSON): /tmp/ray/session_latest/logs/serve/")
     sys.stdout.flush()

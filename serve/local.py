@@ -18,17 +18,18 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from deployments.governor import Governor
 from deployments.reranker import CrossEncoderReranker
 from deployments.retriever import Filters, HybridRetriever, Passage, timed_search
 from deployments.router import Message, QueryRouter
 from serve.api import ApiError, ChatRequest, SearchRequest
 from serve.app import (
-    METRICS, ObservedRoute, _api_error, _invalid, _unexpected, chat_response, model_card, models_list, ready_response,
-    search_response,
+    METRICS, ObservedRoute, _api_error, _invalid, _unexpected, cache_call, chat_response, model_card, models_list,
+    ready_response, search_response, usage_response,
 )
 from serve.pipeline import GenChunk, Pipeline, StageError, StageReply
 
@@ -49,6 +50,7 @@ class InProcessStages:
         if self.reranker is not None:
             self.reranker.warm_up()
         self.rerank_enabled = self.reranker is not None
+        self.governor = Governor.from_config(cfg)
         self.engine = None
         self._tok = None
 
@@ -111,6 +113,10 @@ class InProcessStages:
         except Exception as e:
             raise StageError("generator", "error", f"{type(e).__name__}: {e}"[:300]) from None
 
+    async def govern(self, method: str, *args: Any) -> Any:
+        call = getattr(self.governor, method)
+        return await asyncio.to_thread(call, *args) if method == "record" else call(*args)
+
     async def readiness(self) -> dict[str, str | None]:
         return {
             "generator": None if self.engine is not None else "starting",
@@ -136,6 +142,7 @@ def create_app(cfg) -> FastAPI:
     api.add_exception_handler(ApiError, _api_error)
     api.add_exception_handler(Exception, _unexpected)
     api.router.route_class = ObservedRoute
+    api.state.pipeline = pipeline
 
     @api.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -152,6 +159,18 @@ def create_app(cfg) -> FastAPI:
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         return model_card(pipeline, model_id)
+
+    @api.get("/v1/usage")
+    async def usage(request: Request, key_id: str | None = None, all_keys: bool = Query(False, alias="all")) -> dict:
+        return await usage_response(pipeline, request, key_id, all_keys)
+
+    @api.get("/v1/cache/stats")
+    async def cache_stats() -> dict:
+        return await cache_call(pipeline, "cache_stats")
+
+    @api.delete("/v1/cache")
+    async def cache_clear() -> dict:
+        return {"object": "cache.cleared", "removed": await cache_call(pipeline, "cache_clear")}
 
     @api.get("/health")
     async def health() -> dict:
@@ -178,7 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     args = p.parse_args(argv)
-    uvicorn.run(create_app(load_config(args.config)), host=args.host, port=args.port, log_level="warning")
+    from serve.launch import auth_notice
+
+    cfg = load_config(args.config)
+    notice = auth_notice(cfg)
+    if notice:
+        print(f"note: {notice}")
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

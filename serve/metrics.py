@@ -49,6 +49,19 @@ class Metrics:
         self.stage_inflight = Gauge(
             "rag_stage_inflight", "Calls sent to a stage and not yet answered (queue depth)", ["stage"], registry=r
         )
+        self.retries = Counter("rag_stage_retries_total", "Stage calls tried again after a failure", ["stage"], registry=r)
+        self.breaker_state = Gauge(
+            "rag_generator_breaker_state", "Circuit breaker around the generator: 0 closed, 1 half-open, 2 open", registry=r
+        )
+        self.cache_requests = Counter(
+            "rag_cache_requests_total", "Response cache lookups: hit, miss, skip (not cacheable) or error", ["result"],
+            registry=r,
+        )
+        self.admission = Counter(
+            "rag_admission_total", "Requests refused by the governor (code: missing_api_key, invalid_api_key, "
+            "insufficient_scope, rate_limit_exceeded, insufficient_quota, request_too_large)", ["code"], registry=r,
+        )
+        self.usage_lost = Counter("rag_usage_records_lost_total", "Usage records the governor never took", registry=r)
         self.index_version = Gauge("rag_index_version_info", "Index version that answered last", ["version"], registry=r)
         self._version: str | None = None
 

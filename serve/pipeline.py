@@ -10,15 +10,24 @@ happens when a stage fails:
 * generator fails   -> with sources: a sources-only answer (``status: sources_only``); without
   sources: 503. A generator refusing work because its queue is full is a 503 with
   ``Retry-After`` (backpressure), never a silent degradation.
+
+Resilience: every stage call has a timeout; the idempotent ones (router, retriever, reranker and
+the governor) are retried with exponential backoff and jitter when a replica is lost or errs
+(``http.retries``); the generator sits behind a circuit breaker (``http.breaker``). Answers of
+deterministic requests are cached by the governor, keyed by the conversation, the RAG options,
+the model, the sampling settings and the index version that answered, so a new index never
+serves an old answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,7 +35,12 @@ from deployments.generator import CitationFilter, Prompt, PromptBuilder, PromptT
 from deployments.retriever import Filters, Passage
 from deployments.router import Message, Route
 from serve.api import ApiError, ChatRequest, SearchRequest
+from serve.breaker import OPEN, CircuitBreaker
+from serve.cache import cache_key
 from serve.metrics import Metrics
+
+log = logging.getLogger("ray.serve")
+RETRIED_KINDS = ("unavailable", "error")  # a lost replica or a failed call; never backpressure or a timeout
 
 
 class StageError(Exception):
@@ -61,6 +75,7 @@ class Stages(Protocol):
     async def rerank(self, *, query: str, passages: list[Passage], top_k: int) -> StageReply: ...
     def generate(self, request: dict[str, Any]) -> AsyncIterator[GenChunk]: ...
     async def readiness(self) -> dict[str, str | None]: ...
+    async def govern(self, method: str, *args: Any) -> Any: ...  # a call to the governor stage
 
 
 @dataclass
@@ -70,6 +85,7 @@ class Trace:
     degraded: list[str] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
     replicas: dict[str, str] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
     version: str | None = None
     route: Route | None = None
     t0: float = field(default_factory=time.perf_counter)
@@ -86,6 +102,8 @@ class Prepared:
     prompt: Prompt
     rag: bool
     sources: list[Passage]
+    key_id: str | None = None  # the API key that asked (None: auth off), for the usage ledger
+    cache_key: str | None = None  # None: this answer is neither looked up nor stored
 
 
 def excerpt(text: str, n: int = 240) -> str:
@@ -100,6 +118,16 @@ class Pipeline:
         self.prompt = prompt or PromptBuilder.from_config(cfg)
         self.model = cfg.generator.served_model_name
         self.timeouts = cfg.http.timeouts
+        self.retry = cfg.http.retries
+        self.limits = cfg.http.limits
+        self.cache_enabled = cfg.governor.cache.enabled
+        b = cfg.http.breaker
+        self.breaker = CircuitBreaker(
+            failure_threshold=b.failure_threshold, reset_timeout_s=b.reset_timeout_s,
+            on_change=self.metrics.breaker_state.set,
+        ) if b.enabled else None
+        self.metrics.breaker_state.set(0)
+        self._background: set[asyncio.Task] = set()
 
     def warm_up(self) -> None:
         self.prompt.warm_up()
@@ -107,21 +135,45 @@ class Pipeline:
     # -----------------------------------------------------------------------------------------
     # stage calls, timed and counted
 
-    async def _call(self, stage: str, trace: Trace, coro, timeout: float) -> StageReply:
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before try ``attempt + 1`` (``attempt`` >= 1)."""
+        r = self.retry
+        return random.uniform(0, min(r.max_backoff_s, r.backoff_s * 2 ** (attempt - 1)))
+
+    async def retrying(self, stage: str, make: Callable[[], Awaitable[Any]], timeout: float, *,
+                       attempts: int | None = None, on_retry: Callable[[], None] | None = None) -> Any:
+        """``await make()`` within ``timeout`` per try, retried on a lost replica or an error.
+        Raises :class:`StageError` with the last failure."""
+        m = self.metrics
+        attempts = attempts or self.retry.attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return await asyncio.wait_for(make(), timeout)
+            except asyncio.TimeoutError:
+                err = StageError(stage, "timeout", f"no answer in {timeout:g} s")
+            except StageError as e:
+                err = e
+            except Exception as e:  # a stage bug must not become a bare 500
+                err = StageError(stage, "error", f"{type(e).__name__}: {e}")
+            m.errors.labels(stage, err.kind).inc()
+            if err.kind not in RETRIED_KINDS or attempt == attempts:
+                raise err
+            m.retries.labels(stage).inc()
+            if on_retry is not None:
+                on_retry()
+            await asyncio.sleep(self.backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def _call(self, stage: str, trace: Trace, make: Callable[[], Awaitable[StageReply]], timeout: float) -> StageReply:
         m = self.metrics
         m.stage_inflight.labels(stage).inc()
         t = time.perf_counter()
+
+        def retried() -> None:
+            trace.retries[stage] = trace.retries.get(stage, 0) + 1
+
         try:
-            reply = await asyncio.wait_for(coro, timeout)
-        except asyncio.TimeoutError:
-            m.errors.labels(stage, "timeout").inc()
-            raise StageError(stage, "timeout", f"no answer in {timeout:g} s") from None
-        except StageError as e:
-            m.errors.labels(stage, e.kind).inc()
-            raise
-        except Exception as e:  # a stage bug must not become a bare 500
-            m.errors.labels(stage, "error").inc()
-            raise StageError(stage, "error", f"{type(e).__name__}: {e}") from e
+            reply = await self.retrying(stage, make, timeout, on_retry=retried)
         finally:
             m.stage_inflight.labels(stage).dec()
             took = time.perf_counter() - t
@@ -132,6 +184,34 @@ class Pipeline:
             trace.replicas[stage] = reply.replica
         return reply
 
+    async def govern(self, method: str, *args: Any, attempts: int | None = None) -> Any:
+        """A governor call (admission, usage, cache), retried like the other idempotent stages."""
+        return await self.retrying(
+            "governor", lambda: self.stages.govern(method, *args), self.timeouts.governor, attempts=attempts
+        )
+
+    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        """Write usage to the ledger in the background, retrying for about a minute so that a
+        governor restart does not lose the record; a record that still fails is logged."""
+
+        async def write() -> None:
+            try:
+                await self.retrying("governor", lambda: self.stages.govern("record", key_id, prompt_tokens, completion_tokens),
+                                    self.timeouts.governor, attempts=max(self.retry.attempts, 8))
+            except StageError as e:
+                self.metrics.usage_lost.inc()
+                log.error(f"usage of key {key_id or 'anonymous'} not recorded "
+                          f"({prompt_tokens}+{completion_tokens} tokens): {e}")
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background usage writes (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
     async def _retrieve(
         self, trace: Trace, *, query: str, top_k: int, filters: Filters | None, strategy: str | None, rerank: bool
     ) -> list[Passage]:
@@ -139,7 +219,7 @@ class Pipeline:
         try:
             got = await self._call(
                 "retriever", trace,
-                self.stages.retrieve(query=query, top_k=want, filters=filters, strategy=strategy),
+                lambda: self.stages.retrieve(query=query, top_k=want, filters=filters, strategy=strategy),
                 self.timeouts.retriever,
             )
         except StageError as e:
@@ -155,7 +235,7 @@ class Pipeline:
         if rerank and passages:
             try:
                 rr = await self._call(
-                    "reranker", trace, self.stages.rerank(query=query, passages=passages, top_k=top_k),
+                    "reranker", trace, lambda: self.stages.rerank(query=query, passages=passages, top_k=top_k),
                     self.timeouts.reranker,
                 )
                 passages = rr.value
@@ -194,7 +274,26 @@ class Pipeline:
     # -----------------------------------------------------------------------------------------
     # /v1/search
 
+    def check_input(self, req: ChatRequest | SearchRequest) -> None:
+        """The configured size limits (``http.limits``): a 400 naming the field and the limit."""
+        lim = self.limits
+
+        def refuse(param: str, what: str, limit: int, got: int, key: str) -> None:
+            raise ApiError(400, f"{param}: {what} at most {limit} (http.limits.{key}), got {got}",
+                           param=param, code="limit_exceeded")
+
+        if isinstance(req, SearchRequest):
+            if len(req.query) > lim.max_query_chars:
+                refuse("query", "characters:", lim.max_query_chars, len(req.query), "max_query_chars")
+            return
+        if len(req.messages) > lim.max_messages:
+            refuse("messages", "messages:", lim.max_messages, len(req.messages), "max_messages")
+        for i, m in enumerate(req.messages):
+            if len(m.text) > lim.max_message_chars:
+                refuse(f"messages[{i}].content", "characters:", lim.max_message_chars, len(m.text), "max_message_chars")
+
     async def search(self, req: SearchRequest, request_id: str) -> dict[str, Any]:
+        self.check_input(req)
         trace = Trace(request_id)
         top_k = self._top_k(req.top_k, "top_k")
         rerank = self._use_rerank(req.rerank)
@@ -238,8 +337,25 @@ class Pipeline:
             raise ApiError(400, f"{param} must be <= {g.max_tokens_limit}, got {n}", param=param, code="invalid_value")
         return n
 
-    async def prepare(self, req: ChatRequest, request_id: str) -> Prepared:
+    def sampling(self, req: ChatRequest) -> dict[str, Any]:
+        g = self.cfg.generator
+        return {
+            "max_tokens": self.answer_tokens(req),
+            "temperature": g.temperature if req.temperature is None else req.temperature,
+            **{k: getattr(req, k) for k in ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+               if getattr(req, k) is not None},
+        }
+
+    def cacheable(self, req: ChatRequest, sampling: dict[str, Any], bypass: bool) -> bool:
+        """Only answers that would come out the same again: greedy decoding or a fixed seed."""
+        return self.cache_enabled and not bypass and req.rag.cache and (
+            sampling["temperature"] == 0 or sampling.get("seed") is not None
+        )
+
+    async def prepare(self, req: ChatRequest, request_id: str, *, key_id: str | None = None,
+                      bypass_cache: bool = False) -> Prepared:
         self.check_model(req)
+        self.check_input(req)
         max_tokens = self.answer_tokens(req)
         top_k = self._top_k(req.rag.top_k, "rag.top_k")
         rerank = self._use_rerank(req.rag.rerank)
@@ -249,7 +365,7 @@ class Pipeline:
         rag = req.rag.enabled
         if rag:
             try:
-                route = (await self._call("router", trace, self.stages.route(messages), self.timeouts.router)).value
+                route = (await self._call("router", trace, lambda: self.stages.route(messages), self.timeouts.router)).value
             except StageError as e:
                 trace.degrade("router", e.detail)
                 route = Route(kind="rag", query=messages[-1].content, reasons=("router unavailable",))
@@ -266,23 +382,24 @@ class Pipeline:
         except PromptTooLong as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         trace.timings_ms["prompt"] = round((time.perf_counter() - t) * 1000, 2)
-        return Prepared(trace, prompt, rag, prompt.sources)
+        key = None
+        sampling = self.sampling(req)
+        if self.cacheable(req, sampling, bypass_cache) and not trace.degraded:
+            key = cache_key(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                rag=req.rag.model_dump(mode="json", exclude={"cache"}), model=self.model,
+                index_version=trace.version, sampling=sampling,
+            )
+        return Prepared(trace, prompt, rag, prompt.sources, key_id=key_id, cache_key=key)
 
     def engine_request(self, req: ChatRequest, prep: Prepared) -> dict[str, Any]:
-        g = self.cfg.generator
-        body: dict[str, Any] = {
+        return {
             "model": self.model,
             "messages": prep.prompt.messages,
-            "max_tokens": self.answer_tokens(req),
-            "temperature": g.temperature if req.temperature is None else req.temperature,
+            **self.sampling(req),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for k in ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty"):
-            v = getattr(req, k)
-            if v is not None:
-                body[k] = v
-        return body
 
     async def start_generation(self, req: ChatRequest, prep: Prepared) -> tuple[AsyncIterator[GenChunk] | None, GenChunk | None]:
         """Start the engine and wait for its first chunk, so that a refusal (queue full) or an
@@ -290,8 +407,10 @@ class Pipeline:
         (None, None) when the answer degrades to sources only. Raises ApiError(503) when there is
         nothing to degrade to, or when the generator is overloaded."""
         trace = prep.trace
-        stream = self.stages.generate(self.engine_request(req, prep))
         m = self.metrics
+        if self.breaker is not None and not self.breaker.allow():
+            return self._generator_down(prep, StageError("generator", "unavailable", self.breaker.describe()))
+        stream = self.stages.generate(self.engine_request(req, prep))
         m.stage_inflight.labels("generator").inc()
         t = time.perf_counter()
         try:
@@ -305,22 +424,31 @@ class Pipeline:
             )
             m.errors.labels("generator", err.kind).inc()
             await _close(stream)
+            if self.breaker is not None:  # a full queue is a live generator saying "not now"
+                self.breaker.success() if err.kind == "overloaded" else self.breaker.failure()
             if err.kind == "overloaded":
                 raise ApiError(503, f"the generator is at capacity ({err.detail}); retry shortly",
                                type="service_unavailable", code="overloaded", headers={"Retry-After": "2"}) from None
-            if not prep.sources:
-                raise ApiError(503, f"the generator is unavailable ({err.detail}) and there are no sources to show",
-                               type="service_unavailable", code="generator_unavailable",
-                               headers={"Retry-After": "10"}) from None
-            trace.degrade("generator", err.detail)
-            m.degraded.labels("generator").inc()
-            return None, None
+            return self._generator_down(prep, err)
         finally:
             m.stage_inflight.labels("generator").dec()
+        if self.breaker is not None:
+            self.breaker.success()
         ttft = time.perf_counter() - t
         m.ttft.observe(ttft)
         trace.timings_ms["generator.first_token"] = round(ttft * 1000, 2)
         return stream, first
+
+    def _generator_down(self, prep: Prepared, err: StageError) -> tuple[None, None]:
+        """No generator: a sources-only answer, or a 503 when there is nothing to show."""
+        if not prep.sources:
+            wait = self.breaker.retry_in() if self.breaker is not None and self.breaker.state == OPEN else 10
+            raise ApiError(503, f"the generator is unavailable ({err.detail}) and there are no sources to show",
+                           type="service_unavailable", code="generator_unavailable",
+                           headers={"Retry-After": str(max(1, round(wait)))})
+        prep.trace.degrade("generator", err.detail)
+        self.metrics.degraded.labels("generator").inc()
+        return None, None
 
     def sources_only_text(self, prep: Prepared) -> str:
         lines = [
@@ -334,8 +462,21 @@ class Pipeline:
     async def chat_events(self, req: ChatRequest, prep: Prepared) -> AsyncIterator[tuple[str, Any]]:
         """("delta", text)... then ("done", (finish_reason, usage, rag)). Generation is started by
         the caller-visible :meth:`start_generation` (inside this generator)."""
+        if prep.cache_key is not None:
+            hit = await self._cache("cache_get", prep.cache_key)
+            self.metrics.cache_requests.labels("hit" if hit else "miss").inc()
+            if hit:
+                yield "delta", hit["text"]
+                rag = {"sources": hit["sources"], "metadata": {
+                    **self._meta(prep.trace, status="ok", usage=hit["usage"], prep=prep, cached=True),
+                    "citations": hit["citations"], "cached_request_id": hit["request_id"]}}
+                yield "done", (hit["finish"], dict(hit["usage"]), rag)
+                return
+        else:
+            self.metrics.cache_requests.labels("skip").inc()
         stream, first = await self.start_generation(req, prep)
         trace = prep.trace
+        sent: list[str] = []
         cites = CitationFilter(len(prep.sources))
         citations = "model"
         usage = {"prompt_tokens": prep.prompt.prompt_tokens, "completion_tokens": 0}
@@ -344,6 +485,7 @@ class Pipeline:
             text = self.sources_only_text(prep)
             cites.apply(text)
             citations = "listed"
+            sent.append(text)
             yield "delta", text
             status = "sources_only"
         else:
@@ -356,6 +498,7 @@ class Pipeline:
                         out = cites.feed(chunk.text)
                         if out:
                             answer.append(out)
+                            sent.append(out)
                             yield "delta", out
                     if chunk.finish_reason:
                         finish = chunk.finish_reason
@@ -380,6 +523,7 @@ class Pipeline:
                     citations = "attributed"
                     tail += " [" + ", ".join(str(n) for n in sorted(found)) + "]"
             if tail:
+                sent.append(tail)
                 yield "delta", tail
             took = time.perf_counter() - t
             self.metrics.generation_duration.observe(took)
@@ -388,6 +532,7 @@ class Pipeline:
         if stream is not None:  # a sources-only answer sent nothing through the generator
             self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
             self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
+            self.record_usage(prep.key_id, usage["prompt_tokens"], usage["completion_tokens"])
         for stage in trace.degraded:
             if stage != "generator":
                 self.metrics.degraded.labels(stage).inc()
@@ -405,19 +550,35 @@ class Pipeline:
             "metadata": {**self._meta(trace, status=status, usage=usage, prep=prep),
                          "citations": citations if cites.cited else "none"},
         }
+        if prep.cache_key is not None and status == "ok" and finish in ("stop", "length"):
+            await self._cache("cache_put", prep.cache_key, {
+                "text": "".join(sent), "finish": finish, "usage": dict(usage), "sources": rag["sources"],
+                "citations": rag["metadata"]["citations"], "request_id": trace.request_id,
+            })
         yield "done", (finish, usage, rag)
 
-    def _meta(self, trace: Trace, *, status: str, usage: dict | None = None, prep: Prepared | None = None) -> dict:
+    async def _cache(self, method: str, *args: Any) -> Any:
+        """A cache call; the cache is an optimisation, so a failure is a miss (counted), not an error."""
+        try:
+            return await self.govern(method, *args, attempts=1)
+        except StageError as e:
+            self.metrics.cache_requests.labels("error").inc()
+            log.warning(f"response cache {method} failed: {e}")
+            return None
+
+    def _meta(self, trace: Trace, *, status: str, usage: dict | None = None, prep: Prepared | None = None,
+              cached: bool = False) -> dict:
         meta: dict[str, Any] = {
             "request_id": trace.request_id,
             "model": self.model,
             "index_version": trace.version,
-            "cached": False,
+            "cached": cached,
             "status": status,
             "degraded": list(trace.degraded),
             "degraded_reasons": dict(trace.reasons),
             "timings_ms": dict(trace.timings_ms),
             "replicas": dict(trace.replicas),
+            "retries": dict(trace.retries),
         }
         if trace.route is not None:
             r = trace.route

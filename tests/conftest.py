@@ -52,9 +52,14 @@ def write_corpus(folder: Path, docs: dict[str, str] = CORPUS) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_cfg(app_config, provisioned):
-    """The app config with in-process embedding (no Ray) for small test corpora."""
-    return app_config.model_copy(update={"indexing": app_config.indexing.model_copy(update={"engine": "local"})})
+def local_cfg(app_config, provisioned, tmp_path_factory):
+    """The app config with in-process embedding (no Ray) for small test corpora, and the
+    governor's key and usage database in a temporary folder (never the user's)."""
+    db = tmp_path_factory.mktemp("governor") / "governor.sqlite3"
+    return app_config.model_copy(update={
+        "indexing": app_config.indexing.model_copy(update={"engine": "local"}),
+        "governor": app_config.governor.model_copy(update={"db": db}),
+    })
 
 
 @pytest.fixture(scope="session")

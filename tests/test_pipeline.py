@@ -33,10 +33,14 @@ class Engine:
 
 
 class Stages:
-    def __init__(self, retriever, engine, *, retriever_down=False):
+    def __init__(self, retriever, engine, *, retriever_down=False, governor=None):
         self.router, self.retriever, self.engine = QueryRouter(), retriever, engine
         self.rerank_enabled = False
         self.retriever_down = retriever_down
+        self.governor = governor
+
+    async def govern(self, method, *args):
+        return getattr(self.governor, method)(*args)
 
     async def route(self, messages):
         return StageReply(self.router.run(messages=messages), "r1")
@@ -65,6 +69,9 @@ def retriever(built_index, local_cfg):
 
 
 def pipeline(cfg, retriever, engine=None, **kw):
+    from deployments.governor import Governor
+
+    kw.setdefault("governor", Governor.from_config(cfg))
     p = Pipeline(cfg, Stages(retriever, engine or Engine(), **kw))
     p.warm_up()
     return p
@@ -168,7 +175,10 @@ def test_retriever_down_degrades_to_no_context(local_cfg, retriever):
     meta = out["rag"]["metadata"]
     assert meta["degraded"] == ["retriever"] and meta["status"] == "degraded" and out["rag"]["sources"] == []
     assert "Context:" not in engine.requests[0]["messages"][-1]["content"]
-    assert p.metrics.errors.labels("retriever", "unavailable")._value.get() == 1
+    # a lost replica is retried (http.retries.attempts tries in all) before the answer degrades
+    tries = local_cfg.http.retries.attempts
+    assert p.metrics.errors.labels("retriever", "unavailable")._value.get() == tries
+    assert p.metrics.retries.labels("retriever")._value.get() == tries - 1 == meta["retries"]["retriever"]
 
 
 def test_search_is_503_when_the_retriever_is_down(local_cfg, retriever):

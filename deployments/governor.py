@@ -1,0 +1,183 @@
+"""The governor stage: who may ask (API keys), how often (rate limits), how much (token quotas),
+and answers already given (the response cache).
+
+* :class:`Governor` (plain class): the decisions, over a SQLite file (keys hashed, usage written
+  after every request) and in-memory token buckets and cache.
+* :class:`GovernorDeployment`: its Serve wrapper, one replica. Every ingress replica asks the same
+  replica, so the limits hold however many ingress replicas run: the shared state lives in one
+  place, and the only cost is one call per request (measured in load_tests/README.md). A
+  restarted governor starts with full buckets and an empty cache; the usage ledger and the keys
+  are on disk and survive it.
+
+The ingress calls :meth:`Governor.admit` before any work, :meth:`Governor.record` after a
+generation, and the cache methods around the generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from serve.auth import KeyStore, UsageLedger
+from serve.cache import ResponseCache
+from serve.limits import KINDS, RateLimiter, check_quota, kind_of
+
+ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The governor's answer to one request. ``status`` is 200 when allowed, else the HTTP status
+    the ingress returns (401 no or bad key, 403 scope, 429 rate or quota) with ``message``."""
+
+    allowed: bool
+    status: int = 200
+    message: str = ""
+    code: str = ""
+    retry_after: float = 0.0
+    key_id: str | None = None
+    scope: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _limits(rate) -> dict[str, float]:
+    return {k: float(getattr(rate, k)) for k in KINDS}
+
+
+class Governor:
+    def __init__(self, cfg) -> None:
+        """``cfg``: the :class:`serve.config.GovernorConfig` section."""
+        self.cfg = cfg
+        self.auth_enabled = cfg.auth.enabled
+        self.keys = KeyStore(cfg.db)
+        self.ledger = UsageLedger(cfg.db)
+        rl = cfg.rate_limits
+        self.limiter = (
+            RateLimiter(per_key=_limits(rl.per_key), per_ip=_limits(rl.per_ip), exempt_ips=rl.exempt_ips)
+            if rl.enabled else None
+        )
+        self.cache = ResponseCache(max_entries=cfg.cache.max_entries, ttl_s=cfg.cache.ttl_s) if cfg.cache.enabled else None
+
+    @classmethod
+    def from_config(cls, cfg) -> Governor:
+        return cls(cfg.governor)
+
+    def run(self, *, token: str | None, ip: str, path: str, need_admin: bool = False) -> Admission:
+        """Admit one request to ``path`` from ``ip`` with the bearer ``token`` (None: none sent)."""
+        key = None
+        if self.auth_enabled:
+            if not token:
+                return Admission(False, 401, "no API key was sent; send the header `Authorization: Bearer <key>` "
+                                 "(`ragraph keys create` makes one)", "missing_api_key")
+            key = self.keys.verify(token)
+            if key is None:
+                return Admission(False, 401, "the API key is not valid: unknown, revoked or mistyped", "invalid_api_key")
+            if need_admin and key.scope != "admin":
+                return Admission(False, 403, f"this endpoint needs an admin key; key {key.id} has scope {key.scope!r}",
+                                 "insufficient_scope", key_id=key.id, scope=key.scope)
+        kind = kind_of(path)
+        if self.limiter is not None:
+            overrides = None if key is None else {
+                "chat": key.chat_per_min, "search": key.search_per_min, "other": key.other_per_min
+            }
+            d = self.limiter.check(kind=kind, ip=ip, key_id=key.id if key else None, key_overrides=overrides)
+            if not d.allowed:
+                return Admission(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
+                                 key.id if key else None, key.scope if key else None)
+        if key is not None and kind == "chat":
+            q = self.cfg.quotas
+            day, month = self.ledger.totals(key.id)
+            qd = check_quota(
+                day_used=day, month_used=month,
+                daily_limit=key.daily_tokens if key.daily_tokens is not None else q.daily_tokens,
+                monthly_limit=key.monthly_tokens if key.monthly_tokens is not None else q.monthly_tokens,
+            )
+            if not qd.allowed:
+                return Admission(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
+        if key is None and not self.auth_enabled:
+            return Admission(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
+        return Admission(True, key_id=key.id, scope=key.scope)
+
+    def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Admission:
+        return self.run(token=token, ip=ip, path=path, need_admin=need_admin)
+
+    # -----------------------------------------------------------------------------------------
+    # usage
+
+    def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        self.ledger.record(key_id or ANONYMOUS, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+    def usage(self, key_id: str | None) -> dict[str, Any]:
+        u = self.ledger.usage(key_id or ANONYMOUS)
+        key = self.keys.get(key_id) if key_id else None
+        q = self.cfg.quotas
+        u["limits"] = {
+            "daily_tokens": key.daily_tokens if key and key.daily_tokens is not None else q.daily_tokens,
+            "monthly_tokens": key.monthly_tokens if key and key.monthly_tokens is not None else q.monthly_tokens,
+        } if key_id else {"daily_tokens": None, "monthly_tokens": None}
+        return u
+
+    def all_usage(self) -> dict[str, Any]:
+        names = {k.id: k.name for k in self.keys.list(include_revoked=True)}
+        rows = self.ledger.all_usage()
+        for r in rows:
+            r["name"] = names.get(r["key_id"], ANONYMOUS if r["key_id"] == ANONYMOUS else None)
+        return {"object": "list", "data": rows}
+
+    # -----------------------------------------------------------------------------------------
+    # cache
+
+    def cache_get(self, key: str) -> Any | None:
+        return self.cache.get(key) if self.cache is not None else None
+
+    def cache_put(self, key: str, value: Any) -> None:
+        if self.cache is not None:
+            self.cache.put(key, value)
+
+    def cache_stats(self) -> dict[str, Any]:
+        if self.cache is None:
+            return {"enabled": False}
+        return {"enabled": True, **self.cache.stats()}
+
+    def cache_clear(self) -> int:
+        return self.cache.clear() if self.cache is not None else 0
+
+
+class GovernorDeployment:
+    """Serve wrapper: one replica (the config refuses more). SQLite calls take microseconds to a
+    millisecond (a usage write is one fsync'd transaction), so they run on the replica's loop."""
+
+    def __init__(self, cfg) -> None:
+        from ray import serve
+
+        self._gov = Governor.from_config(cfg)
+        self._replica = serve.get_replica_context().replica_id.unique_id
+
+    async def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Admission:
+        return self._gov.admit(token, ip, path, need_admin)
+
+    async def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        self._gov.record(key_id, prompt_tokens, completion_tokens)
+
+    async def usage(self, key_id: str | None) -> dict[str, Any]:
+        return self._gov.usage(key_id)
+
+    async def all_usage(self) -> dict[str, Any]:
+        return self._gov.all_usage()
+
+    async def cache_get(self, key: str) -> Any | None:
+        return self._gov.cache_get(key)
+
+    async def cache_put(self, key: str, value: Any) -> None:
+        self._gov.cache_put(key, value)
+
+    async def cache_stats(self) -> dict[str, Any]:
+        return {**self._gov.cache_stats(), "replica": self._replica}
+
+    async def cache_clear(self) -> int:
+        return self._gov.cache_clear()
+
+    async def check_health(self) -> None:
+        self._gov.keys.count_active()  # the database answers

@@ -1,0 +1,99 @@
+"""The response cache: a repeated question, asked the same way of the same index, is answered from memory.
+
+The key covers everything that changes the answer (messages, RAG options, model, index version,
+sampling) and ignores what does not (case, spacing, a trailing '?'). The index version is part of
+the key, so a live index swap makes old entries unreachable without a flush; the TTL and the size
+bound then retire them. Values are returned as stored: put immutable values (or copies) in it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cachetools import TTLCache
+
+
+def normalise(text: str) -> str:
+    """Casefold, collapse whitespace, and drop trailing '?', '!', '.' and spaces."""
+    return " ".join(text.casefold().split()).rstrip("?!. ")
+
+
+def cache_key(
+    *,
+    messages: list[dict[str, Any]],
+    rag: dict[str, Any],
+    model: str,
+    index_version: str | None,
+    sampling: dict[str, Any],
+) -> str:
+    """sha256 hex of a canonical JSON of what determines the response."""
+    doc = {
+        "messages": [{"role": m["role"], "content": normalise(str(m.get("content") or ""))} for m in messages],
+        "rag": rag,
+        "model": model,
+        "index_version": index_version,
+        "sampling": sampling,
+    }
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ResponseCache:
+    """A thread-safe TTL + LRU cache that counts hits, misses, stores and clears."""
+
+    def __init__(self, *, max_entries: int, ttl_s: float, timer: Callable[[], float] = time.monotonic) -> None:
+        errors = []
+        if not (isinstance(max_entries, int) and max_entries >= 1):
+            errors.append(f"max_entries must be an integer >= 1, got {max_entries!r}")
+        if not ttl_s > 0:
+            errors.append(f"ttl_s must be > 0, got {ttl_s!r}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.max_entries = max_entries
+        self.ttl_s = float(ttl_s)
+        self._c: TTLCache[str, Any] = TTLCache(maxsize=max_entries, ttl=ttl_s, timer=timer)
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.stores = self.clears = 0
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            value = self._c.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return value
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._c[key] = value
+            self.stores += 1
+
+    def clear(self) -> int:
+        """Drop every entry; returns how many live entries were dropped."""
+        with self._lock:
+            self._c.expire()
+            n = len(self._c)
+            self._c.clear()
+            self.clears += 1
+            return n
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            self._c.expire()
+            lookups = self.hits + self.misses
+            return {
+                "entries": len(self._c),
+                "max_entries": self.max_entries,
+                "ttl_s": self.ttl_s,
+                "hits": self.hits,
+                "misses": self.misses,
+                "hit_rate": self.hits / lookups if lookups else 0.0,
+                "stores": self.stores,
+                "clears": self.clears,
+            }

@@ -1,0 +1,216 @@
+"""Request rate limits (token buckets, per API key and per client IP) and token-quota decisions.
+
+Everything here is in-process and clock-injected: the ingress asks, and turns a refusal into a 429
+with ``Retry-After``. Buckets live in memory, so a restart refills them; that is fine for limits
+measured in minutes. Token quotas (day, month) are durable: their counts come from
+:class:`serve.auth.UsageLedger`, and :func:`check_quota` only decides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+KINDS = ("chat", "search", "other")
+_PATH_KINDS = {"/v1/chat/completions": "chat", "/v1/search": "search"}
+_SCOPE_WORDS = {"key": "this API key", "ip": "this IP address"}
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 12 min', '9 d 4 h': rounded up, so a client that waits that long is let in."""
+    s = max(1, math.ceil(seconds))
+    if s < 60:
+        return f"{s} s"
+    m = math.ceil(s / 60)
+    if m < 60:
+        return f"{m} min"
+    if m < 24 * 60:
+        return f"{m // 60} h {m % 60} min"
+    h = math.ceil(s / 3600)
+    return f"{h // 24} d {h % 24} h"
+
+
+class TokenBucket:
+    """Holds up to ``per_min`` tokens (one minute's allowance as burst); refills ``per_min / 60`` per second."""
+
+    def __init__(self, per_min: float, *, now: float) -> None:
+        if not per_min > 0:
+            raise ValueError(f"per_min must be > 0, got {per_min!r}")
+        self.per_min = float(per_min)
+        self.capacity = max(1.0, self.per_min)  # below 1/min a bucket of capacity < 1 would never allow anything
+        self.rate = self.per_min / 60.0
+        self.tokens = self.capacity
+        self.last = now
+
+    def wait(self, now: float) -> float:
+        """Refill to ``now``; seconds until a token is available (0.0 if one is), taking nothing."""
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.last) * self.rate)
+        self.last = max(self.last, now)
+        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
+
+    def take(self, now: float) -> float:
+        """0.0 if a token was taken, else seconds until one is available (> 0)."""
+        w = self.wait(now)
+        if w == 0.0:
+            self.tokens -= 1.0
+        return w
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after: float = 0.0  # seconds, > 0 when refused
+    scope: str = ""  # "key" or "ip": which bucket refused
+    kind: str = ""
+    limit_per_min: float = 0.0
+
+    def message(self) -> str:
+        if self.allowed:
+            return "allowed"
+        who = _SCOPE_WORDS.get(self.scope, self.scope)
+        return (
+            f"rate limit exceeded for {who}: {self.limit_per_min:g} {self.kind} requests per minute; "
+            f"retry in {_duration(self.retry_after)}"
+        )
+
+
+def _check_rates(name: str, rates: dict[str, float]) -> dict[str, float]:
+    errors = [f"unknown kind {k!r}" for k in rates if k not in KINDS]
+    errors += [f"{k}={v!r} must be >= 0 (0 = no limit)" for k, v in rates.items() if not (v >= 0)]
+    if errors:
+        raise ValueError(f"{name}: {'; '.join(errors)}; kinds are {list(KINDS)}")
+    return {k: float(rates.get(k, 0.0)) for k in KINDS}
+
+
+class RateLimiter:
+    """Per-key and per-IP token buckets for the three request kinds; a limit of 0 means none.
+
+    Buckets are kept in least-recently-used order; past ``max_buckets`` the idlest are dropped (a
+    dropped client just starts again with a full bucket), so a flood of new IPs cannot grow memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_key: dict[str, float],
+        per_ip: dict[str, float],
+        exempt_ips: Iterable[str] = (),
+        max_buckets: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_key = _check_rates("per_key", per_key)
+        self.per_ip = _check_rates("per_ip", per_ip)
+        exempt, bad = [], []
+        for e in exempt_ips:
+            try:
+                exempt.append(ipaddress.ip_network(e.strip(), strict=False))
+            except ValueError:
+                bad.append(e)
+        if bad:
+            raise ValueError(f"exempt_ips: not an IP address or CIDR network: {bad} (e.g. '127.0.0.1', '10.0.0.0/8')")
+        if max_buckets < 1:
+            raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
+        self.exempt = tuple(exempt)
+        self.max_buckets = max_buckets
+        self._clock = clock
+        self._buckets: OrderedDict[tuple[str, str, str], TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def is_exempt(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:  # e.g. Starlette's TestClient reports "testclient"
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # '::ffff:10.1.2.3' from a dual-stack socket is 10.1.2.3
+        return any(addr in net for net in self.exempt)
+
+    def _bucket(self, key: tuple[str, str, str], per_min: float, now: float) -> TokenBucket:
+        b = self._buckets.get(key)
+        if b is None or b.per_min != per_min:  # a changed limit starts a fresh bucket
+            b = self._buckets[key] = TokenBucket(per_min, now=now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_buckets:
+            self._buckets.popitem(last=False)
+        return b
+
+    def check(
+        self, *, kind: str, ip: str, key_id: str | None = None, key_overrides: dict[str, float | None] | None = None
+    ) -> Decision:
+        """Allow (taking one token from each applicable bucket) or refuse (taking none)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+        override = (key_overrides or {}).get(kind)
+        key_limit = self.per_key[kind] if override is None else float(override)
+        ip_limit = self.per_ip[kind]
+        with self._lock:
+            now = self._clock()
+            checks: list[tuple[str, float, TokenBucket]] = []
+            if key_id is not None and key_limit > 0:
+                checks.append(("key", key_limit, self._bucket(("key", key_id, kind), key_limit, now)))
+            if ip_limit > 0 and not self.is_exempt(ip):
+                checks.append(("ip", ip_limit, self._bucket(("ip", ip, kind), ip_limit, now)))
+            for scope, limit, bucket in checks:  # all must have a token before any is taken
+                if (wait := bucket.wait(now)) > 0:
+                    return Decision(False, retry_after=wait, scope=scope, kind=kind, limit_per_min=limit)
+            for _, _, bucket in checks:
+                bucket.take(now)
+        return Decision(True, kind=kind)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"buckets": len(self._buckets)}
+
+
+def kind_of(path: str) -> str:
+    """The rate-limit kind of a request path: 'chat', 'search', or 'other'."""
+    return _PATH_KINDS.get(path.rstrip("/") or "/", "other")
+
+
+@dataclass(frozen=True)
+class QuotaDecision:
+    allowed: bool
+    period: str = ""  # "day" | "month" when refused
+    used: int = 0
+    limit: int = 0
+    retry_after: float = 0.0  # seconds until the period resets
+
+    def message(self) -> str:
+        if self.allowed:
+            return "allowed"
+        adjective, span = ("daily", "today") if self.period == "day" else ("monthly", "this month")
+        return (
+            f"{adjective} token quota exhausted: {self.used} of {self.limit} tokens used {span} (UTC); "
+            f"resets in {_duration(self.retry_after)}"
+        )
+
+
+def _next_reset(period: str, now: float) -> float:
+    t = datetime.fromtimestamp(now, tz=UTC)
+    if period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.timestamp() + 86_400
+    year, month = (t.year + 1, 1) if t.month == 12 else (t.year, t.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
+
+
+def check_quota(
+    *, day_used: int, month_used: int, daily_limit: int | None, monthly_limit: int | None, now: float | None = None
+) -> QuotaDecision:
+    """Refuse when used >= limit (None = unlimited).
+
+    The month is checked first: when both are spent, the month's reset is the honest ``retry_after``
+    (retrying at midnight would be refused again).
+    """
+    now = time.time() if now is None else now
+    for period, used, limit in (("month", month_used, monthly_limit), ("day", day_used, daily_limit)):
+        if limit is not None and used >= limit:
+            retry = max(_next_reset(period, now) - now, 1e-3)
+            return QuotaDecision(False, period=period, used=used, limit=limit, retry_after=retry)
+    return QuotaDecision(True)
