@@ -186,9 +186,13 @@ class Pipeline:
 
     async def govern(self, method: str, *args: Any, attempts: int | None = None) -> Any:
         """A governor call (admission, usage, cache), retried like the other idempotent stages."""
-        return await self.retrying(
-            "governor", lambda: self.stages.govern(method, *args), self.timeouts.governor, attempts=attempts
-        )
+        t = time.perf_counter()
+        try:
+            return await self.retrying(
+                "governor", lambda: self.stages.govern(method, *args), self.timeouts.governor, attempts=attempts
+            )
+        finally:
+            self.metrics.stage_duration.labels("governor").observe(time.perf_counter() - t)
 
     def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         """Write usage to the ledger in the background, retrying for about a minute so that a

@@ -166,3 +166,15 @@ def test_deployment_bounds_are_checked(app_config):
     data["retriever"]["deployment"] = {"min_replicas": 3, "max_replicas": 2}
     with pytest.raises(ValueError, match="min_replicas=3 exceeds max_replicas=2"):
         AppConfig.model_validate(data)
+
+
+def test_governor_keeps_one_replica():
+    with pytest.raises(ConfigError, match="governor.deployment must keep min_replicas = max_replicas = 1"):
+        load_config(LOCAL, environ={"RAGRAPH__GOVERNOR__DEPLOYMENT__MAX_REPLICAS": "2"})
+
+
+def test_local_default_has_auth_off_and_the_seed_rate_limits():
+    g = load_config(LOCAL, environ={}).governor
+    assert not g.auth.enabled and g.rate_limits.enabled
+    assert (g.rate_limits.per_key.chat, g.rate_limits.per_key.search, g.rate_limits.per_key.other) == (30, 60, 100)
+    assert "127.0.0.1" in g.rate_limits.exempt_ips and g.cache.enabled

@@ -161,7 +161,7 @@ def wait_no_orphans(since: float | None = None, timeout: float = 20) -> list[dic
 # ---------------------------------------------------------------------------------------------
 # client load
 
-RETRY_STATUSES = {429, 502, 503, 504}
+RETRY_STATUSES = {408, 409, 429}  # and every 5xx: the openai client's default policy
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
 
@@ -188,7 +188,7 @@ class Record:
 
 class SteadyLoad:
     """Open-loop load at ``rate`` req/s (``mix`` cycled, default alternate search / chat), each request
-    retried like the openai client: up to ``max_retries`` times on connection errors and 429/502/503/504,
+    retried like the openai client: up to ``max_retries`` times on connection errors, 408, 409, 429 and 5xx,
     after ``Retry-After`` (capped at ``retry_after_cap`` s) or 0.5 s, 1 s, ... Thread-safe records.
     ``vary``: append the request number to each query so that a response cache cannot answer it."""
 
@@ -262,7 +262,7 @@ class SteadyLoad:
                 else:
                     err = data.get("error") if isinstance(data, dict) else None
                     rec.error = (err.get("message") if isinstance(err, dict) else None) or r.text[:200]
-                if r.status_code in RETRY_STATUSES:
+                if r.status_code in RETRY_STATUSES or r.status_code >= 500:
                     try:
                         wait = min(float(r.headers.get("retry-after", "")), self.cap)
                     except ValueError:

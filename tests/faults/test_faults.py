@@ -1,0 +1,217 @@
+"""Failure tests on a real Ray Serve graph: kill -9 one replica of each deployment under steady load,
+take the generator away, publish a corrupt index, re-index under load. Each test prints what the
+client saw (requests sent, failed after the client's retries, retried, degraded) and the recovery
+time, and the module writes them all to ``load_tests/results/faults.json``.
+
+    pytest tests/faults -m slow -s
+
+The graph: ingress, router and retriever on 2 replicas each (a lost replica's calls are retried on
+the other while Serve replaces it), the governor on its one replica (auth on, so a lost governor is
+a 503 + Retry-After the client retries), the generator on one (a lost generator degrades answers to
+sources only and opens the circuit breaker until its engine is back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, REPO, write_corpus
+from faults.harness import (
+    SteadyLoad, kill_orphans, kill_replica, replica_actors, vllm_orphans, wait_no_orphans, wait_recovered,
+)
+
+pytestmark = pytest.mark.slow
+PORT = 8140
+RATE = 3.0  # requests/s, half searches, half 8-token chats: below the 2-core machine's knee
+RESULTS: dict[str, dict] = {}
+REPORT = REPO / "load_tests" / "results" / "faults.json"
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory, local_cfg, provisioned):
+    import ray
+    from ray import serve
+
+    from indexing.jobs import index_source
+    from serve.auth import KeyStore
+    from serve.config import AppConfig
+    from serve.launch import deploy
+
+    started = time.time()
+    base = tmp_path_factory.mktemp("faults")
+    source = write_corpus(base / "src", CORPUS)
+    root = base / "index"
+    index_source(local_cfg, source, root, log=lambda _: None)
+    data = local_cfg.model_dump()
+    data["indexing"]["dir"] = str(root)
+    data["retriever"]["reload_interval_s"] = 0.5
+    for stage in ("router", "retriever", "http"):
+        data[stage]["deployment"].update(min_replicas=2, max_replicas=2, num_cpus=0.1, health_check_period_s=2)
+    data["governor"]["deployment"].update(health_check_period_s=2)
+    data["generator"]["deployment"].update(health_check_period_s=2)
+    data["http"]["port"] = PORT
+    data["http"]["timeouts"]["generator_first_token"] = 10
+    data["http"]["breaker"] = {"enabled": True, "failure_threshold": 3, "reset_timeout_s": 5}
+    data["governor"]["db"] = str(base / "governor.sqlite3")
+    data["governor"]["auth"] = {"enabled": True}
+    data["reranker"]["enabled"] = False
+    token = KeyStore(data["governor"]["db"]).create(
+        "faults", "admin", chat_per_min=10**5, search_per_min=10**5, other_per_min=10**5)[0]
+    cfg = AppConfig.model_validate(data)
+    took = deploy(cfg, progress=lambda m: print(m, flush=True))
+    print(f"cold start {took:.0f} s")
+    yield {"url": f"http://127.0.0.1:{PORT}", "cfg": cfg, "root": root, "source": source,
+           "headers": {"Authorization": f"Bearer {token}"}}
+    serve.shutdown()
+    ray.shutdown()
+    orphans = wait_no_orphans(since=started)
+    RESULTS["teardown"] = {"vllm_orphans_after_shutdown": len(orphans)}
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "rate_rps": RATE, "results": RESULTS}, indent=2))
+    print("\n" + json.dumps(RESULTS, indent=2))
+    kill_orphans(since=started)
+    assert not orphans, f"vLLM processes outlived the service: {orphans}"
+
+
+def load(graph, **kw) -> SteadyLoad:
+    return SteadyLoad(graph["url"], rate=RATE, headers=graph["headers"], **kw).start()
+
+
+def kill_under_load(graph, deployment: str, *, replicas: int, settle: float = 4, after: float = 10) -> dict:
+    before = {a["actor_id"] for a in replica_actors(deployment)}
+    assert len(before) == replicas, (deployment, before)
+    steady = load(graph)
+    time.sleep(settle)
+    killed = kill_replica(deployment)
+    recovered = wait_recovered(deployment, {killed["actor_id"]}, replicas=replicas, timeout=180)
+    time.sleep(after)
+    records = steady.stop()
+    s = SteadyLoad.summary(records, since=killed["killed_at"] - settle, mark=killed["killed_at"])
+    s["serve_recovery_s"] = round(recovered, 1)
+    s["replicas"] = replicas
+    RESULTS[f"kill -9 {deployment}"] = s
+    print(f"\nkill -9 {deployment}: {json.dumps(s)}")
+    return s
+
+
+@pytest.mark.parametrize("deployment", ["router", "retriever", "ingress"])
+def test_kill_a_replica_of_a_replicated_stage(graph, deployment):
+    s = kill_under_load(graph, deployment, replicas=2)
+    assert s["sent"] >= 20
+    assert s["failed"] == 0, s["errors"]  # the stage's retries (router, retriever) or the client's (ingress)
+    assert s["serve_recovery_s"] < 30
+
+
+def test_kill_the_governor(graph):
+    s = kill_under_load(graph, "governor", replicas=1)
+    assert s["failed"] == 0, s["errors"]  # 503 governor_unavailable + Retry-After, retried by the client
+    assert s["serve_recovery_s"] < 30
+
+
+def test_generator_down_degrades_with_sources_and_the_breaker_cycles(graph):
+    """kill -9 the generator's replica: until Serve has a new engine up, answers are sources-only,
+    the breaker opens, half-opens every reset_timeout_s, and closes once the engine answers."""
+    url, headers = graph["url"], graph["headers"]
+    import httpx
+
+    states: list[tuple[float, float]] = []
+    steady = load(graph)
+    time.sleep(4)
+    killed = kill_replica("generator")
+    t0 = killed["killed_at"]
+    orphans_seen = None
+    with httpx.Client(headers=headers, timeout=10) as c:
+        while time.monotonic() - t0 < 240:
+            text = c.get(f"{url}/metrics").text  # 2 ingress replicas: each keeps its own breaker
+            for line in text.splitlines():
+                if line.startswith("rag_generator_breaker_state "):
+                    states.append((round(time.monotonic() - t0, 1), float(line.split()[1])))
+            if orphans_seen is None and time.monotonic() - t0 > 5:
+                orphans_seen = vllm_orphans()  # the dead replica's engine must die with it
+            recent = [r for r in steady.records if r.start > t0 + 2 and r.kind == "chat"]
+            if recent and states and states[-1][1] == 0 and any(r.rag_status == "ok" for r in recent[-3:]) \
+                    and any(v == 2 for _, v in states):
+                break
+            time.sleep(1)
+    recovered = wait_recovered("generator", {killed["actor_id"]}, replicas=1, timeout=60)
+    time.sleep(5)
+    records = steady.stop()
+    chats = [r for r in records if r.kind == "chat" and r.start >= t0]
+    sources_only = [r for r in chats if r.status == 200 and r.rag_status == "sources_only"]
+    s = SteadyLoad.summary(records, since=t0 - 4, mark=t0)
+    s.update(serve_recovery_s=round(recovered, 1), sources_only=len(sources_only),
+             breaker_states_seen=sorted({v for _, v in states}), breaker_timeline=states[:60],
+             first_ok_chat_after_s=next((round(r.start - t0, 1) for r in chats if r.rag_status == "ok"), None),
+             half_open_seen=any(v == 1 for _, v in states), orphans_5s_after_kill=len(orphans_seen or []))
+    RESULTS["kill -9 generator"] = s
+    print(f"\nkill -9 generator: {json.dumps({k: v for k, v in s.items() if k != 'breaker_timeline'})}")
+    assert sources_only, "no answer came back sources-only while the generator was down"
+    assert {0.0, 2.0} <= set(s["breaker_states_seen"]), states  # it opened, and it closed again
+    assert s["failed"] == 0, s["errors"]
+    assert s["first_ok_chat_after_s"] is not None
+
+
+def test_corrupt_index_is_refused_and_the_old_version_keeps_serving(graph):
+    import httpx
+
+    from indexing.store import current_name
+
+    root = graph["root"]
+    old = current_name(root)
+    bad = "v-corrupt-test"
+    shutil.copytree(root / "versions" / old, root / "versions" / bad)
+    manifest = json.loads((root / "versions" / bad / "manifest.json").read_text())
+    if "name" in manifest:
+        manifest["name"] = bad
+        (root / "versions" / bad / "manifest.json").write_text(json.dumps(manifest))
+    vectors = root / "versions" / bad / "vectors.npy"
+    vectors.write_bytes(vectors.read_bytes()[:-64] + b"\0" * 64)  # same size, wrong bytes
+    steady = load(graph)
+    time.sleep(2)
+    tmp = root / ".current.test"
+    tmp.write_text(bad)
+    os.replace(tmp, root / "current")  # publish it, as `ragraph index` does
+    published = time.monotonic()
+    time.sleep(6)
+    records = steady.stop()
+    with httpx.Client(headers=graph["headers"], timeout=30) as c:
+        versions = {c.post(f"{graph['url']}/v1/search", json={"query": f"wine {i}"}).json()["metadata"]["index_version"]
+                    for i in range(6)}
+    logs = "".join(f.read_text(errors="replace") for f in Path("/tmp/ray/session_latest/logs/serve").glob("*retriever*.log"))
+    s = SteadyLoad.summary(records, since=published)
+    s["versions_after"] = sorted(versions)
+    RESULTS["corrupt index published"] = s
+    print(f"\ncorrupt index: {json.dumps(s)}")
+    (root / "current").write_text(old)
+    assert versions == {old}
+    assert "refused new index version" in logs and "checksum" in logs
+    assert s["failed"] == 0 and s["degraded"] == 0
+
+
+def test_reindex_under_load_fails_nothing(graph):
+    from indexing.jobs import index_source
+    from indexing.store import current_name
+
+    root = graph["root"]
+    old = current_name(root)
+    write_corpus(graph["source"], {"team/cellar.md": "# Cellar\n\nThe cellar master is Ilse Vandenberghe."})
+    steady = load(graph)
+    time.sleep(3)
+    t = time.monotonic()
+    index_source(graph["cfg"], graph["source"], root, log=lambda _: None)
+    built = time.monotonic() - t
+    new = current_name(root)
+    time.sleep(8)
+    records = steady.stop()
+    s = SteadyLoad.summary(records)
+    s["index_build_s"] = round(built, 1)
+    RESULTS["re-index under load"] = s
+    print(f"\nre-index under load: {json.dumps(s)}")
+    assert new != old
+    assert s["failed"] == 0 and s["degraded"] == 0, s
