@@ -67,6 +67,12 @@ class StreamOptions(_Body):
 
 
 class ChatRequest(_Body):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "ragraph", "max_tokens": 16, "messages": [{"role": "user", "content": "How do I add GPU replicas?"}]},
+        {"model": "ragraph", "max_tokens": 8, "stream": True, "rag": {"top_k": 3, "strategy": "lexical"},
+         "messages": [{"role": "user", "content": "What does the retriever do?"}]},
+    ]})
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -99,6 +105,8 @@ class ChatRequest(_Body):
 
 
 class SearchRequest(_Body):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "index versions", "top_k": 3}]})
+
     query: str = Field(min_length=1)
     top_k: int | None = Field(default=None, ge=1)
     filters: RagFilters | None = None

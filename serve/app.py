@@ -24,6 +24,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
 from deployments.retriever import Filters, Passage
@@ -64,6 +65,25 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc, request_id(request))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's own errors (a body that cannot be parsed, an unknown route, a wrong
+    method) in OpenAI's format too (found by the schemathesis run: a bare ``{"detail": ...}``)."""
+    status, detail = exc.status_code, str(exc.detail)
+    if status == 400:
+        message = (f"the request body could not be parsed ({detail}); send a JSON object with "
+                   "Content-Type: application/json")
+        err = ApiError(400, message, param="body", code="invalid_body")
+    elif status == 404:
+        err = ApiError(404, f"no route {request.method} {request.url.path}; see /docs", code="not_found")
+    elif status == 405:
+        err = ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed")
+    else:
+        err = ApiError(status, detail or "request refused", code=f"http_{status}")
+    err.headers.update(exc.headers or {})
+    return error_response(err, request_id(request))
 
 
 @app.exception_handler(Exception)

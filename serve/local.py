@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.governor import Governor
 from deployments.reranker import CrossEncoderReranker
@@ -28,7 +29,7 @@ from deployments.retriever import Filters, HybridRetriever, Passage, timed_searc
 from deployments.router import Message, QueryRouter
 from serve.api import ApiError, ChatRequest, SearchRequest
 from serve.app import (
-    METRICS, ObservedRoute, _api_error, _invalid, _unexpected, cache_call, chat_response, model_card, models_list,
+    METRICS, ObservedRoute, _api_error, _http_error, _invalid, _unexpected, cache_call, chat_response, model_card, models_list,
     ready_response, search_response, usage_response,
 )
 from serve.pipeline import GenChunk, Pipeline, StageError, StageReply
@@ -140,6 +141,7 @@ def create_app(cfg) -> FastAPI:
     api = FastAPI(title="ragraph (in-process)", version="0.1.0", lifespan=lifespan)
     api.add_exception_handler(RequestValidationError, _invalid)
     api.add_exception_handler(ApiError, _api_error)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
     api.add_exception_handler(Exception, _unexpected)
     api.router.route_class = ObservedRoute
     api.state.pipeline = pipeline

@@ -177,3 +177,19 @@ def test_keys_cli(tmp_path, capsys):
     assert cli([*db, "list"]) == 0 and made["id"] not in capsys.readouterr().out
     assert cli([*db, "revoke", "nosuchid"]) == 1 and "no key with id" in capsys.readouterr().err
     assert KeyStore(tmp_path / "k.sqlite3").verify(made["key"]) is None
+
+
+@pytest.mark.parametrize(("method", "path", "kw", "status"), [
+    ("POST", "/v1/search", {"content": b"query=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 400),
+    ("POST", "/v1/search", {"content": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400),
+    ("GET", "/v1/nowhere", {}, 404),
+    ("PUT", "/v1/search", {}, 405),
+])
+def test_framework_errors_are_in_openai_format_too(service, method, path, kw, status):
+    client, keys, _ = service()
+    token, _ = keys.create("fuzz")
+    kw = {**kw, "headers": {**kw.get("headers", {}), **bearer(token)}}
+    r = client.request(method, path, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and "detail" not in r.json()

@@ -471,7 +471,7 @@ def test_admission_cost_per_request(service):
     total = _metric(text, "rag_stage_duration_seconds_sum").get('rag_stage_duration_seconds_sum{stage="governor"}', 0)
     print(f"\nadmission: /health p50 {health:.1f} ms, /v1/models p50 {models:.1f} ms (+{models - health:.1f} ms); "
           f"governor call mean {1000 * total / max(count, 1):.2f} ms over {count:.0f} calls")
-    assert count > 40
+    assert count >= 40
 
 
 def test_schemathesis_finds_no_server_error(service):
