@@ -73,7 +73,9 @@ def graph(tmp_path_factory, local_cfg, provisioned):
     orphans = wait_no_orphans(since=started)
     RESULTS["teardown"] = {"vllm_orphans_after_shutdown": len(orphans)}
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "rate_rps": RATE, "results": RESULTS}, indent=2))
+    earlier = json.loads(REPORT.read_text()).get("results", {}) if REPORT.exists() else {}  # a -k run keeps the rest
+    REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "rate_rps": RATE,
+                                  "results": {**earlier, **RESULTS}}, indent=2))
     print("\n" + json.dumps(RESULTS, indent=2))
     kill_orphans(since=started)
     assert not orphans, f"vLLM processes outlived the service: {orphans}"
