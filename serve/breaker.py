@@ -66,6 +66,11 @@ class CircuitBreaker:
                 self.opened_at = self.clock()
                 self._set(OPEN)
 
+    def release(self) -> None:
+        """A call ended with no verdict on the generator (the client went away): free the trial slot."""
+        with self._lock:
+            self._trial = False
+
     def retry_in(self) -> float:
         """Seconds until an open breaker lets a trial through (0 when not open)."""
         if self.state != OPEN:

@@ -434,6 +434,11 @@ class Pipeline:
                 raise ApiError(503, f"the generator is at capacity ({err.detail}); retry shortly",
                                type="service_unavailable", code="overloaded", headers={"Retry-After": "2"}) from None
             return self._generator_down(prep, err)
+        except BaseException:  # cancelled (the client went away): no verdict on the generator
+            if self.breaker is not None:
+                self.breaker.release()
+            await _close(stream)
+            raise
         finally:
             m.stage_inflight.labels("generator").dec()
         if self.breaker is not None:

@@ -301,3 +301,13 @@ def test_breaker_retry_in_counts_down():
     b.failure()
     now[0] += 2
     assert b.retry_in() == pytest.approx(3) and "next trial in 3 s" in b.describe()
+
+
+def test_a_cancelled_trial_frees_the_half_open_slot():
+    now = [0.0]
+    b = CircuitBreaker(failure_threshold=1, reset_timeout_s=1, clock=lambda: now[0])
+    b.failure()
+    now[0] = 1
+    assert b.allow() and not b.allow()  # the trial is out
+    b.release()  # ...and its client went away before the generator answered
+    assert b.allow() and b.state == HALF_OPEN
