@@ -12,7 +12,7 @@ rate limits and quota (401/403/429/413 in OpenAI's format; the key itself is nev
 
 from __future__ import annotations
 
-import ipaddress
+import functools
 import json
 import logging
 import math
@@ -30,6 +30,7 @@ from ray import serve
 from deployments.retriever import Filters, Passage
 from deployments.router import Message
 from serve.api import ApiError, ChatRequest, SearchRequest, validation_error
+from serve.limits import in_networks, parse_networks
 from serve.metrics import Metrics
 from serve.pipeline import GenChunk, Pipeline, StageError, StageReply, new_request_id
 
@@ -110,23 +111,21 @@ def bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
 
 
-def _in(addr: str, nets: list[str]) -> bool:
-    try:
-        ip = ipaddress.ip_address(addr)
-        return any(ip in ipaddress.ip_network(n, strict=False) for n in nets)
-    except ValueError:
-        return False
+@functools.lru_cache(maxsize=8)
+def _trusted(proxies: tuple[str, ...]):
+    return parse_networks("http.trusted_proxies", proxies)  # parsed once, not per request
 
 
 def client_ip(request: Request, trusted_proxies: list[str]) -> str:
     """The peer address, or the nearest untrusted address in X-Forwarded-For when the peer is a
     trusted proxy (a forged header from anyone else is ignored)."""
     peer = request.client.host if request.client else "unknown"
-    if not trusted_proxies or not _in(peer, trusted_proxies):
+    nets = _trusted(tuple(trusted_proxies))
+    if not nets or not in_networks(peer, nets):
         return peer
     hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
     for hop in reversed(hops):
-        if not _in(hop, trusted_proxies):
+        if not in_networks(hop, nets):
             return hop
     return peer
 

@@ -392,6 +392,14 @@ class HttpConfig(_Strict):
         num_cpus=0.1, max_ongoing_requests=64, target_ongoing_requests=16, max_queued_requests=256
     )
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        from serve.limits import parse_networks
+
+        parse_networks("trusted_proxies", v)  # a typo must fail at load, not silently trust nobody
+        return v
+
 
 class AuthConfig(_Strict):
     enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on every endpoint but /health*.")
@@ -411,6 +419,14 @@ class RateLimitConfig(_Strict):
     per_key: RatePerMinute = Field(default_factory=RatePerMinute, description="Each API key's buckets.")
     per_ip: RatePerMinute = Field(default_factory=RatePerMinute, description="Each client address's buckets.")
     exempt_ips: list[str] = Field(default_factory=list, description="Addresses or CIDR networks without per-IP limits.")
+
+    @field_validator("exempt_ips")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        from serve.limits import parse_networks
+
+        parse_networks("exempt_ips", v)
+        return v
 
 
 class QuotaConfig(_Strict):

@@ -17,6 +17,32 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(name: str, entries: Iterable[str]) -> tuple[Network, ...]:
+    """Addresses or CIDR networks (``exempt_ips``, ``trusted_proxies``); ValueError names the bad ones."""
+    nets, bad = [], []
+    for e in entries:
+        try:
+            nets.append(ipaddress.ip_network(e.strip(), strict=False))
+        except ValueError:
+            bad.append(e)
+    if bad:
+        raise ValueError(f"{name}: not an IP address or CIDR network: {bad} (e.g. '127.0.0.1', '10.0.0.0/8')")
+    return tuple(nets)
+
+
+def in_networks(ip: str, nets: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:  # e.g. Starlette's TestClient reports "testclient"
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # '::ffff:10.1.2.3' from a dual-stack socket is 10.1.2.3
+    return any(addr in net for net in nets)
+
+
 KINDS = ("chat", "search", "other")
 _PATH_KINDS = {"/v1/chat/completions": "chat", "/v1/search": "search"}
 _SCOPE_WORDS = {"key": "this API key", "ip": "this IP address"}
@@ -106,30 +132,16 @@ class RateLimiter:
     ) -> None:
         self.per_key = _check_rates("per_key", per_key)
         self.per_ip = _check_rates("per_ip", per_ip)
-        exempt, bad = [], []
-        for e in exempt_ips:
-            try:
-                exempt.append(ipaddress.ip_network(e.strip(), strict=False))
-            except ValueError:
-                bad.append(e)
-        if bad:
-            raise ValueError(f"exempt_ips: not an IP address or CIDR network: {bad} (e.g. '127.0.0.1', '10.0.0.0/8')")
+        self.exempt = parse_networks("exempt_ips", exempt_ips)
         if max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
-        self.exempt = tuple(exempt)
         self.max_buckets = max_buckets
         self._clock = clock
         self._buckets: OrderedDict[tuple[str, str, str], TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
 
     def is_exempt(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:  # e.g. Starlette's TestClient reports "testclient"
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped  # '::ffff:10.1.2.3' from a dual-stack socket is 10.1.2.3
-        return any(addr in net for net in self.exempt)
+        return in_networks(ip, self.exempt)
 
     def _bucket(self, key: tuple[str, str, str], per_min: float, now: float) -> TokenBucket:
         b = self._buckets.get(key)

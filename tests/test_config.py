@@ -178,3 +178,10 @@ def test_local_default_has_auth_off_and_the_seed_rate_limits():
     assert not g.auth.enabled and g.rate_limits.enabled
     assert (g.rate_limits.per_key.chat, g.rate_limits.per_key.search, g.rate_limits.per_key.other) == (30, 60, 100)
     assert "127.0.0.1" in g.rate_limits.exempt_ips and g.cache.enabled
+
+
+def test_bad_network_in_trusted_proxies_or_exempt_ips_fails_at_load():
+    with pytest.raises(ConfigError, match=r"trusted_proxies: not an IP address or CIDR network: \['10.0.0.0/33'\]"):
+        load_config(LOCAL, environ={"RAGRAPH__HTTP__TRUSTED_PROXIES": "['10.0.0.0/33']"})
+    with pytest.raises(ConfigError, match=r"exempt_ips: not an IP address or CIDR network: \['localhost'\]"):
+        load_config(LOCAL, environ={"RAGRAPH__GOVERNOR__RATE_LIMITS__EXEMPT_IPS": "[localhost]"})
