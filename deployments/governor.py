@@ -15,10 +15,10 @@ generation, and the cache methods around the generator.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from serve.auth import KeyStore, UsageLedger
+from serve.auth import ApiKey, KeyStore, UsageLedger
 from serve.cache import ResponseCache
 from serve.limits import KINDS, RateLimiter, check_quota, kind_of
 
@@ -37,9 +37,6 @@ class Admission:
     retry_after: float = 0.0
     key_id: str | None = None
     scope: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _limits(rate) -> dict[str, float]:
@@ -79,21 +76,15 @@ class Governor:
                                  "insufficient_scope", key_id=key.id, scope=key.scope)
         kind = kind_of(path)
         if self.limiter is not None:
-            overrides = None if key is None else {
-                "chat": key.chat_per_min, "search": key.search_per_min, "other": key.other_per_min
-            }
-            d = self.limiter.check(kind=kind, ip=ip, key_id=key.id if key else None, key_overrides=overrides)
+            d = self.limiter.check(kind=kind, ip=ip, key_id=key.id if key else None,
+                                   key_overrides=key.rate_overrides() if key else None)
             if not d.allowed:
                 return Admission(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
                                  key.id if key else None, key.scope if key else None)
         if key is not None and kind == "chat":
-            q = self.cfg.quotas
             day, month = self.ledger.totals(key.id)
-            qd = check_quota(
-                day_used=day, month_used=month,
-                daily_limit=key.daily_tokens if key.daily_tokens is not None else q.daily_tokens,
-                monthly_limit=key.monthly_tokens if key.monthly_tokens is not None else q.monthly_tokens,
-            )
+            daily, monthly = self.quota_limits(key)
+            qd = check_quota(day_used=day, month_used=month, daily_limit=daily, monthly_limit=monthly)
             if not qd.allowed:
                 return Admission(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
         if key is None and not self.auth_enabled:
@@ -109,15 +100,19 @@ class Governor:
     def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         self.ledger.record(key_id or ANONYMOUS, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
-    def usage(self, key_id: str | None) -> dict[str, Any]:
-        u = self.ledger.usage(key_id or ANONYMOUS)
-        key = self.keys.get(key_id) if key_id else None
+    def quota_limits(self, key: ApiKey) -> tuple[int | None, int | None]:
+        """The key's (daily, monthly) token quotas: its own where set, else the config's."""
         q = self.cfg.quotas
-        u["limits"] = {
-            "daily_tokens": key.daily_tokens if key and key.daily_tokens is not None else q.daily_tokens,
-            "monthly_tokens": key.monthly_tokens if key and key.monthly_tokens is not None else q.monthly_tokens,
-        } if key_id else {"daily_tokens": None, "monthly_tokens": None}
-        return u
+        return (key.daily_tokens if key.daily_tokens is not None else q.daily_tokens,
+                key.monthly_tokens if key.monthly_tokens is not None else q.monthly_tokens)
+
+    def usage(self, key_id: str | None) -> dict[str, Any] | None:
+        """Usage of ``key_id`` (None: the anonymous account of auth-off requests); None for no such key."""
+        key = self.keys.get(key_id) if key_id else None
+        if key_id and key is None:
+            return None
+        daily, monthly = self.quota_limits(key) if key else (None, None)
+        return {**self.ledger.usage(key_id or ANONYMOUS), "limits": {"daily_tokens": daily, "monthly_tokens": monthly}}
 
     def all_usage(self) -> dict[str, Any]:
         names = {k.id: k.name for k in self.keys.list(include_revoked=True)}
@@ -161,7 +156,7 @@ class GovernorDeployment:
     async def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         self._gov.record(key_id, prompt_tokens, completion_tokens)
 
-    async def usage(self, key_id: str | None) -> dict[str, Any]:
+    async def usage(self, key_id: str | None) -> dict[str, Any] | None:
         return self._gov.usage(key_id)
 
     async def all_usage(self) -> dict[str, Any]:

@@ -389,21 +389,26 @@ async def usage_response(pipeline: Pipeline, request: Request, key_id: str | Non
     if (key_id or all_keys) and getattr(request.state, "scope", None) != "admin":
         raise ApiError(403, "key_id and all need an admin key; without them you see your own usage",
                        type="permission_error", param="key_id" if key_id else "all", code="insufficient_scope")
+    if all_keys:
+        return await governor_call(pipeline, "usage", "all_usage")
+    usage = await governor_call(pipeline, "usage", "usage", key_id or own)
+    if usage is None:
+        raise ApiError(404, f"no API key has id {key_id!r}; `ragraph keys list --all` shows them", param="key_id",
+                       code="key_not_found")
+    return {"object": "usage", **usage}
+
+
+async def governor_call(pipeline: Pipeline, what: str, method: str, *args: Any) -> Any:
+    """A governor call an endpoint cannot answer without: 503 + Retry-After once retries are spent."""
     try:
-        if all_keys:
-            return await pipeline.govern("all_usage")
-        return {"object": "usage", **await pipeline.govern("usage", key_id or own)}
+        return await pipeline.govern(method, *args)
     except StageError as e:
-        raise ApiError(503, f"usage is unavailable: {e.detail}", type="service_unavailable",
+        raise ApiError(503, f"{what} is unavailable: {e.detail}", type="service_unavailable",
                        code="governor_unavailable", headers={"Retry-After": "5"}) from None
 
 
 async def cache_call(pipeline: Pipeline, method: str) -> Any:
-    try:
-        return await pipeline.govern(method)
-    except StageError as e:
-        raise ApiError(503, f"the response cache is unavailable: {e.detail}", type="service_unavailable",
-                       code="governor_unavailable", headers={"Retry-After": "5"}) from None
+    return await governor_call(pipeline, "the response cache", method)
 
 
 def models_list(pipeline: Pipeline) -> dict:

@@ -200,8 +200,8 @@ class Pipeline:
 
         async def write() -> None:
             try:
-                await self.retrying("governor", lambda: self.stages.govern("record", key_id, prompt_tokens, completion_tokens),
-                                    self.timeouts.governor, attempts=max(self.retry.attempts, 8))
+                await self.govern("record", key_id, prompt_tokens, completion_tokens,
+                                  attempts=max(self.retry.attempts, 8))
             except StageError as e:
                 self.metrics.usage_lost.inc()
                 log.error(f"usage of key {key_id or 'anonymous'} not recorded "

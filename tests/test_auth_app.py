@@ -134,6 +134,8 @@ def test_quota_exhausted_is_429_and_usage_is_visible(service):
     assert [(r["key_id"], r["name"], r["month"]["total_tokens"]) for r in rows] == [(key.id, "thrifty", 110)]
     other = client.get(f"/v1/usage?key_id={key.id}", headers=bearer(admin)).json()
     assert other["day"]["total_tokens"] == 110
+    err = assert_openai_error(client.get("/v1/usage?key_id=nosuchid", headers=bearer(admin)), 404, "key_not_found")
+    assert err["param"] == "key_id" and "nosuchid" in err["message"]
 
 
 def test_body_size_limit_is_413_naming_the_limit(service):
