@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -339,10 +340,14 @@ def llm_config(cfg) -> Any:
     if g.device == "cpu":
         # One bundle holds the replica and its engine: the replica actor itself asks for 0 CPUs, so
         # the whole generator takes `deployment.num_cpus` (ray.serve.llm's default adds 1 for the actor).
-        kw["placement_group_config"] = {"bundles": [{"CPU": d.num_cpus}], "strategy": "PACK"}
-        actor = {"num_cpus": 0}
+        kw["placement_group_config"] = {"bundles": [{"CPU": d.num_cpus, **d.resources}], "strategy": "PACK"}
+        actor: dict[str, Any] = {"num_cpus": 0}
     else:
-        actor = {"num_cpus": d.num_cpus}
+        # The engine's bundles (one GPU per tensor-parallel worker) come from ray.serve.llm; the
+        # replica's own CPUs and custom resources are merged into the first bundle.
+        actor = {"num_cpus": d.num_cpus, **({"resources": dict(d.resources)} if d.resources else {})}
+        if d.accelerator_type:
+            kw["accelerator_type"] = d.accelerator_type
     from deployments.graph import LOGGING
 
     opts = d.serve_options()
@@ -362,6 +367,32 @@ def llm_config(cfg) -> Any:
         callback_config={"callback_class": LocalModelCallback},
         **kw,
     )
+
+
+def generator_options(cfg, *, name: str = "generator") -> dict[str, Any]:
+    """The generator's Serve options as ``ray.serve.llm`` computes them (placement bundles from the
+    engine config, its defaults applied), without a running Ray: ``LLMServer`` merges the driver's
+    runtime env into the replica's, and asking for it would start Ray, so outside a Ray driver it is
+    taken as empty (what a fresh cluster's driver has). For previews, sizing and tests; the deployed
+    generator is :func:`build_generator`'s."""
+    import contextlib
+    from unittest import mock
+
+    import ray
+    from ray.llm._internal.serve.core.server.builder import DEFAULT_DEPLOYMENT_OPTIONS
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
+    from ray.runtime_env import RuntimeEnv
+
+    no_driver = SimpleNamespace(runtime_env=RuntimeEnv())
+    offline = (
+        contextlib.nullcontext() if ray.is_initialized()
+        else mock.patch.object(ray, "get_runtime_context", lambda: no_driver)
+    )
+    with offline:
+        opts = LLMServer.get_deployment_options(llm_config(cfg))
+    opts["name"] = name
+    return maybe_apply_llm_deployment_config_defaults(DEFAULT_DEPLOYMENT_OPTIONS, opts)
 
 
 def build_generator(cfg, *, name: str = "generator") -> Any:

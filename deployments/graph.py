@@ -15,6 +15,26 @@ APP_NAME = "ragraph"
 LOGGING = {"encoding": "JSON", "log_level": "INFO"}
 
 
+STAGES = ("ingress", "router", "retriever", "reranker", "generator", "governor")
+
+
+def deployment_options(cfg) -> dict[str, dict[str, Any]]:
+    """Each deployment's Serve options (autoscaling, admission limits, resources, placement), by
+    deployment name, computed without starting Ray: what :func:`build_app` deploys. The reranker is
+    left out when ``reranker.enabled`` is false."""
+    from deployments.generator import generator_options
+
+    sections = {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever, "reranker": cfg.reranker,
+                "governor": cfg.governor}
+    out: dict[str, dict[str, Any]] = {}
+    for name in STAGES:
+        if name == "generator":
+            out[name] = generator_options(cfg, name=name)
+        elif name != "reranker" or cfg.reranker.enabled:
+            out[name] = {"name": name, "logging_config": LOGGING, **sections[name].deployment.serve_options()}
+    return out
+
+
 def build_app(cfg, *, app_name: str = APP_NAME):
     """The bound Serve application for ``cfg`` (an :class:`serve.config.AppConfig`)."""
     from ray import serve
@@ -26,15 +46,17 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     from deployments.router import RouterDeployment
     from serve.app import RagIngress
 
-    def stage(cls, name: str, section) -> Any:
-        return serve.deployment(cls, name=name, logging_config=LOGGING, **section.deployment.serve_options()).bind(cfg)
+    opts = deployment_options(cfg)
 
-    router = stage(RouterDeployment, "router", cfg.router)
-    retriever = stage(RetrieverDeployment, "retriever", cfg.retriever)
-    reranker = stage(RerankerDeployment, "reranker", cfg.reranker) if cfg.reranker.enabled else None
+    def stage(cls, name: str) -> Any:
+        return serve.deployment(cls, **opts[name]).bind(cfg)
+
+    router = stage(RouterDeployment, "router")
+    retriever = stage(RetrieverDeployment, "retriever")
+    reranker = stage(RerankerDeployment, "reranker") if cfg.reranker.enabled else None
     generator = build_generator(cfg, name="generator")
-    governor = stage(GovernorDeployment, "governor", cfg.governor)
-    ingress = serve.deployment(RagIngress, name="ingress", logging_config=LOGGING, **cfg.http.deployment.serve_options())
+    governor = stage(GovernorDeployment, "governor")
+    ingress = serve.deployment(RagIngress, **opts["ingress"])
     return ingress.bind(cfg, router, retriever, reranker, generator, governor, app_name)
 
 

@@ -76,9 +76,13 @@ class _EmbedActor:
         self._e = Embedder(model=model, device=device, batch_size=batch_size, normalize=normalize, dtype=dtype)
         self._e.warm_up()
 
+        import ray
+
+        self._node = ray.get_runtime_context().get_node_id()
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = self._e.embed([str(t) for t in batch["text"]])
-        return {"row": batch["row"], "vector": list(vectors)}
+        return {"row": batch["row"], "vector": list(vectors), "node": [self._node] * len(vectors)}
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -101,10 +105,17 @@ def embed_with_ray(
     concurrency: int,
     threads_per_actor: int,
     shard_dir: Path,
+    gpus_per_actor: float = 1,
+    nodes: dict[str, int] | None = None,
     log: Log = print,
 ) -> np.ndarray:
     """Embed with Ray Data: an actor pool of ``concurrency`` embedders, shards written as Parquet
-    (``row``, ``vector``) into ``shard_dir``, then gathered back in input order."""
+    (``row``, ``vector``, ``node``) into ``shard_dir``, then gathered back in input order.
+
+    Ray Data places the actors with its default SPREAD strategy, so on a cluster they land on
+    several nodes; ``nodes`` (when given) is filled with the chunks each node embedded, by node id,
+    and the log names them. With ``embedder.device == 'cuda'`` each actor takes ``gpus_per_actor``
+    of a GPU (fractions share one)."""
     import pyarrow.parquet as pq
     import ray
 
@@ -127,7 +138,7 @@ def embed_with_ray(
         batch_format="numpy",
         concurrency=concurrency,
         num_cpus=threads_per_actor,
-        num_gpus=1 if embedder.device == "cuda" else 0,
+        num_gpus=gpus_per_actor if embedder.device == "cuda" else 0,
     )
     log(f"  embedding {len(texts)} chunks with Ray Data ({concurrency} actors x {threads_per_actor} threads)")
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +148,12 @@ def embed_with_ray(
     vecs = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
     if len(rows) != len(texts) or set(rows.tolist()) != set(range(len(texts))):
         raise RuntimeError(f"Ray Data returned {len(rows)} vectors for {len(texts)} chunks; shards in {shard_dir}")
+    per_node: dict[str, int] = {}
+    for node in table.column("node").to_pylist():
+        per_node[node] = per_node.get(node, 0) + 1
+    log(f"  embedded on {len(per_node)} node(s): " + ", ".join(f"{n[:8]}: {c} chunks" for n, c in sorted(per_node.items())))
+    if nodes is not None:
+        nodes.update(per_node)
     out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
     out[rows] = vecs
     return out

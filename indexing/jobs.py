@@ -45,7 +45,11 @@ def settings_from_config(cfg) -> BuildSettings:
     )
 
 
-def embed_fn(cfg, embedder: Embedder, *, log: Log = print) -> Callable[[list[str]], tuple[np.ndarray, str]]:
+def embed_fn(
+    cfg, embedder: Embedder, *, log: Log = print, nodes: dict[str, int] | None = None
+) -> Callable[[list[str]], tuple[np.ndarray, str]]:
+    """``embed(texts) -> (vectors, engine)`` as the config says; with Ray, ``nodes`` gets the
+    chunks each node embedded."""
     ix = cfg.indexing
 
     def embed(texts: list[str]) -> tuple[np.ndarray, str]:
@@ -54,7 +58,7 @@ def embed_fn(cfg, embedder: Embedder, *, log: Log = print) -> Callable[[list[str
             with tempfile.TemporaryDirectory(prefix="ragraph-shards-") as d:
                 v = embed_with_ray(
                     texts, embedder, concurrency=ix.concurrency, threads_per_actor=ix.threads_per_actor,
-                    shard_dir=Path(d), log=log,
+                    gpus_per_actor=ix.gpus_per_actor, shard_dir=Path(d), nodes=nodes, log=log,
                 )
             return v, "ray"
         return embed_local(texts, embedder, log=log), "local"
@@ -64,6 +68,9 @@ def embed_fn(cfg, embedder: Embedder, *, log: Log = print) -> Callable[[list[str
 
 def index_source(cfg, source: Path, root: Path, *, full: bool = False, log: Log = print) -> BuildReport:
     embedder = embedder_from_config(cfg)
-    return build_index(
-        source, root, settings_from_config(cfg), embed=embed_fn(cfg, embedder, log=log), full=full, log=log
+    nodes: dict[str, int] = {}
+    report = build_index(
+        source, root, settings_from_config(cfg), embed=embed_fn(cfg, embedder, log=log, nodes=nodes), full=full, log=log
     )
+    report.embed_nodes = nodes
+    return report

@@ -79,6 +79,7 @@ class BuildReport:
     embedded: int = 0
     reused: int = 0
     engine: str = "none"
+    embed_nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> chunks embedded there
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:

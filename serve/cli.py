@@ -83,6 +83,11 @@ def _index(args: argparse.Namespace) -> int:
             print(f"  {what}: {shown}")
     print(report.summary())
     print(f"done in {report.seconds.get('total', 0):.1f} s (embedding engine: {report.engine})")
+    if args.json:
+        import dataclasses
+        import json
+
+        print(json.dumps(dataclasses.asdict(report)))
     return 0
 
 
@@ -261,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("source", type=Path, nargs="?", default=None, help="what to index (default: indexing.source)")
     i.add_argument("--full", action="store_true", help="re-embed everything, reusing no vector")
     i.add_argument("--index-dir", type=Path, default=None, help="index root (default: indexing.dir)")
+    i.add_argument("--json", action="store_true", help="print the build report as one JSON object on the last line")
     i.set_defaults(func=_index)
 
     e = sub.add_parser("eval", help="score a retrieval pipeline on a BEIR-format folder")

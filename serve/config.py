@@ -101,6 +101,16 @@ class DeploymentOptions(_Strict):
     )
     num_cpus: float = Field(default=0.5, ge=0, description="Logical CPUs per replica (fractions allowed).")
     num_gpus: float = Field(default=0, ge=0, description="GPUs per replica (fractions allowed, e.g. 0.25).")
+    accelerator_type: str | None = Field(
+        default=None,
+        description="Only on nodes with this accelerator (Ray's names: 'L4', 'A10G', 'A100', 'H100'); needs num_gpus > 0 "
+        "(for the generator: device 'cuda').",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica needs, e.g. {'cpu_pool': 0.01} to keep a stage on the node type "
+        "that declares `cpu_pool` in cluster.yaml.",
+    )
     health_check_period_s: float = Field(default=10, gt=0)
     graceful_shutdown_timeout_s: float = Field(
         default=20, ge=0, description="How long a stopping replica may finish its in-flight requests."
@@ -110,13 +120,24 @@ class DeploymentOptions(_Strict):
     def _bounds(self) -> DeploymentOptions:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
+        bad = {k: v for k, v in self.resources.items() if v < 0 or k in ("CPU", "GPU", "memory")}
+        if bad:
+            raise ValueError(f"resources {bad}: custom resources must be >= 0 and not CPU/GPU/memory (use num_cpus/num_gpus)")
         return self
 
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
+    def actor_options(self) -> dict[str, Any]:
+        """``ray_actor_options`` of one replica."""
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.num_gpus:
             actor["num_gpus"] = self.num_gpus
+        if self.accelerator_type:
+            actor["accelerator_type"] = self.accelerator_type
+        if self.resources:
+            actor["resources"] = dict(self.resources)
+        return actor
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
         return {
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
@@ -126,7 +147,7 @@ class DeploymentOptions(_Strict):
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": actor,
+            "ray_actor_options": self.actor_options(),
             "health_check_period_s": self.health_check_period_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
@@ -237,6 +258,10 @@ class IndexingConfig(_Strict):
     ray_min_chunks: int = Field(default=512, ge=0, description="Below this, 'auto' embeds in-process.")
     concurrency: int = Field(default=2, ge=1, description="Embedder actors in the Ray Data pool.")
     threads_per_actor: int = Field(default=1, ge=1, description="Torch threads (and CPUs) per embedder actor.")
+    gpus_per_actor: float = Field(
+        default=1, gt=0, le=1,
+        description="With embedder.device 'cuda': the GPU share of one embedder actor (0.5: two actors per GPU).",
+    )
     ann_threshold: int = Field(
         default=200_000, ge=0, description="Chunk count from which FAISS uses HNSW instead of exact IndexFlatIP."
     )
@@ -374,6 +399,10 @@ class HttpConfig(_Strict):
 
     host: str = Field(default="127.0.0.1", description="Bind address; 0.0.0.0 exposes the service on the network.")
     port: int = Field(default=8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode",
+        description="Where Serve runs HTTP proxies: on every node (behind a load balancer) or on the head only.",
+    )
     ray_num_cpus: int | None = Field(
         default=None, ge=1,
         description="Logical CPUs of the local Ray that `ragraph serve` starts (default: max(cores, 8)). "
@@ -483,10 +512,19 @@ class AppConfig(_Strict):
     governor: GovernorConfig = GovernorConfig()
 
     @model_validator(mode="after")
-    def _tensor_parallel_needs_gpu(self) -> AppConfig:
+    def _cross_section(self) -> AppConfig:
         if self.generator.device == "cpu" and self.generator.tensor_parallel_size != 1:
             raise ValueError(
                 f"generator.tensor_parallel_size={self.generator.tensor_parallel_size} needs device 'cuda'"
+            )
+        for name in ("router", "retriever", "reranker", "http", "governor", "generator"):
+            d = getattr(self, name).deployment
+            if d.accelerator_type and not (d.num_gpus or (name == "generator" and self.generator.device == "cuda")):
+                raise ValueError(f"{name}.deployment.accelerator_type={d.accelerator_type!r} needs num_gpus > 0")
+        if self.generator.deployment.num_gpus:
+            raise ValueError(
+                f"generator.deployment.num_gpus={self.generator.deployment.num_gpus}: leave it 0; the engine takes "
+                "generator.tensor_parallel_size GPUs (one per engine worker) through ray.serve.llm"
             )
         if self.reranker.top_k > self.reranker.candidates:
             raise ValueError(

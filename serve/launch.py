@@ -62,7 +62,7 @@ def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=p
 
     t0 = time.perf_counter()
     start_ray(cfg, address=address, verbose=verbose)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.start(proxy_location=cfg.http.proxy_location, http_options={"host": cfg.http.host, "port": cfg.http.port})
     url = f"http://{'127.0.0.1' if cfg.http.host in ('0.0.0.0', '::') else cfg.http.host}:{cfg.http.port}"
     failure: list[BaseException] = []
 
@@ -158,7 +158,7 @@ def export_serve_config(cfg) -> str:
     """A Serve config file for ``serve deploy``: the app builder plus the whole config tree as its
     args, so the cluster runs exactly this config."""
     doc = {
-        "proxy_location": "EveryNode",
+        "proxy_location": cfg.http.proxy_location,
         "http_options": {"host": cfg.http.host, "port": cfg.http.port},
         "applications": [
             {
