@@ -377,13 +377,21 @@ class InputLimits(_Strict):
 
 
 class RetryPolicy(_Strict):
-    """Retries of the idempotent stages (router, retriever, reranker) after a failure or a lost
-    replica: exponential backoff with full jitter. Backpressure (a full queue) and timeouts are
-    not retried: the first is the stage saying 'not now', the second already spent the budget."""
+    """Retries of the idempotent stages (router, retriever, reranker, governor) after a failure or a
+    lost replica: exponential backoff with full jitter. Backpressure (a full queue) and a stage
+    timeout are not retried: the first is the stage saying 'not now', the second already spent the
+    budget. A try cut short by ``attempt_timeout_s`` is retried (kind ``stalled``)."""
 
     attempts: int = Field(default=3, ge=1, description="Tries per stage call, the first included.")
     backoff_s: float = Field(default=0.25, ge=0, description="Backoff before the 2nd try; doubles each time.")
     max_backoff_s: float = Field(default=2.0, ge=0)
+    attempt_timeout_s: float | None = Field(
+        default=None, gt=0,
+        description="Abandon a try that has not answered in this long and retry it on another replica (every "
+        "try but the last; the last gets the stage's whole timeout). A replica on a node that died without "
+        "a word answers nothing until Ray declares the node dead (~15 s by default): set this on a cluster. "
+        "Off (null) on one machine, where a dead replica's calls fail at once.",
+    )
 
 
 class BreakerConfig(_Strict):

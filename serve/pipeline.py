@@ -40,11 +40,11 @@ from serve.cache import cache_key
 from serve.metrics import Metrics
 
 log = logging.getLogger("ray.serve")
-RETRIED_KINDS = ("unavailable", "error")  # a lost replica or a failed call; never backpressure or a timeout
+RETRIED_KINDS = ("unavailable", "error", "stalled")  # a lost, failed or silent replica; never backpressure or a timeout
 
 
 class StageError(Exception):
-    """A stage call failed. ``kind``: overloaded | unavailable | timeout | error."""
+    """A stage call failed. ``kind``: overloaded | unavailable | timeout | stalled | error."""
 
     def __init__(self, stage: str, kind: str, detail: str) -> None:
         super().__init__(f"{stage} {kind}: {detail}")
@@ -142,15 +142,20 @@ class Pipeline:
 
     async def retrying(self, stage: str, make: Callable[[], Awaitable[Any]], timeout: float, *,
                        attempts: int | None = None, on_retry: Callable[[], None] | None = None) -> Any:
-        """``await make()`` within ``timeout`` per try, retried on a lost replica or an error.
+        """``await make()`` within ``timeout`` per try, retried on a lost replica or an error; with
+        ``http.retries.attempt_timeout_s``, every try but the last is cut short after that long and
+        retried (a replica on a dead node that Ray has not declared dead yet answers nothing).
         Raises :class:`StageError` with the last failure."""
         m = self.metrics
         attempts = attempts or self.retry.attempts
+        cut = self.retry.attempt_timeout_s
         for attempt in range(1, attempts + 1):
+            limit = min(cut, timeout) if cut and attempt < attempts else timeout
             try:
-                return await asyncio.wait_for(make(), timeout)
+                return await asyncio.wait_for(make(), limit)
             except asyncio.TimeoutError:
-                err = StageError(stage, "timeout", f"no answer in {timeout:g} s")
+                err = (StageError(stage, "stalled", f"no answer in {limit:g} s (http.retries.attempt_timeout_s)")
+                       if limit < timeout else StageError(stage, "timeout", f"no answer in {timeout:g} s"))
             except StageError as e:
                 err = e
             except Exception as e:  # a stage bug must not become a bare 500

@@ -96,6 +96,47 @@ def test_search_retries_then_503_when_every_try_fails(local_cfg, retriever, tmp_
     assert stages.calls == local_cfg.http.retries.attempts
 
 
+class Silent(Flaky):
+    """The first ``fail`` retriever calls never answer (a replica on a node that died silently)."""
+
+    async def retrieve(self, **kw):
+        self.calls += 1
+        if self.calls <= self.fail:
+            await asyncio.sleep(3600)
+        return await Stages.retrieve(self, **kw)
+
+
+@pytest.mark.parametrize("cut", [None, 0.2])
+def test_a_silent_replica_is_cut_short_and_retried_only_with_an_attempt_timeout(local_cfg, retriever, tmp_path, cut):
+    cfg = config(local_cfg, tmp_path, http={"retries": {"backoff_s": 0.01, "attempt_timeout_s": cut},
+                                           "timeouts": {"retriever": 1.0}})
+    gov = Governor.from_config(cfg)
+    stages = Silent(retriever, Engine(), gov, fail=1)
+    p = Pipeline(cfg, stages)
+    p.warm_up()
+    out = asyncio.run(ask(p, chat()))
+    meta = out["rag"]["metadata"]
+    if cut is None:  # the whole budget waits on the silent replica, then the answer degrades
+        assert stages.calls == 1 and meta["degraded"] == ["retriever"]
+    else:  # 0.2 s on the silent one, then another try answers
+        assert stages.calls == 2 and meta["status"] == "ok" and meta["retries"] == {"retriever": 1}
+        assert p.metrics.errors.labels("retriever", "stalled")._value.get() == 1
+
+
+def test_the_last_try_gets_the_whole_stage_timeout(local_cfg, retriever, tmp_path):
+    cfg = config(local_cfg, tmp_path, http={"retries": {"attempts": 2, "attempt_timeout_s": 0.1},
+                                           "timeouts": {"retriever": 0.5}})
+    p, _, _ = make(cfg, retriever)
+    calls: list[float] = []
+
+    async def slow():
+        calls.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.3)  # longer than a cut try, shorter than the stage timeout
+        return "answered"
+
+    assert asyncio.run(p.retrying("retriever", slow, 0.5)) == "answered" and len(calls) == 2
+
+
 def test_backoff_is_bounded_and_grows(local_cfg, retriever, tmp_path):
     cfg = config(local_cfg, tmp_path, http={"retries": {"attempts": 5, "backoff_s": 0.5, "max_backoff_s": 1.5}})
     p, _, _ = make(cfg, retriever)
