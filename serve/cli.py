@@ -234,6 +234,46 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kuberay(args: argparse.Namespace) -> int:
+    import difflib
+
+    from serve.config import DEFAULT_CONFIG, ENV_CONFIG
+    from serve.kuberay import KubeRayError, command, display_path, render
+
+    if args.check and args.out is None:
+        print("error: --check compares against a file: give it with --out FILE", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config)
+    source = display_path(args.config or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+    out = display_path(args.out) if args.out is not None else None
+    opts = {"name": args.name, "namespace": args.namespace, "image": args.image}
+    try:
+        text = render(cfg, source=source, **opts)
+    except KubeRayError as e:
+        print(f"error: {source}: {e}", file=sys.stderr)
+        return 1
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    if args.check:
+        old = args.out.read_text() if args.out.is_file() else ""
+        if old == text:
+            print(f"{args.out} is up to date with {source}")
+            return 0
+        diff = list(difflib.unified_diff(old.splitlines(), text.splitlines(), str(args.out), "generated", lineterm=""))
+        changed = sum(1 for d in diff if d[:1] in "+-" and d[:3] not in ("+++", "---"))
+        shown = diff[:40] + ([f"... {len(diff) - 40} more diff lines"] if len(diff) > 40 else [])
+        print("\n".join(shown), file=sys.stderr)
+        print(f"{args.out} differs from what {source} generates ({changed} lines changed"
+              f"{'' if old else '; the file is missing'}); regenerate with: "
+              f"{command(source=source, out=out, **opts)}", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} from {source}; apply it with: kubectl apply -f {args.out}")
+    return 0
+
+
 def _loadtest_args(p: argparse.ArgumentParser) -> None:
     from load_tests.cli import add_arguments
 
@@ -339,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _loadtest_args(lt)
     lt.set_defaults(func=_loadtest)
+
+    kube = sub.add_parser("kuberay", help="write the KubeRay RayService manifest for the config (--check: compare)")
+    kube.add_argument("--out", type=Path, default=None, metavar="FILE", help="write here (default: print it)")
+    kube.add_argument("--name", default="ragraph", help="the RayService's name (its Service: NAME-serve-svc)")
+    kube.add_argument("--namespace", default=None, help="metadata.namespace (default: none, kubectl's namespace)")
+    kube.add_argument("--image", default=None,
+                      help="the app image for every pod (default: ghcr.io/OWNER/ragraph:VERSION; see configs/kuberay)")
+    kube.add_argument("--check", action="store_true", help="exit 1 with a diff summary if FILE differs from the output")
+    kube.set_defaults(func=_kuberay)
 
     c = sub.add_parser("config", help="validate the config; --show prints the effective values")
     c.add_argument("--show", action="store_true", help="print the effective config as YAML")

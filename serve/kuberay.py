@@ -1,0 +1,484 @@
+"""The KubeRay ``RayService`` manifest, generated from the typed config (``ragraph kuberay``).
+
+One manifest holds the whole service: ``spec.serveConfigV2`` is the Serve config that
+``ragraph serve --export`` writes (the app builder plus the whole config tree as its args), and
+``spec.rayClusterConfig`` is a Ray cluster of three node groups (the node types of cluster.yaml):
+
+* ``head``: Ray ``CPU: 4`` and the custom resource ``ragraph_head: 1``; the governor is pinned
+  there and keeps its SQLite file on a ReadWriteOnce volume (``ragraph-state``), mounted at the
+  folder of ``governor.db`` so it survives a restarted head pod;
+* ``cpu`` workers: ``cpu_pool: 1000``, for the stages that ask for ``cpu_pool`` (ingress, router)
+  and the driver of index jobs;
+* ``gpu`` workers: one NVIDIA L4 each, for the stages that ask for GPUs.
+
+Every pod mounts the ReadWriteMany volume ``ragraph-shared`` at ``/mnt/shared`` (indexes, models,
+corpus) and runs one image: Ray's GPU image with this repository installed as ``.[gpu]``
+(configs/kuberay/README.md). KubeRay creates the Service ``<name>-serve-svc`` on port
+``http.port`` (8000), in front of every pod whose Serve proxy is up.
+
+The worker groups' bounds are derived from the config (:func:`group_bounds`); the output is
+deterministic (no timestamps, no machine paths) so that the committed copy can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from serve.config import REPO_ROOT, AppConfig
+
+SHARED_CLAIM = "ragraph-shared"
+SHARED_MOUNT = PurePosixPath("/mnt/shared")
+STATE_CLAIM = "ragraph-state"
+POD_HOME = PurePosixPath("/home/ray")  # the Ray images' user `ray` (uid 1000, gid 100)
+PYTHON_TAG = "py311"  # requires-python in pyproject.toml
+ACCELERATOR = "L4"  # what the gpu group's nodes carry (Ray's accelerator type name)
+GPU_RESOURCE = "nvidia.com/gpu"
+ACCEL_PREFIX = "accelerator_type:"
+KUBERAY_MIN = "1.2"  # spec.upgradeStrategy
+# What an index job's driver (chunking, BM25 and FAISS builds) asks for, as cluster.yaml submits it:
+# `ray job submit --entrypoint-num-cpus 4 --entrypoint-resources '{"cpu_pool": 1}'`, on a cpu worker.
+INDEX_DRIVER = {"CPU": 4, "cpu_pool": 1}
+
+
+class KubeRayError(ValueError):
+    """The config cannot run on the KubeRay cluster as described; the message lists every problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeGroup:
+    """One Ray node group: the pod's Kubernetes shape and what Ray is told it offers.
+
+    Pods ask for a little less than the machine (``machine``) so that the kubelet's reservation,
+    the daemon sets and, on the head, KubeRay's autoscaler sidecar (500m, 512Mi) still fit."""
+
+    name: str
+    machine: str
+    cpu: int  # the Ray container's CPU request = limit
+    memory_gib: int  # request = limit; Ray takes its memory from the limit
+    ray_cpus: int  # `num-cpus`: what Ray schedules against
+    gpus: int = 0
+    resources: Mapping[str, int] = field(default_factory=dict)  # custom Ray resources
+
+    def capacity(self, extra: Mapping[str, int] | None = None) -> dict[str, float]:
+        """What Ray schedules against on one pod (``extra``: accelerator-type resources)."""
+        return {"CPU": self.ray_cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.resources, **(extra or {})}
+
+
+HEAD = NodeGroup("head", "8 vCPU, 32 GiB", cpu=6, memory_gib=26, ray_cpus=4, resources={"ragraph_head": 1})
+CPU_WORKERS = NodeGroup("cpu", "16 vCPU, 64 GiB", cpu=15, memory_gib=56, ray_cpus=15, resources={"cpu_pool": 1000})
+GPU_WORKERS = NodeGroup("gpu", "1x NVIDIA L4, 16 vCPU, 64 GiB", cpu=15, memory_gib=56, ray_cpus=15, gpus=1)
+GROUPS = (HEAD, CPU_WORKERS, GPU_WORKERS)
+
+
+@dataclass(frozen=True, slots=True)
+class StageNeed:
+    """What one replica of a stage asks of Ray (its bundles; one bundle unless it has a placement
+    group), and how many replicas it runs at the least and at the most."""
+
+    stage: str
+    bundles: tuple[Mapping[str, float], ...]
+    min_replicas: int
+    max_replicas: int
+
+    def per_replica(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for b in self.bundles:
+            for r, v in b.items():
+                total[r] = total.get(r, 0) + v
+        return total
+
+    def custom(self) -> set[str]:
+        """Custom resources asked for (accelerator types aside)."""
+        standard = ("CPU", "GPU", "memory")
+        return {r for b in self.bundles for r in b if r not in standard and not r.startswith(ACCEL_PREFIX)}
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBounds:
+    """A worker group's pod bounds and the totals they were derived from."""
+
+    min_replicas: int
+    max_replicas: int
+    min_need: dict[str, float]
+    max_need: dict[str, float]
+    stages: tuple[str, ...]
+
+
+def _bundle(resources: Mapping[str, Any]) -> dict[str, float]:
+    return {r: float(v) for r, v in resources.items() if v}
+
+
+def stage_needs(cfg: AppConfig) -> list[StageNeed]:
+    """Every Serve deployment's needs (from :func:`deployments.graph.deployment_options`, without
+    starting Ray), plus the index job: its Ray Data embedder actors (``indexing.concurrency``, each
+    ``threads_per_actor`` CPUs and, with ``embedder.device: cuda``, ``gpus_per_actor`` GPUs) and its
+    driver (:data:`INDEX_DRIVER`)."""
+    from deployments.graph import deployment_options
+
+    needs: list[StageNeed] = []
+    for name, o in deployment_options(cfg).items():
+        auto = o.get("autoscaling_config") or {}
+        lo = auto.get("min_replicas", o.get("num_replicas", 1))
+        hi = auto.get("max_replicas", o.get("num_replicas", 1))
+        pg = o.get("placement_group_bundles")
+        if pg:  # the replica actor runs inside the first bundle: the bundles are the whole need
+            bundles = tuple(_bundle(b) for b in pg)
+        else:
+            a = o.get("ray_actor_options", {})
+            b = {"CPU": a.get("num_cpus", 1), "GPU": a.get("num_gpus", 0), **a.get("resources", {})}
+            if a.get("accelerator_type"):
+                b[ACCEL_PREFIX + a["accelerator_type"]] = 0.001
+            bundles = (_bundle(b),)
+        needs.append(StageNeed(name, bundles, lo, hi))
+    ix = cfg.indexing
+    if ix.engine != "local":
+        gpus = ix.gpus_per_actor if cfg.embedder.device == "cuda" else 0
+        actor = _bundle({"CPU": ix.threads_per_actor, "GPU": gpus})
+        needs.append(StageNeed("index actors", (actor,), 0, ix.concurrency))
+    needs.append(StageNeed("index driver", (_bundle(INDEX_DRIVER),), 0, 1))
+    return needs
+
+
+def _accelerators(needs: Iterable[StageNeed]) -> dict[str, int]:
+    return {r: 1 for n in needs for b in n.bundles for r in b if r.startswith(ACCEL_PREFIX)}
+
+
+def _place(needs: list[StageNeed], errors: list[str]) -> dict[str, list[StageNeed]]:
+    """Which group each stage runs on: the group offering its custom resources; else the gpu group
+    when it needs GPUs; else the cpu group (a stage pinned nowhere may also land on the head or a
+    gpu pod, so counting it on the cpu group is the safe side)."""
+    placed: dict[str, list[StageNeed]] = {g.name: [] for g in GROUPS}
+    accel = _accelerators(needs)
+    for n in needs:
+        custom = n.custom()
+        if custom:
+            group = next((g for g in GROUPS if custom <= set(g.resources)), None)
+            if group is None:
+                offered = ", ".join(f"{g.name}: {sorted(g.resources) or '-'}" for g in GROUPS)
+                errors.append(f"{n.stage} asks for {sorted(custom)}, which no node group offers ({offered})")
+                continue
+        else:
+            group = GPU_WORKERS if n.per_replica().get("GPU") else CPU_WORKERS
+        cap = group.capacity(accel if group is GPU_WORKERS else {})
+        for b in n.bundles:
+            over = {r: v for r, v in b.items() if v > cap.get(r, 0)}
+            if over:
+                errors.append(f"{n.stage}: one replica's bundle {b} does not fit a {group.name} pod, "
+                              f"which offers {cap}")
+        placed[group.name].append(n)
+    bad = sorted({r[len(ACCEL_PREFIX):] for r in accel} - {ACCELERATOR})
+    if bad:
+        errors.append(f"accelerator_type {bad}: the gpu group's nodes carry {ACCELERATOR!r}")
+    return placed
+
+
+def _total(needs: Iterable[StageNeed], replicas: str) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for n in needs:
+        for r, v in n.per_replica().items():
+            total[r] = round(total.get(r, 0) + getattr(n, replicas) * v, 6)
+    return {r: v for r, v in total.items() if v}
+
+
+def _pods(total: Mapping[str, float], cap: Mapping[str, float]) -> int:
+    return max((math.ceil(round(v / cap[r], 6)) for r, v in total.items() if cap.get(r)), default=0)
+
+
+def group_bounds(cfg: AppConfig) -> dict[str, GroupBounds]:
+    """The ``cpu`` and ``gpu`` worker groups' ``minReplicas`` / ``maxReplicas``.
+
+    Sizing rule, per group, over the stages placed on it (:func:`_place`):
+
+    * ``minReplicas`` = the pods that hold every stage at ``min_replicas``: for each resource
+      (GPU, CPU, custom), ceil(sum over stages of min_replicas x per-replica need / what one pod
+      offers), the largest of these; per-replica need is the sum of the placement-group bundles
+      for the generator (one ``GPU: 1`` bundle per tensor-parallel worker, its CPUs merged in).
+      At least 2 when a stage on the group asks for 2+ replicas: Serve spreads replicas over
+      nodes, so a lost pod leaves one answering (what ``min_replicas: 2`` is for in gpu.yaml).
+    * ``maxReplicas`` = the same at ``max_replicas``, plus the index job (its embedder actors on
+      the gpu group with a cuda embedder, its driver on the cpu group), and never below the minimum.
+
+    The sums are a lower bound (they assume replicas pack without waste). For gpu.yaml the GPU is
+    the binding resource and its shares (1, 0.5, 0.25) divide one GPU, so they pack exactly.
+    The head is checked, not sized: the stages pinned to it must fit it at ``max_replicas``.
+    Raises :class:`KubeRayError` listing every stage that cannot be placed."""
+    errors: list[str] = []
+    needs = stage_needs(cfg)
+    placed = _place(needs, errors)
+    head = _total(placed["head"], "max_replicas")
+    if _pods(head, HEAD.capacity()) > 1:
+        errors.append(f"the stages pinned to the head ({[n.stage for n in placed['head']]}) need {head} at "
+                      f"max_replicas; the head offers {HEAD.capacity()}")
+    if errors:
+        raise KubeRayError(_errors(errors))
+    out: dict[str, GroupBounds] = {}
+    accel = _accelerators(needs)
+    for g in (CPU_WORKERS, GPU_WORKERS):
+        stages = placed[g.name]
+        cap = g.capacity(accel if g is GPU_WORKERS else {})
+        lo_need, hi_need = _total(stages, "min_replicas"), _total(stages, "max_replicas")
+        spread = max((min(n.min_replicas, 2) for n in stages), default=0)
+        lo = max(_pods(lo_need, cap), spread)
+        out[g.name] = GroupBounds(lo, max(_pods(hi_need, cap), lo), lo_need, hi_need, tuple(n.stage for n in stages))
+    return out
+
+
+def _errors(errors: list[str]) -> str:
+    return f"{len(errors)} problem(s) for KubeRay:\n" + "\n".join(f"  - {e}" for e in errors)
+
+
+def _check_paths(cfg: AppConfig) -> list[str]:
+    """The config must name the pods' paths: the index where every pod reads it, the governor's
+    database where the state volume is, and nothing that only exists on this machine."""
+    errors: list[str] = []
+    if not PurePosixPath(cfg.indexing.dir).is_relative_to(SHARED_MOUNT):
+        errors.append(f"indexing.dir={cfg.indexing.dir} is not under {SHARED_MOUNT}: the index job writes it and "
+                      "every retriever pod reads it, so it must be on the shared volume")
+    db = PurePosixPath(cfg.governor.db)
+    if db.is_relative_to(SHARED_MOUNT) or not db.is_absolute():
+        errors.append(f"governor.db={db}: needs an absolute path off the shared volume (SQLite over network storage "
+                      f"is unsafe), e.g. {POD_HOME}/ragraph-state/governor.sqlite3 on the head's state volume")
+    if "ragraph_head" not in cfg.governor.deployment.resources:
+        errors.append("governor.deployment.resources has no 'ragraph_head': the governor must run on the head, "
+                      "where its database volume is mounted")
+    if cfg.http.host not in ("0.0.0.0", "::"):
+        errors.append(f"http.host={cfg.http.host!r}: the serve Service reaches the proxies on the pods' addresses; "
+                      "use 0.0.0.0")
+    home = str(Path.home())
+    local = [str(REPO_ROOT)] + ([home] if home not in ("/", str(POD_HOME)) else [])
+    for key, value in _strings(cfg.model_dump(mode="json")):
+        if any(value == p or value.startswith(p + "/") for p in local):
+            errors.append(f"{key}={value} is a path on this machine ('~' or a relative path expanded here); "
+                          "give the path on the pods")
+    return errors
+
+
+def _strings(tree: Any, key: str = "") -> Iterable[tuple[str, str]]:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(tree, str):
+        yield key, tree
+
+
+def _pyproject() -> dict[str, Any]:
+    path = REPO_ROOT / "pyproject.toml"
+    return tomllib.loads(path.read_text()) if path.is_file() else {}
+
+
+def project_version() -> str:
+    """The ragraph version (pyproject.toml, else the installed package)."""
+    return _pyproject().get("project", {}).get("version") or metadata.version("ragraph")
+
+
+def ray_version() -> str:
+    """Ray's version as pinned in pyproject.toml (what the image installs), else the installed one."""
+    for spec in _pyproject().get("project", {}).get("optional-dependencies", {}).get("stack", []):
+        m = re.fullmatch(r"ray(\[[^\]]*\])?==([\w.]+)", spec.replace(" ", ""))
+        if m:
+            return m.group(2)
+    return metadata.version("ray")
+
+
+def base_image() -> str:
+    """The Ray image the app image is built from."""
+    return f"rayproject/ray:{ray_version()}-{PYTHON_TAG}-gpu"
+
+
+def default_image() -> str:
+    return f"ghcr.io/OWNER/ragraph:{project_version()}"
+
+
+def serve_config(cfg: AppConfig) -> dict[str, Any]:
+    """``ragraph serve --export``'s Serve config, as a dict."""
+    from serve.launch import export_serve_config
+
+    return yaml.safe_load(export_serve_config(cfg))
+
+
+def _resources_param(resources: Mapping[str, int]) -> str:
+    # KubeRay's convention for the `resources` ray start param: '"{\"Custom1\": 1}"' in YAML.
+    return '"' + json.dumps(dict(sorted(resources.items()))).replace('"', '\\"') + '"'
+
+
+def _container(name: str, image: str, g: NodeGroup, *, ports: list[dict[str, Any]], env: list[dict[str, str]],
+               mounts: list[dict[str, str]]) -> dict[str, Any]:
+    limits: dict[str, str] = {"cpu": str(g.cpu), "memory": f"{g.memory_gib}Gi"}
+    if g.gpus:
+        limits[GPU_RESOURCE] = str(g.gpus)
+    c: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "resources": {"requests": dict(limits), "limits": limits},
+        "ports": ports,
+        "volumeMounts": mounts,
+    }
+    if env:
+        c["env"] = env
+    return c
+
+
+def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {"fsGroup": 100},  # the image's `users` group may write the volumes
+    }
+    if gpu:
+        spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return {"metadata": {"labels": {"app.kubernetes.io/name": "ragraph"}}, "spec": spec}
+
+
+def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None,
+               image: str | None = None) -> dict[str, Any]:
+    """The ``RayService`` object for ``cfg``. Raises :class:`KubeRayError` listing every problem."""
+    errors = _check_paths(cfg)
+    try:
+        bounds = group_bounds(cfg)
+    except KubeRayError as e:
+        errors += [line[4:] for line in str(e).splitlines()[1:]]
+    if errors:
+        raise KubeRayError(_errors(errors))
+    image = image or default_image()
+    port = cfg.http.port
+    serve_port = {"containerPort": port, "name": "serve"}
+    shared = {"name": "shared", "mountPath": str(SHARED_MOUNT)}
+    volumes = [{"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_CLAIM}}]
+    env: list[dict[str, str]] = []
+    if PurePosixPath(cfg.models.dir).is_relative_to(SHARED_MOUNT):
+        # Hub models are downloaded once into the shared volume, not once per pod.
+        env.append({"name": "HF_HOME", "value": str(PurePosixPath(cfg.models.dir) / "huggingface")})
+
+    head_container = _container(
+        "ray-head", image, HEAD,
+        ports=[{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
+               {"containerPort": 10001, "name": "client"}, {"containerPort": 8080, "name": "metrics"}, serve_port],
+        env=env,
+        mounts=[shared, {"name": "state", "mountPath": str(PurePosixPath(cfg.governor.db).parent)}],
+    )
+    head_volumes = volumes + [{"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}}]
+    head = {
+        "rayStartParams": {
+            "num-cpus": str(HEAD.ray_cpus),
+            "resources": _resources_param(HEAD.resources),
+            "dashboard-host": "0.0.0.0",
+        },
+        "template": _pod(head_container, head_volumes, gpu=False),
+    }
+    accel = _accelerators(stage_needs(cfg))
+    workers = []
+    for g in (CPU_WORKERS, GPU_WORKERS):
+        b = bounds[g.name]
+        params = {"num-cpus": str(g.ray_cpus)}
+        if g.gpus:
+            params["num-gpus"] = str(g.gpus)
+        custom = {**g.resources, **(accel if g is GPU_WORKERS else {})}
+        if custom:
+            params["resources"] = _resources_param(custom)
+        container = _container("ray-worker", image, g, ports=[serve_port], env=env, mounts=[shared])
+        workers.append({
+            "groupName": g.name,
+            "replicas": b.min_replicas,
+            "minReplicas": b.min_replicas,
+            "maxReplicas": b.max_replicas,
+            "rayStartParams": params,
+            "template": _pod(container, volumes, gpu=bool(g.gpus)),
+        })
+    metadata_: dict[str, Any] = {"name": name}
+    if namespace:
+        metadata_["namespace"] = namespace
+    metadata_["labels"] = {"app.kubernetes.io/name": "ragraph", "app.kubernetes.io/version": project_version()}
+    serve_text = yaml.safe_dump(serve_config(cfg), sort_keys=False)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": metadata_,
+        "spec": {
+            # A new RayCluster per cluster change (KubeRay's default) would double the GPU pods and start
+            # a second head that cannot attach the ReadWriteOnce state volume: change the cluster by
+            # deleting and re-applying. serveConfigV2 changes are still applied in place.
+            "upgradeStrategy": {"type": "None"},
+            "serveConfigV2": serve_text,
+            "rayClusterConfig": {
+                "rayVersion": ray_version(),
+                "enableInTreeAutoscaling": True,
+                "headGroupSpec": head,
+                "workerGroupSpecs": workers,
+            },
+        },
+    }
+
+
+def command(*, source: str, out: str | None = None, name: str = "ragraph", namespace: str | None = None,
+            image: str | None = None) -> str:
+    """The ``ragraph`` command line that writes this manifest."""
+    parts = ["ragraph", "--config", source, "kuberay"]
+    for flag, value, default in (("--name", name, "ragraph"), ("--namespace", namespace, None),
+                                 ("--image", image, None), ("--out", out, None)):
+        if value != default:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` relative to the repository when inside it (so the header does not depend on the
+    checkout's location), else as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (serveConfigV2) as literal blocks; shared sub-objects written out, not aliased."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, s: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "ragraph", namespace: str | None = None,
+           image: str | None = None) -> str:
+    """:func:`rayservice` as YAML, under a header naming the command that prints it (the same
+    wherever the file is written, so that any copy can be checked) and the sizing."""
+    doc = rayservice(cfg, name=name, namespace=namespace, image=image)
+    bounds = group_bounds(cfg)
+
+    def need(d: Mapping[str, float]) -> str:
+        return ", ".join(f"{r} {v:g}" for r, v in d.items() if r in ("CPU", "GPU")) or "nothing"
+
+    lines = [
+        f"# Generated by `{command(source=source, name=name, namespace=namespace, image=image)}` "
+        f"(--out FILE writes it); do not edit: edit {source} and regenerate.",
+        f"# Needs KubeRay >= {KUBERAY_MIN}; the volume claims {SHARED_CLAIM} (ReadWriteMany) and {STATE_CLAIM} "
+        "(ReadWriteOnce);",
+        f"# an image built FROM {base_image()} with this repository installed as '.[gpu]' "
+        "(configs/kuberay/README.md).",
+        f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",
+        "# Worker bounds from the config (serve/kuberay.py group_bounds; pods offer "
+        + "; ".join(f"{g.name} {need(g.capacity())}" for g in (CPU_WORKERS, GPU_WORKERS)) + "):",
+    ]
+    for g, b in bounds.items():
+        lines.append(f"#   {g}: min {b.min_replicas} (needs {need(b.min_need)} at min_replicas), "
+                     f"max {b.max_replicas} (needs {need(b.max_need)} at max_replicas); {', '.join(b.stages)}")
+    return "\n".join(lines) + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)

@@ -1,0 +1,208 @@
+"""The KubeRay manifest (serve/kuberay.py): generated from configs/gpu.yaml and committed; read
+back by Ray's own Serve schema and by Ray's KubeRay autoscaler config reader; its worker bounds
+follow the config. Fast: no Ray is started, nothing is applied to a Kubernetes cluster."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve import kuberay
+from serve.config import AppConfig, load_config
+from serve.kuberay import KubeRayError
+
+REPO = Path(__file__).resolve().parent.parent
+GPU_YAML = REPO / "configs" / "gpu.yaml"
+COMMITTED = REPO / "configs" / "kuberay" / "rayservice.yaml"
+REGENERATE = "ragraph --config configs/gpu.yaml kuberay --out configs/kuberay/rayservice.yaml"
+
+
+@pytest.fixture(scope="module")
+def cfg() -> AppConfig:
+    return load_config(GPU_YAML, environ={})
+
+
+@pytest.fixture(scope="module")
+def manifest(cfg) -> dict:
+    return kuberay.rayservice(cfg)
+
+
+def changed(cfg: AppConfig, **edits) -> AppConfig:
+    """``cfg`` with dotted keys replaced, validated again like a loaded file."""
+    data = cfg.model_dump(mode="json")
+    for dotted, value in edits.items():
+        *path, last = dotted.split("__")
+        node = data
+        for k in path:
+            node = node[k]
+        node[last] = value
+    return AppConfig.model_validate(data)
+
+
+def worker(manifest: dict, group: str) -> dict:
+    return next(g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"] if g["groupName"] == group)
+
+
+def test_committed_manifest_is_what_gpu_yaml_generates(cfg, monkeypatch):
+    text = kuberay.render(cfg, source="configs/gpu.yaml")
+    committed = COMMITTED.read_text()
+    if text != committed:
+        diff = "\n".join(list(difflib.unified_diff(committed.splitlines(), text.splitlines(), "committed",
+                                                   "generated", lineterm=""))[:30])
+        pytest.fail(f"configs/kuberay/rayservice.yaml is stale; regenerate it with: {REGENERATE}\n{diff}")
+    assert "ragraph --config configs/gpu.yaml kuberay" in committed.splitlines()[0]
+    monkeypatch.setenv("HOME", "/nonexistent-home")  # nothing in the output depends on this machine
+    assert kuberay.render(cfg, source="configs/gpu.yaml") == committed
+
+
+def test_serve_config_validates_with_rays_schema_and_loads_back_into_the_config(manifest, cfg):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.launch import export_serve_config
+
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    raw = manifest["spec"]["serveConfigV2"]
+    assert isinstance(raw, str)
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(raw))
+    (app,) = schema.applications
+    assert app.import_path == "deployments.graph:app_builder" and app.route_prefix == "/"
+    assert AppConfig.model_validate(app.args) == cfg
+    assert yaml.safe_load(raw) == yaml.safe_load(export_serve_config(cfg))  # the same as `ragraph serve --export`
+
+
+def test_rays_kuberay_autoscaler_reads_the_groups_as_intended(manifest):
+    import ray
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__ == kuberay.ray_version()
+    assert cluster["enableInTreeAutoscaling"] is True
+    types = _derive_autoscaling_config_from_ray_cr(
+        {"metadata": {"name": "ragraph", "namespace": "default"}, "spec": cluster}
+    )["available_node_types"]
+    assert {k: v for k, v in types["headgroup"]["resources"].items() if k != "memory"} == {"CPU": 4, "ragraph_head": 1}
+    assert {k: v for k, v in types["cpu"]["resources"].items() if k != "memory"} == {"CPU": 15, "cpu_pool": 1000}
+    assert {k: v for k, v in types["gpu"]["resources"].items() if k != "memory"} == {"CPU": 15, "GPU": 1}
+    for group in ("cpu", "gpu"):
+        spec = worker(manifest, group)
+        assert (types[group]["min_workers"], types[group]["max_workers"]) == (spec["minReplicas"], spec["maxReplicas"])
+        assert spec["replicas"] == spec["minReplicas"]
+
+
+def test_gpu_yaml_bounds_follow_the_sizing_rule(cfg):
+    """The rule worked by hand from gpu.yaml's fields (one GPU and 15 Ray CPUs per pod)."""
+    g, r, rr, ix = cfg.generator, cfg.retriever.deployment, cfg.reranker.deployment, cfg.indexing
+    gen = g.deployment
+    gpus_min = gen.min_replicas * g.tensor_parallel_size + r.min_replicas * r.num_gpus + rr.min_replicas * rr.num_gpus
+    gpus_max = (gen.max_replicas * g.tensor_parallel_size + r.max_replicas * r.num_gpus
+                + rr.max_replicas * rr.num_gpus + ix.concurrency * ix.gpus_per_actor)
+    b = kuberay.group_bounds(cfg)
+    assert (gpus_min, gpus_max) == (1.75, 16)
+    assert (b["gpu"].min_replicas, b["gpu"].max_replicas) == (math.ceil(gpus_min), math.ceil(gpus_max)) == (2, 16)
+    h, ro = cfg.http.deployment, cfg.router.deployment
+    cpus_max = h.max_replicas * h.num_cpus + ro.max_replicas * ro.num_cpus + kuberay.INDEX_DRIVER["CPU"]
+    assert b["cpu"].max_need["CPU"] == cpus_max == 15
+    # 15 CPUs fit one pod, but ingress and router ask for 2 replicas each: two pods, so a lost one leaves one.
+    assert (b["cpu"].min_replicas, b["cpu"].max_replicas) == (2, 2)
+
+
+def test_bounds_respond_to_the_config(cfg):
+    base = kuberay.group_bounds(cfg)
+
+    more = kuberay.group_bounds(changed(cfg, generator__deployment__min_replicas=3))
+    assert more["gpu"].min_replicas == 4 > base["gpu"].min_replicas  # 3 + 0.5 + 0.25 GPUs
+
+    tp2 = kuberay.group_bounds(changed(cfg, generator__tensor_parallel_size=2))
+    assert (tp2["gpu"].min_replicas, tp2["gpu"].max_replicas) == (3, 24)  # bundles of one GPU each
+
+    index = kuberay.group_bounds(changed(cfg, indexing__concurrency=16))
+    assert index["gpu"].max_replicas == base["gpu"].max_replicas + 4  # 8 more actors x 0.5 GPU
+
+    no_rerank = kuberay.group_bounds(changed(cfg, reranker__enabled=False))
+    assert no_rerank["gpu"].max_replicas == base["gpu"].max_replicas - 2  # 8 replicas x 0.25 GPU
+    assert "reranker" not in no_rerank["gpu"].stages
+
+    ingress = kuberay.group_bounds(changed(cfg, http__deployment__max_replicas=50))
+    assert ingress["cpu"].max_replicas == 4  # 50 + 3 + 4 CPUs over 15 per pod
+
+    manifest = kuberay.rayservice(changed(cfg, generator__deployment__min_replicas=3))
+    assert worker(manifest, "gpu")["minReplicas"] == 4
+
+
+def test_pods_mount_the_volumes_and_gpu_pods_ask_for_a_gpu(manifest, cfg):
+    cluster = manifest["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert mounts == {"shared": "/mnt/shared", "state": str(Path(cfg.governor.db).parent)}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in head["volumes"]}
+    assert claims == {"shared": "ragraph-shared", "state": "ragraph-state"}
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    for group in ("cpu", "gpu"):
+        pod = worker(manifest, group)["template"]["spec"]
+        assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]] == ["/mnt/shared"]
+        assert pod["containers"][0]["image"] == kuberay.default_image()
+    gpu = worker(manifest, "gpu")["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
+    assert "tolerations" not in worker(manifest, "cpu")["template"]["spec"]
+
+
+def test_an_accelerator_type_is_advertised_to_the_autoscaler(cfg):
+    manifest = kuberay.rayservice(changed(cfg, reranker__deployment__accelerator_type="L4"))
+    assert worker(manifest, "gpu")["rayStartParams"]["resources"] == '"{\\"accelerator_type:L4\\": 1}"'
+    assert "resources" not in worker(kuberay.rayservice(cfg), "gpu")["rayStartParams"]
+
+
+def test_configs_that_cannot_run_there_are_refused_with_every_reason(cfg):
+    with pytest.raises(KubeRayError) as e:
+        kuberay.rayservice(load_config(REPO / "configs" / "local.yaml", environ={}))
+    for key in ("http.host", "indexing.dir", "indexing.source", "governor.deployment.resources"):
+        assert key in str(e.value)
+
+    with pytest.raises(KubeRayError, match="no node group offers"):
+        kuberay.rayservice(changed(cfg, router__deployment__resources={"edge_pool": 0.01}))
+    with pytest.raises(KubeRayError, match="pinned to the head"):
+        kuberay.rayservice(changed(cfg, governor__deployment__num_cpus=5))
+    with pytest.raises(KubeRayError, match="does not fit a gpu pod"):
+        kuberay.rayservice(changed(cfg, reranker__deployment__num_gpus=2))
+    with pytest.raises(KubeRayError, match="carry 'L4'"):
+        kuberay.rayservice(changed(cfg, reranker__deployment__accelerator_type="A100"))
+
+
+def test_cli_writes_and_checks(tmp_path, monkeypatch, capsys):
+    from serve.cli import main
+
+    for var in [v for v in os.environ if v.startswith("RAGRAPH")]:
+        monkeypatch.delenv(var)  # the committed copy is gpu.yaml without overrides
+    base = ["--config", str(GPU_YAML), "kuberay"]
+
+    assert main([*base, "--out", str(COMMITTED), "--check"]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+    out = tmp_path / "rayservice.yaml"
+    assert main([*base, "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert out.read_text() == COMMITTED.read_text()
+    assert main([*base, "--out", str(out), "--check"]) == 0
+    capsys.readouterr()
+
+    out.write_text(out.read_text().replace("maxReplicas: 16", "maxReplicas: 10"))
+    assert main([*base, "--out", str(out), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "-      maxReplicas: 10" in err and "2 lines changed" in err
+    assert f"regenerate with: ragraph --config configs/gpu.yaml kuberay --out {out}" in err
+
+    assert main([*base, "--out", str(tmp_path / "missing.yaml"), "--check"]) == 1
+    assert "the file is missing" in capsys.readouterr().err
+    assert main([*base, "--check"]) == 2  # --check needs a file
+
+
+def test_no_ray_was_started():
+    import ray
+
+    assert not ray.is_initialized()
