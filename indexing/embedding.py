@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -104,19 +103,18 @@ def embed_with_ray(
     *,
     concurrency: int,
     threads_per_actor: int,
-    shard_dir: Path,
     gpus_per_actor: float = 1,
     nodes: dict[str, int] | None = None,
     log: Log = print,
 ) -> np.ndarray:
-    """Embed with Ray Data: an actor pool of ``concurrency`` embedders, shards written as Parquet
-    (``row``, ``vector``, ``node``) into ``shard_dir``, then gathered back in input order.
+    """Embed with Ray Data: an actor pool of ``concurrency`` embedders; the batches (``row``,
+    ``vector``, ``node``) stream back to the driver through Ray's object store, which works across
+    nodes (a folder of shards would be each node's own local disk), and are put back in input order.
 
     Ray Data places the actors with its default SPREAD strategy, so on a cluster they land on
     several nodes; ``nodes`` (when given) is filled with the chunks each node embedded, by node id,
     and the log names them. With ``embedder.device == 'cuda'`` each actor takes ``gpus_per_actor``
     of a GPU (fractions share one)."""
-    import pyarrow.parquet as pq
     import ray
 
     ensure_ray()
@@ -141,19 +139,22 @@ def embed_with_ray(
         num_gpus=gpus_per_actor if embedder.device == "cuda" else 0,
     )
     log(f"  embedding {len(texts)} chunks with Ray Data ({concurrency} actors x {threads_per_actor} threads)")
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    ds.write_parquet(str(shard_dir))
-    table = pq.read_table(shard_dir)
-    rows = table.column("row").to_numpy()
-    vecs = np.asarray(table.column("vector").to_pylist(), dtype=np.float32)
-    if len(rows) != len(texts) or set(rows.tolist()) != set(range(len(texts))):
-        raise RuntimeError(f"Ray Data returned {len(rows)} vectors for {len(texts)} chunks; shards in {shard_dir}")
+    out: np.ndarray | None = None
+    seen = np.zeros(len(texts), dtype=bool)
     per_node: dict[str, int] = {}
-    for node in table.column("node").to_pylist():
-        per_node[node] = per_node.get(node, 0) + 1
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows, vecs = batch["row"].astype(np.int64), np.stack(batch["vector"]).astype(np.float32)
+        if out is None:
+            out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+        out[rows] = vecs
+        seen[rows] = True
+        for node, count in zip(*np.unique(batch["node"], return_counts=True)):
+            per_node[str(node)] = per_node.get(str(node), 0) + int(count)
+    if out is None or not seen.all() or sum(per_node.values()) != len(texts):
+        raise RuntimeError(
+            f"Ray Data returned {sum(per_node.values())} vectors for {len(texts)} chunks ({int((~seen).sum())} missing)"
+        )
     log(f"  embedded on {len(per_node)} node(s): " + ", ".join(f"{n[:8]}: {c} chunks" for n, c in sorted(per_node.items())))
     if nodes is not None:
         nodes.update(per_node)
-    out = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
-    out[rows] = vecs
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,11 +54,10 @@ def embed_fn(
     def embed(texts: list[str]) -> tuple[np.ndarray, str]:
         use_ray = ix.engine == "ray" or (ix.engine == "auto" and len(texts) >= ix.ray_min_chunks)
         if use_ray:
-            with tempfile.TemporaryDirectory(prefix="ragraph-shards-") as d:
-                v = embed_with_ray(
-                    texts, embedder, concurrency=ix.concurrency, threads_per_actor=ix.threads_per_actor,
-                    gpus_per_actor=ix.gpus_per_actor, shard_dir=Path(d), nodes=nodes, log=log,
-                )
+            v = embed_with_ray(
+                texts, embedder, concurrency=ix.concurrency, threads_per_actor=ix.threads_per_actor,
+                gpus_per_actor=ix.gpus_per_actor, nodes=nodes, log=log,
+            )
             return v, "ray"
         return embed_local(texts, embedder, log=log), "local"
 

@@ -31,8 +31,6 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,ray-data,ray-data-1x2,ray-data-bf16,ray-data-bf16-1x2,int8,bf16")
     args = ap.parse_args()
 
-    import tempfile
-
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -67,10 +65,9 @@ def main() -> None:
             continue
         ensure_ray()
         e = Embedder(model=model, batch_size=cfg.embedder.batch_size, dtype=dtype)
-        with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
-            v = embed_with_ray(texts, e, concurrency=actors, threads_per_actor=threads, shard_dir=Path(d), log=lambda m: None)
-            record(name, time.perf_counter() - t, v, f"{dtype}, {actors} actors x {threads} threads, incl. actor start")
+        t = time.perf_counter()
+        v = embed_with_ray(texts, e, concurrency=actors, threads_per_actor=threads, log=lambda m: None)
+        record(name, time.perf_counter() - t, v, f"{dtype}, {actors} actors x {threads} threads, incl. actor start")
     if "int8" in variants:
         q = SentenceTransformer(model, device="cpu")
         q[0].auto_model = torch.ao.quantization.quantize_dynamic(q[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8)

@@ -584,16 +584,11 @@ def test_index_job_fits_beside_the_service(gpu_cfg, options, cluster, job):
     assert not problems, "the index job does not fit beside the min_replicas:\n" + "\n".join(problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gpu.yaml: at max_replicas the GPU stages need 12 L4s (8 generator replicas + 8 retriever and 8 reranker "
-    "replicas at 0.25 each), the gpu type's max_workers is 10; lower the small stages' max_replicas or raise "
-    "max_workers (and this xfail goes)",
-)
-def test_max_replicas_fit_the_max_cluster(options, cluster):
-    problems = pack(deployment_demands(options, bound="max_replicas"),
+def test_max_replicas_and_an_index_job_fit_the_max_cluster(gpu_cfg, options, cluster, job):
+    """Every stage at its max_replicas, with a re-index running, on head + every type's max_workers."""
+    problems = pack(deployment_demands(options, bound="max_replicas") + index_job_demands(gpu_cfg, job),
                     cluster_nodes(cluster, worker_counts(cluster, "max_workers")))
-    assert not problems, "max_replicas do not fit head + max_workers:\n" + "\n".join(problems)
+    assert not problems, "max_replicas + the index job do not fit head + max_workers:\n" + "\n".join(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,8 +609,8 @@ BROKEN = {
         "retriever", {"num_gpus": 2}, unplaceable_replicas, "retriever replica"),
     "router pinned to an undeclared resource": (
         "router", {"resources": {"cpu_poool": 0.01}}, undeclared_resources, "'cpu_poool'"),
-    "3 generator replicas on 2 min gpu workers": (
-        "generator", {"min_replicas": 3}, min_cluster_shortfall, "generator replica"),
+    "4 generator replicas on 3 min gpu workers": (
+        "generator", {"min_replicas": 4}, min_cluster_shortfall, "generator replica"),
     "retriever 24 CPUs per replica": (
         "retriever", {"num_cpus": 24}, unplaceable_replicas, "retriever replica"),
 }
