@@ -94,44 +94,56 @@ def test_rays_kuberay_autoscaler_reads_the_groups_as_intended(manifest):
         assert spec["replicas"] == spec["minReplicas"]
 
 
+POD_CPUS = kuberay.GPU_WORKERS.ray_cpus  # cpu and gpu pods alike: 15 Ray CPUs, and a gpu pod one GPU
+
+
+def up(x: float) -> int:
+    return math.ceil(round(x, 6))
+
+
 def test_gpu_yaml_bounds_follow_the_sizing_rule(cfg):
-    """The rule worked by hand from gpu.yaml's fields (one GPU and 15 Ray CPUs per pod)."""
+    """The rule (serve/kuberay.py group_bounds) worked by hand from gpu.yaml's fields."""
     g, r, rr, ix = cfg.generator, cfg.retriever.deployment, cfg.reranker.deployment, cfg.indexing
     gen = g.deployment
     gpus_min = gen.min_replicas * g.tensor_parallel_size + r.min_replicas * r.num_gpus + rr.min_replicas * rr.num_gpus
     gpus_max = (gen.max_replicas * g.tensor_parallel_size + r.max_replicas * r.num_gpus
                 + rr.max_replicas * rr.num_gpus + ix.concurrency * ix.gpus_per_actor)
     b = kuberay.group_bounds(cfg)
-    assert (gpus_min, gpus_max) == (1.75, 16)
-    assert (b["gpu"].min_replicas, b["gpu"].max_replicas) == (math.ceil(gpus_min), math.ceil(gpus_max)) == (2, 16)
+    assert b["gpu"].min_need["GPU"] == pytest.approx(gpus_min) and b["gpu"].max_need["GPU"] == pytest.approx(gpus_max)
+    assert b["gpu"].max_need["CPU"] / POD_CPUS <= gpus_max  # GPUs, not CPUs, bound the gpu group here
+    spread = min(max(gen.min_replicas, r.min_replicas, rr.min_replicas), 2)  # 2 replicas: 2 pods
+    assert (b["gpu"].min_replicas, b["gpu"].max_replicas) == (max(up(gpus_min), spread), up(gpus_max))
+
     h, ro = cfg.http.deployment, cfg.router.deployment
+    cpus_min = h.min_replicas * h.num_cpus + ro.min_replicas * ro.num_cpus
     cpus_max = h.max_replicas * h.num_cpus + ro.max_replicas * ro.num_cpus + kuberay.INDEX_DRIVER["CPU"]
-    assert b["cpu"].max_need["CPU"] == cpus_max == 15
-    # 15 CPUs fit one pod, but ingress and router ask for 2 replicas each: two pods, so a lost one leaves one.
-    assert (b["cpu"].min_replicas, b["cpu"].max_replicas) == (2, 2)
+    assert (b["cpu"].min_need["CPU"], b["cpu"].max_need["CPU"]) == pytest.approx((cpus_min, cpus_max))
+    lo = max(up(cpus_min / POD_CPUS), min(max(h.min_replicas, ro.min_replicas), 2))
+    assert (b["cpu"].min_replicas, b["cpu"].max_replicas) == (lo, max(up(cpus_max / POD_CPUS), lo))
 
 
 def test_bounds_respond_to_the_config(cfg):
     base = kuberay.group_bounds(cfg)
+    gpu, cpu = base["gpu"], base["cpu"]
+    gen, rr, ix, h = cfg.generator.deployment, cfg.reranker.deployment, cfg.indexing, cfg.http.deployment
 
-    more = kuberay.group_bounds(changed(cfg, generator__deployment__min_replicas=3))
-    assert more["gpu"].min_replicas == 4 > base["gpu"].min_replicas  # 3 + 0.5 + 0.25 GPUs
+    more = changed(cfg, generator__deployment__min_replicas=gen.min_replicas + 2)
+    assert kuberay.group_bounds(more)["gpu"].min_replicas == up(gpu.min_need["GPU"] + 2) > gpu.min_replicas
+    assert worker(kuberay.rayservice(more), "gpu")["minReplicas"] == up(gpu.min_need["GPU"] + 2)
 
-    tp2 = kuberay.group_bounds(changed(cfg, generator__tensor_parallel_size=2))
-    assert (tp2["gpu"].min_replicas, tp2["gpu"].max_replicas) == (3, 24)  # bundles of one GPU each
+    tp2 = kuberay.group_bounds(changed(cfg, generator__tensor_parallel_size=2))["gpu"]  # a GPU bundle per worker
+    assert tp2.min_replicas == max(up(gpu.min_need["GPU"] + gen.min_replicas), 2)
+    assert tp2.max_replicas == up(gpu.max_need["GPU"] + gen.max_replicas) > gpu.max_replicas
 
-    index = kuberay.group_bounds(changed(cfg, indexing__concurrency=16))
-    assert index["gpu"].max_replicas == base["gpu"].max_replicas + 4  # 8 more actors x 0.5 GPU
+    index = kuberay.group_bounds(changed(cfg, indexing__concurrency=ix.concurrency * 2))["gpu"]
+    assert index.max_replicas == up(gpu.max_need["GPU"] + ix.concurrency * ix.gpus_per_actor) > gpu.max_replicas
 
-    no_rerank = kuberay.group_bounds(changed(cfg, reranker__enabled=False))
-    assert no_rerank["gpu"].max_replicas == base["gpu"].max_replicas - 2  # 8 replicas x 0.25 GPU
-    assert "reranker" not in no_rerank["gpu"].stages
+    no_rerank = kuberay.group_bounds(changed(cfg, reranker__enabled=False))["gpu"]
+    assert "reranker" not in no_rerank.stages and "reranker" in gpu.stages
+    assert no_rerank.max_need["GPU"] == pytest.approx(gpu.max_need["GPU"] - rr.max_replicas * rr.num_gpus)
 
-    ingress = kuberay.group_bounds(changed(cfg, http__deployment__max_replicas=50))
-    assert ingress["cpu"].max_replicas == 4  # 50 + 3 + 4 CPUs over 15 per pod
-
-    manifest = kuberay.rayservice(changed(cfg, generator__deployment__min_replicas=3))
-    assert worker(manifest, "gpu")["minReplicas"] == 4
+    ingress = kuberay.group_bounds(changed(cfg, http__deployment__max_replicas=h.max_replicas + 45))["cpu"]
+    assert ingress.max_replicas == up((cpu.max_need["CPU"] + 45 * h.num_cpus) / POD_CPUS) > cpu.max_replicas
 
 
 def test_pods_mount_the_volumes_and_gpu_pods_ask_for_a_gpu(manifest, cfg):
@@ -191,10 +203,13 @@ def test_cli_writes_and_checks(tmp_path, monkeypatch, capsys):
     assert main([*base, "--out", str(out), "--check"]) == 0
     capsys.readouterr()
 
-    out.write_text(out.read_text().replace("maxReplicas: 16", "maxReplicas: 10"))
+    text = out.read_text()
+    gpu_max = worker(yaml.safe_load(text), "gpu")["maxReplicas"]
+    before, line, after = text.rpartition(f"maxReplicas: {gpu_max}\n")  # the gpu group's, the last group
+    out.write_text(f"{before}maxReplicas: {gpu_max + 1}\n{after}")
     assert main([*base, "--out", str(out), "--check"]) == 1
     err = capsys.readouterr().err
-    assert "-      maxReplicas: 10" in err and "2 lines changed" in err
+    assert f"-      maxReplicas: {gpu_max + 1}" in err and "2 lines changed" in err
     assert f"regenerate with: ragraph --config configs/gpu.yaml kuberay --out {out}" in err
 
     assert main([*base, "--out", str(tmp_path / "missing.yaml"), "--check"]) == 1
