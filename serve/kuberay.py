@@ -23,7 +23,6 @@ deterministic (no timestamps, no machine paths) so that the committed copy can b
 from __future__ import annotations
 
 import json
-import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -190,35 +189,55 @@ def _total(needs: Iterable[StageNeed], replicas: str) -> dict[str, float]:
     return {r: v for r, v in total.items() if v}
 
 
-def _pods(total: Mapping[str, float], cap: Mapping[str, float]) -> int:
-    return max((math.ceil(round(v / cap[r], 6)) for r, v in total.items() if cap.get(r)), default=0)
+def pack(needs: Iterable[StageNeed], cap: Mapping[str, float], *, replicas: str) -> int:
+    """The pods of capacity ``cap`` that hold every stage's ``replicas`` ('min_replicas' or
+    'max_replicas'), first-fit decreasing by (GPU, CPU), one item per placement bundle. The first
+    two replicas of a stage with ``min_replicas >= 2`` go to different pods (Serve spreads
+    replicas over nodes; two replicas are there so that a lost node leaves one answering)."""
+    items = [(n, i, j, b) for n in needs for i in range(getattr(n, replicas)) for j, b in enumerate(n.bundles)]
+    items.sort(key=lambda it: (-it[3].get("GPU", 0), -it[3].get("CPU", 0)))
+    pods: list[tuple[dict[str, float], set[str]]] = []
+    for n, i, j, b in items:
+        apart = n.min_replicas >= 2 and i < 2 and j == 0
+
+        def fits(pod: tuple[dict[str, float], set[str]]) -> bool:
+            free, held = pod
+            return not (apart and n.stage in held) and all(free.get(r, 0) + 1e-9 >= v for r, v in b.items())
+
+        pod = next((p for p in pods if fits(p)), None)
+        if pod is None:
+            pod = (dict(cap), set())
+            pods.append(pod)
+        for r, v in b.items():
+            pod[0][r] = pod[0].get(r, 0) - v
+        pod[1].add(n.stage)
+    return len(pods)
 
 
 def group_bounds(cfg: AppConfig) -> dict[str, GroupBounds]:
     """The ``cpu`` and ``gpu`` worker groups' ``minReplicas`` / ``maxReplicas``.
 
-    Sizing rule, per group, over the stages placed on it (:func:`_place`):
+    Sizing rule, per group, over the stages placed on it (:func:`_place`), with what Ray is told
+    one pod offers (:class:`NodeGroup`: 15 CPUs, and one GPU on a gpu pod):
 
-    * ``minReplicas`` = the pods that hold every stage at ``min_replicas``: for each resource
-      (GPU, CPU, custom), ceil(sum over stages of min_replicas x per-replica need / what one pod
-      offers), the largest of these; per-replica need is the sum of the placement-group bundles
-      for the generator (one ``GPU: 1`` bundle per tensor-parallel worker, its CPUs merged in).
-      At least 2 when a stage on the group asks for 2+ replicas: Serve spreads replicas over
-      nodes, so a lost pod leaves one answering (what ``min_replicas: 2`` is for in gpu.yaml).
+    * ``minReplicas`` = the pods that hold every stage at its ``min_replicas`` (:func:`pack`:
+      each replica's placement bundles, e.g. the generator's one ``GPU: 1`` bundle per
+      tensor-parallel worker with its CPUs merged in, and a stage's first two replicas on
+      different pods);
     * ``maxReplicas`` = the same at ``max_replicas``, plus the index job (its embedder actors on
       the gpu group with a cuda embedder, its driver on the cpu group), and never below the minimum.
 
-    The sums are a lower bound (they assume replicas pack without waste). For gpu.yaml the GPU is
-    the binding resource and its shares (1, 0.5, 0.25) divide one GPU, so they pack exactly.
+    The summed needs (``min_need``/``max_need``, in the manifest's header) are the lower bound
+    the packing starts from: a pod holding a whole-GPU generator has no GPU left for the
+    quarter-GPU retrievers, so gpu.yaml's 1.75 GPUs at min_replicas take 3 pods, not 2.
     The head is checked, not sized: the stages pinned to it must fit it at ``max_replicas``.
     Raises :class:`KubeRayError` listing every stage that cannot be placed."""
     errors: list[str] = []
     needs = stage_needs(cfg)
     placed = _place(needs, errors)
-    head = _total(placed["head"], "max_replicas")
-    if _pods(head, HEAD.capacity()) > 1:
-        errors.append(f"the stages pinned to the head ({[n.stage for n in placed['head']]}) need {head} at "
-                      f"max_replicas; the head offers {HEAD.capacity()}")
+    if not errors and pack(placed["head"], HEAD.capacity(), replicas="max_replicas") > 1:
+        errors.append(f"the stages pinned to the head ({[n.stage for n in placed['head']]}) need "
+                      f"{_total(placed['head'], 'max_replicas')} at max_replicas; the head offers {HEAD.capacity()}")
     if errors:
         raise KubeRayError(_errors(errors))
     out: dict[str, GroupBounds] = {}
@@ -226,10 +245,10 @@ def group_bounds(cfg: AppConfig) -> dict[str, GroupBounds]:
     for g in (CPU_WORKERS, GPU_WORKERS):
         stages = placed[g.name]
         cap = g.capacity(accel if g is GPU_WORKERS else {})
-        lo_need, hi_need = _total(stages, "min_replicas"), _total(stages, "max_replicas")
-        spread = max((min(n.min_replicas, 2) for n in stages), default=0)
-        lo = max(_pods(lo_need, cap), spread)
-        out[g.name] = GroupBounds(lo, max(_pods(hi_need, cap), lo), lo_need, hi_need, tuple(n.stage for n in stages))
+        lo = pack(stages, cap, replicas="min_replicas")
+        hi = max(pack(stages, cap, replicas="max_replicas"), lo)
+        out[g.name] = GroupBounds(lo, hi, _total(stages, "min_replicas"), _total(stages, "max_replicas"),
+                                  tuple(n.stage for n in stages))
     return out
 
 
