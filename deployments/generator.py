@@ -4,7 +4,8 @@
   conversation, with the context budget counted in tokenizer tokens within the model's context.
 * :class:`CitationFilter` (plain class): maps ``[n]`` in the answer back to the numbered sources
   and drops any number that names no source; it works on a token stream.
-* :func:`build_generator`: config -> ``LLMConfig`` -> ``build_llm_deployment``. The engine is
+* :func:`build_generator`: config -> ``LLMConfig`` -> ``LLMServer`` deployment (what
+  ``build_llm_deployment`` binds, computed without starting Ray). The engine is
   ``ray.serve.llm``'s ``LLMServer`` (vLLM's ``AsyncLLM``, continuous batching, token streaming);
   we do not wrap vLLM by hand.
 
@@ -369,19 +370,18 @@ def llm_config(cfg) -> Any:
     )
 
 
-def generator_options(cfg, *, name: str = "generator") -> dict[str, Any]:
-    """The generator's Serve options as ``ray.serve.llm`` computes them (placement bundles from the
-    engine config, its defaults applied), without a running Ray: ``LLMServer`` merges the driver's
-    runtime env into the replica's, and asking for it would start Ray, so outside a Ray driver it is
-    taken as empty (what a fresh cluster's driver has). For previews, sizing and tests; the deployed
-    generator is :func:`build_generator`'s."""
+def generator_options(cfg, *, name: str = "generator", llm: Any = None) -> dict[str, Any]:
+    """The generator's Serve options as ``ray.serve.llm`` computes them (``LLMServer``'s placement
+    bundles from the engine config, the builder's defaults applied), without a running Ray:
+    ``LLMServer`` merges the driver's runtime env into the replica's, and asking for it would start
+    Ray, so outside a Ray driver it is taken as empty (what a fresh cluster's driver has)."""
     import contextlib
     from unittest import mock
 
     import ray
+    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
     from ray.llm._internal.serve.core.server.builder import DEFAULT_DEPLOYMENT_OPTIONS
     from ray.llm._internal.serve.core.server.llm_server import LLMServer
-    from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
     from ray.runtime_env import RuntimeEnv
 
     no_driver = SimpleNamespace(runtime_env=RuntimeEnv())
@@ -390,13 +390,16 @@ def generator_options(cfg, *, name: str = "generator") -> dict[str, Any]:
         else mock.patch.object(ray, "get_runtime_context", lambda: no_driver)
     )
     with offline:
-        opts = LLMServer.get_deployment_options(llm_config(cfg))
+        opts = LLMServer.get_deployment_options(llm or llm_config(cfg))
     opts["name"] = name
     return maybe_apply_llm_deployment_config_defaults(DEFAULT_DEPLOYMENT_OPTIONS, opts)
 
 
 def build_generator(cfg, *, name: str = "generator") -> Any:
-    """The bound generator deployment (``LLMServer``) for the graph."""
-    from ray.serve.llm import build_llm_deployment
+    """The bound generator deployment: ``ray.serve.llm``'s ``LLMServer`` with the options of
+    :func:`generator_options`, as ``build_llm_deployment`` binds it, but without starting Ray."""
+    from ray import serve
+    from ray.llm._internal.serve.core.server.llm_server import LLMServer
 
-    return build_llm_deployment(llm_config(cfg), name_prefix="", override_serve_options={"name": name})
+    llm = llm_config(cfg)
+    return serve.deployment(LLMServer, **generator_options(cfg, name=name, llm=llm)).bind(llm_config=llm)

@@ -185,3 +185,71 @@ def test_bad_network_in_trusted_proxies_or_exempt_ips_fails_at_load():
         load_config(LOCAL, environ={"RAGRAPH__HTTP__TRUSTED_PROXIES": "['10.0.0.0/33']"})
     with pytest.raises(ConfigError, match=r"exempt_ips: not an IP address or CIDR network: \['localhost'\]"):
         load_config(LOCAL, environ={"RAGRAPH__GOVERNOR__RATE_LIMITS__EXEMPT_IPS": "[localhost]"})
+
+
+def _deployments(app) -> dict:
+    """name -> bound Deployment, walking an Application's bound arguments (the graph's edges)."""
+    from ray.serve.deployment import Application
+
+    out, todo = {}, [app]
+    while todo:
+        d = todo.pop()._bound_deployment
+        out[d.name] = d
+        todo += [a for a in (*d.init_args, *d.init_kwargs.values()) if isinstance(a, Application)]
+    return out
+
+
+def test_gpu_config_builds_the_whole_graph_without_starting_ray():
+    """configs/gpu.yaml -> the bound Serve application, every deployment's options as the cluster
+    gets them: GPU shares, autoscaling bounds, placement bundles from ray.serve.llm, pinning."""
+    import ray
+
+    from deployments.graph import build_app
+
+    cfg = load_config(GPU)
+    built = _deployments(build_app(cfg))
+    assert set(built) == {"ingress", "router", "retriever", "reranker", "generator", "governor"}
+    for name, section in {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever,
+                          "reranker": cfg.reranker, "governor": cfg.governor}.items():
+        d, want = built[name], section.deployment
+        auto = d._deployment_config.autoscaling_config
+        assert (auto.min_replicas, auto.max_replicas) == (want.min_replicas, want.max_replicas), name
+        assert d.ray_actor_options.get("num_gpus", 0) == want.num_gpus, name
+        assert d.ray_actor_options.get("resources", {}) == want.resources, name
+    assert built["reranker"].ray_actor_options["num_gpus"] == 0.25 == built["retriever"].ray_actor_options["num_gpus"]
+    assert built["governor"].ray_actor_options["resources"] == {"ragraph_head": 0.01}
+    gen = built["generator"]
+    assert gen.func_or_class.__name__ == "LLMServer"
+    bundles = gen._replica_config.placement_group_bundles
+    assert sum(b.get("GPU", 0) for b in bundles) == cfg.generator.tensor_parallel_size
+    assert bundles[0]["CPU"] == cfg.generator.deployment.num_cpus
+    engine = gen.init_kwargs["llm_config"].engine_kwargs
+    assert engine["gpu_memory_utilization"] == 0.9 and engine["max_model_len"] == 8192
+    assert gen.init_kwargs["llm_config"].model_loading_config.model_source == "Qwen/Qwen2.5-7B-Instruct"
+    assert not ray.is_initialized()
+
+
+def test_tensor_parallel_asks_one_gpu_bundle_per_engine_worker():
+    import ray
+
+    from deployments.generator import generator_options
+    from serve.config import AppConfig
+
+    data = load_config(GPU).model_dump(mode="json")
+    data["generator"]["tensor_parallel_size"] = 2
+    opts = generator_options(AppConfig.model_validate(data))
+    assert [b.get("GPU", 0) for b in opts["placement_group_bundles"]] == [1, 1]
+    assert not ray.is_initialized()
+
+
+def test_generator_gpus_come_from_tensor_parallel_not_num_gpus():
+    from serve.config import AppConfig
+
+    data = load_config(GPU).model_dump(mode="json")
+    data["generator"]["deployment"]["num_gpus"] = 1
+    with pytest.raises(ValueError, match="generator.deployment.num_gpus=1.0: leave it 0"):
+        AppConfig.model_validate(data)
+    data["generator"]["deployment"]["num_gpus"] = 0
+    data["router"]["deployment"]["accelerator_type"] = "L4"
+    with pytest.raises(ValueError, match="router.deployment.accelerator_type='L4' needs num_gpus > 0"):
+        AppConfig.model_validate(data)
