@@ -13,6 +13,7 @@ port). Results go to ``load_tests/results/multinode.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -167,9 +168,9 @@ def test_reindex_as_a_ray_job_uses_both_nodes_and_goes_live(cluster):
 
 
 def redeploy(cluster, attempt_timeout_s: float | None):
-    """A worker node (a new one if the last was killed), and the graph with this retry policy, its
-    replicated stages spread over both nodes again. A changed policy is a fresh deployment (a rolling
-    update leaves the replicas where the head had room for them)."""
+    """A worker node (a new one if the last was lost), and the graph with this retry policy, its
+    replicated stages spread over both nodes again: a fresh deployment when the policy changed or
+    the replicas sit on the head (a rolling update leaves them where the head had room)."""
     from ray import serve
 
     from serve.config import AppConfig
@@ -182,20 +183,30 @@ def redeploy(cluster, attempt_timeout_s: float | None):
     data = cluster["cfg"].model_dump(mode="json")
     data["http"]["retries"]["attempt_timeout_s"] = attempt_timeout_s
     cfg = AppConfig.model_validate(data)
-    if cfg != cluster["cfg"]:
+    spread = lambda: all(placement()[d] == ["head", "worker"] for d in REPLICATED)  # noqa: E731
+    if cfg != cluster["cfg"] or not spread():
         serve.delete("ragraph")
         took = deploy(cfg, address=c.address, progress=lambda m: None)
         print(f"redeployed in {took:.0f} s with http.retries.attempt_timeout_s={attempt_timeout_s}")
         cluster["cfg"] = cfg
     deadline = time.monotonic() + 30
-    while not all((where := placement())[d] == ["head", "worker"] for d in REPLICATED):
-        assert time.monotonic() < deadline, f"replicas not spread over both nodes: {where}"
+    while not spread():
+        assert time.monotonic() < deadline, f"replicas not spread over both nodes: {placement()}"
         time.sleep(1)
     return cfg
 
 
-@pytest.mark.parametrize("attempt_timeout_s", [None, 1.0], ids=["no-attempt-timeout", "attempt-timeout-1s"])
-def test_serving_survives_the_worker_node_dying(cluster, attempt_timeout_s):
+def node_processes(node) -> list:
+    """Every process of a local Ray node: its raylet and everything under it (workers, agents)."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return [raylet, *raylet.children(recursive=True)]
+
+
+@pytest.mark.parametrize("how, attempt_timeout_s", [("killed", None), ("frozen", None), ("frozen", 1.0)],
+                         ids=["killed", "frozen-no-attempt-timeout", "frozen-attempt-timeout-1s"])
+def test_serving_survives_the_worker_node_dying(cluster, how, attempt_timeout_s):
     """Kill the worker node (its raylet and every process on it) under steady load: the ingress,
     router and retriever replicas there are lost, Serve replaces them on the head, and the client
     sees only the failures its retries (the openai client's policy) cannot hide. Run twice, side by
@@ -209,7 +220,13 @@ def test_serving_survives_the_worker_node_dying(cluster, attempt_timeout_s):
     time.sleep(5)
     worker_id = cluster["worker"].node_id
     killed_at = time.monotonic()
-    c.remove_node(cluster["worker"], allow_graceful=False)
+    if how == "killed":  # every process gone at once: their sockets close, callers see errors
+        c.remove_node(cluster["worker"], allow_graceful=False)
+    else:  # SIGSTOP: a node that stops answering with its connections open (power, kernel, network)
+        frozen = node_processes(cluster["worker"])
+        for p in frozen:
+            p.suspend()
+    worker = cluster["worker"]
     cluster["worker"] = None
     dead_seen = recovered = None
     while time.monotonic() - killed_at < 180:
@@ -224,6 +241,11 @@ def test_serving_survives_the_worker_node_dying(cluster, attempt_timeout_s):
         time.sleep(1)  # resolution 1 s: polling faster steals the 2 cores from the service
     time.sleep(10)
     records = steady.stop()
+    if how == "frozen":
+        for p in frozen:
+            with contextlib.suppress(Exception):
+                p.kill()
+        c.remove_node(worker, allow_graceful=False)
     s = SteadyLoad.summary(records, since=killed_at - 5, mark=killed_at)
     lat = sorted(r.end - r.start for r in records if r.start >= killed_at - 5 and not r.failed)
     s.update(attempt_timeout_s=attempt_timeout_s,
@@ -235,8 +257,9 @@ def test_serving_survives_the_worker_node_dying(cluster, attempt_timeout_s):
              not_clean=[{"t": round(r.start - killed_at, 1), "kind": r.kind, "status": r.status, "attempts": r.attempts,
                          "latency_s": round(r.end - r.start, 1), "degraded": r.degraded, "error": r.error}
                         for r in records if r.start >= killed_at - 5 and not r.clean])
-    RESULTS[f"kill worker node ({'attempt timeout ' + str(attempt_timeout_s) + ' s' if attempt_timeout_s else 'no attempt timeout'})"] = s
-    print(f"\nkill the worker node: {json.dumps({k: v for k, v in s.items() if k != 'not_clean'})}")
+    s["how"] = how
+    RESULTS[f"worker node {how} ({'attempt timeout ' + str(attempt_timeout_s) + ' s' if attempt_timeout_s else 'no attempt timeout'})"] = s
+    print(f"\nworker node {how}: {json.dumps({k: v for k, v in s.items() if k != 'not_clean'})}")
     assert recovered is not None, f"Serve did not move the replicas to the head within 180 s: {placement()}"
     assert s["sent"] >= 40
     lost = {e: n for e, n in s["errors"].items() if "at capacity" not in (e or "")}
