@@ -4,7 +4,7 @@
   conversation, with the context budget counted in tokenizer tokens within the model's context.
 * :class:`CitationFilter` (plain class): maps ``[n]`` in the answer back to the numbered sources
   and drops any number that names no source; it works on a token stream.
-* :func:`build_generator`: config -> ``LLMConfig`` -> ``LLMServer`` deployment (what
+* :func:`build_generator`: ``LLMConfig`` (:func:`llm_config`) -> ``LLMServer`` deployment (what
   ``build_llm_deployment`` binds, computed without starting Ray). The engine is
   ``ray.serve.llm``'s ``LLMServer`` (vLLM's ``AsyncLLM``, continuous batching, token streaming);
   we do not wrap vLLM by hand.
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from deployments.retriever import Passage
@@ -395,11 +395,11 @@ def generator_options(cfg, *, name: str = "generator", llm: Any = None) -> dict[
     return maybe_apply_llm_deployment_config_defaults(DEFAULT_DEPLOYMENT_OPTIONS, opts)
 
 
-def build_generator(cfg, *, name: str = "generator") -> Any:
-    """The bound generator deployment: ``ray.serve.llm``'s ``LLMServer`` with the options of
-    :func:`generator_options`, as ``build_llm_deployment`` binds it, but without starting Ray."""
+def build_generator(llm: Any, options: dict[str, Any]) -> Any:
+    """The bound generator deployment: ``ray.serve.llm``'s ``LLMServer`` for ``llm`` (from
+    :func:`llm_config`) with ``options`` (from :func:`generator_options` for the same ``llm``), as
+    ``build_llm_deployment`` binds it, but without starting Ray."""
     from ray import serve
     from ray.llm._internal.serve.core.server.llm_server import LLMServer
 
-    llm = llm_config(cfg)
-    return serve.deployment(LLMServer, **generator_options(cfg, name=name, llm=llm)).bind(llm_config=llm)
+    return serve.deployment(LLMServer, **options).bind(llm_config=llm)

@@ -18,10 +18,11 @@ LOGGING = {"encoding": "JSON", "log_level": "INFO"}
 STAGES = ("ingress", "router", "retriever", "reranker", "generator", "governor")
 
 
-def deployment_options(cfg) -> dict[str, dict[str, Any]]:
+def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
     """Each deployment's Serve options (autoscaling, admission limits, resources, placement), by
     deployment name, computed without starting Ray: what :func:`build_app` deploys. The reranker is
-    left out when ``reranker.enabled`` is false."""
+    left out when ``reranker.enabled`` is false. ``llm``: the generator's ``LLMConfig`` when the
+    caller already made it."""
     from deployments.generator import generator_options
 
     sections = {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever, "reranker": cfg.reranker,
@@ -29,7 +30,7 @@ def deployment_options(cfg) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name in STAGES:
         if name == "generator":
-            out[name] = generator_options(cfg, name=name)
+            out[name] = generator_options(cfg, name=name, llm=llm)
         elif name != "reranker" or cfg.reranker.enabled:
             out[name] = {"name": name, "logging_config": LOGGING, **sections[name].deployment.serve_options()}
     return out
@@ -39,14 +40,15 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     """The bound Serve application for ``cfg`` (an :class:`serve.config.AppConfig`)."""
     from ray import serve
 
-    from deployments.generator import build_generator
+    from deployments.generator import build_generator, llm_config
     from deployments.governor import GovernorDeployment
     from deployments.reranker import RerankerDeployment
     from deployments.retriever import RetrieverDeployment
     from deployments.router import RouterDeployment
     from serve.app import RagIngress
 
-    opts = deployment_options(cfg)
+    llm = llm_config(cfg)
+    opts = deployment_options(cfg, llm=llm)
 
     def stage(cls, name: str) -> Any:
         return serve.deployment(cls, **opts[name]).bind(cfg)
@@ -54,7 +56,7 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     router = stage(RouterDeployment, "router")
     retriever = stage(RetrieverDeployment, "retriever")
     reranker = stage(RerankerDeployment, "reranker") if cfg.reranker.enabled else None
-    generator = build_generator(cfg, name="generator")
+    generator = build_generator(llm, opts["generator"])
     governor = stage(GovernorDeployment, "governor")
     ingress = serve.deployment(RagIngress, **opts["ingress"])
     return ingress.bind(cfg, router, retriever, reranker, generator, governor, app_name)
