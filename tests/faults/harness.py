@@ -47,14 +47,21 @@ def replica_actors(deployment: str, app: str = "ragraph") -> list[dict]:
             pass
     except ImportError:
         pass
+    return gcs_replicas(app).get(deployment, [])
+
+
+def gcs_replicas(app: str = "ragraph") -> dict[str, list[dict]]:
+    """Every deployment's ALIVE replica actors, [{actor_id, name, pid, node_id}] by actor id, from one
+    read of the GCS actor table (no dashboard needed, and cheap enough to poll)."""
     from ray._private import state
 
-    out = [
-        {"actor_id": a["ActorID"], "name": a["Name"], "pid": a["Pid"], "node_id": a["Address"]["NodeID"]}
-        for a in state.actors().values()
-        if a["State"] == "ALIVE" and a["ActorClassName"] == cls
-    ]
-    return sorted(out, key=lambda a: a["actor_id"])
+    prefix = f"ServeReplica:{app}:"
+    out: dict[str, list[dict]] = {}
+    for a in state.actors().values():
+        if a["State"] == "ALIVE" and a["ActorClassName"].startswith(prefix):
+            out.setdefault(a["ActorClassName"].removeprefix(prefix), []).append(
+                {"actor_id": a["ActorID"], "name": a["Name"], "pid": a["Pid"], "node_id": a["Address"]["NodeID"]})
+    return {d: sorted(rs, key=lambda a: a["actor_id"]) for d, rs in out.items()}
 
 
 def kill_replica(deployment: str, app: str = "ragraph", *, actor_id: str | None = None) -> dict:

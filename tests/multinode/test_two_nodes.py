@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from conftest import CORPUS, REPO, SHARED_DATA, write_corpus
-from faults.harness import SteadyLoad, deployment_state, wait_no_orphans
+from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_orphans
 
 pytestmark = pytest.mark.slow
 PORT = 8150
@@ -46,18 +46,12 @@ def node_ids() -> dict[str, str]:
 
 
 def placement() -> dict[str, list[str]]:
-    """deployment -> the role ('head' / 'worker') of each ALIVE replica's node, from one query of the
+    """deployment -> the role ('head' / 'worker') of each ALIVE replica's node, from one read of the
     GCS actor table (a poll that lists actors per deployment through the dashboard takes enough CPU
     on 2 cores to slow the generator down)."""
-    from ray._private import state
-
-    roles = node_ids()
-    out: dict[str, list[str]] = {d: [] for d in (*REPLICATED, "governor", "generator")}
-    for a in state.actors().values():
-        d = a["ActorClassName"].removeprefix("ServeReplica:ragraph:")
-        if a["State"] == "ALIVE" and d in out:
-            out[d].append(roles.get(a["Address"]["NodeID"], "dead"))
-    return {d: sorted(r) for d, r in out.items()}
+    roles, alive = node_ids(), gcs_replicas()
+    return {d: sorted(roles.get(a["node_id"], "dead") for a in alive.get(d, []))
+            for d in (*REPLICATED, "governor", "generator")}
 
 
 @pytest.fixture(scope="module")
