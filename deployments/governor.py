@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve.auth import ApiKey, KeyStore, UsageLedger
-from serve.cache import ResponseCache
-from serve.limits import KINDS, RateLimiter, check_quota, kind_of
+from deployments.auth import ApiKey, KeyStore, UsageLedger
+from deployments.cache import ResponseCache
+from deployments.limits import KINDS, RateLimiter, check_quota, kind_of
 
 ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
 
@@ -45,7 +45,7 @@ def _limits(rate) -> dict[str, float]:
 
 class Governor:
     def __init__(self, cfg) -> None:
-        """``cfg``: the :class:`serve.config.GovernorConfig` section."""
+        """``cfg``: the :class:`common.config.GovernorConfig` section."""
         self.cfg = cfg
         self.auth_enabled = cfg.auth.enabled
         self.keys = KeyStore(cfg.db)

@@ -121,7 +121,7 @@ class HybridRetriever:
 
     @classmethod
     def from_config(cls, cfg, *, index_dir: Path | None = None) -> HybridRetriever:
-        """Build from an :class:`serve.config.AppConfig`."""
+        """Build from an :class:`common.config.AppConfig`."""
         from indexing.jobs import embedder_from_config, model_checksum
 
         r = cfg.retriever

@@ -9,7 +9,7 @@ import numpy as np
 
 from indexing.embedding import Embedder, embed_local, embed_with_ray
 from indexing.store import BuildReport, BuildSettings, build_index
-from serve.models import read_manifest
+from common.manifest import read_manifest
 
 Log = Callable[[str], None]
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from indexing.chunking import Chunk, chunk_document
 from indexing.documents import read_source
-from serve.models import first_bad_file, tree_checksums
+from common.manifest import first_bad_file, tree_checksums
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

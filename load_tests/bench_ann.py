@@ -37,7 +37,7 @@ import numpy as np
 from _common import REPO, SHARED_DATA, print_table, write_json
 
 from indexing.dense import build_faiss, load_faiss, save_faiss
-from serve.config import load_config
+from common.config import load_config
 
 T = TypeVar("T")
 

@@ -35,7 +35,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from indexing.embedding import Embedder, embed_with_ray, ensure_ray
-    from serve.config import load_config
+    from common.config import load_config
 
     cfg = load_config()
     model = cfg.models.location("embedder")

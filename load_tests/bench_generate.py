@@ -52,7 +52,7 @@ def build_prompts(cfg: Any, dataset: Path, *, n: int, context_tokens: int, max_t
     ``context_tokens`` by the serving prompt builder."""
     from transformers import AutoTokenizer
 
-    from deployments.generator import PromptBuilder
+    from serve.prompt import PromptBuilder
     from deployments.retriever import Passage
     from deployments.router import Message
 
@@ -192,7 +192,7 @@ def main() -> None:
     if args.requests < max(args.concurrency):
         ap.error(f"--requests={args.requests} must be >= the largest concurrency {max(args.concurrency)}")
 
-    from serve.config import load_config
+    from common.config import load_config
 
     cfg = load_config()
     g = cfg.generator

@@ -31,7 +31,7 @@ def _p50_us(fn, n: int) -> float:
 
 def in_process(n: int) -> list[dict]:
     from deployments.governor import Governor
-    from serve.config import load_config
+    from common.config import load_config
 
     cfg = load_config(environ={})
     with tempfile.TemporaryDirectory() as d:

@@ -68,7 +68,7 @@ def run_graph(args: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
-    from serve.config import load_config
+    from common.config import load_config
     from serve.launch import deploy
 
     cfg = load_config()

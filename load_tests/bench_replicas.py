@@ -76,7 +76,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from serve.config import load_config
+    from common.config import load_config
     from serve.launch import deploy
 
     base = load_config()

@@ -30,7 +30,7 @@ def main() -> None:
     from indexing.jobs import index_source, settings_from_config
     from indexing.lexical import BM25Index, RankBM25Reference, Tokenizer
     from indexing.metrics import evaluate_run
-    from serve.config import load_config
+    from common.config import load_config
 
     cfg = load_config()
     queries, qrels = load_beir(args.dataset)

@@ -43,7 +43,7 @@ def main() -> None:
 
     from indexing.jobs import index_source
     from indexing.store import current_name
-    from serve.config import load_config
+    from common.config import load_config
     from serve.launch import deploy
 
     cfg = load_config()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from deployments.graph import APP_NAME
+from serve.graph import APP_NAME
 
 
 class LaunchError(RuntimeError):
@@ -58,7 +58,7 @@ def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=p
     """Start Ray and Serve, deploy the graph, wait for /health/ready. Returns the cold start (s)."""
     from ray import serve
 
-    from deployments.graph import build_app
+    from serve.graph import build_app
 
     t0 = time.perf_counter()
     start_ray(cfg, address=address, verbose=verbose)
@@ -115,7 +115,7 @@ def auth_notice(cfg) -> str | None:
         return ("auth is OFF (governor.auth.enabled: false): anyone who can reach the port can use every endpoint"
                 + (f", and the service listens on {cfg.http.host}" if exposed else "")
                 + "; turn it on and create keys with `ragraph keys create NAME`")
-    from serve.auth import KeyStore
+    from deployments.auth import KeyStore
 
     if KeyStore(g.db).count_active() == 0:
         return f"auth is on but {g.db} holds no active key: every request will get 401; `ragraph keys create NAME`"
@@ -164,7 +164,7 @@ def export_serve_config(cfg) -> str:
             {
                 "name": APP_NAME,
                 "route_prefix": "/",
-                "import_path": "deployments.graph:app_builder",
+                "import_path": "serve.graph:app_builder",
                 "runtime_env": runtime_env(cfg),
                 "args": cfg.model_dump(mode="json"),
             }

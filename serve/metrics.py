@@ -74,3 +74,6 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+METRICS = Metrics()  # one registry per ingress process

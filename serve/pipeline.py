@@ -22,211 +22,46 @@ serves an old answer.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
-from deployments.generator import CitationFilter, Prompt, PromptBuilder, PromptTooLong, attribute
+from deployments.cache import cache_key
+from deployments.errors import StageError
+from deployments.generator import GenDelta, GenRequest
 from deployments.retriever import Filters, Passage
 from deployments.router import Message, Route
-from serve.api import ApiError, ChatRequest, SearchRequest
-from serve.breaker import OPEN, CircuitBreaker
-from serve.cache import cache_key
+from serve.api import ChatRequest, SearchRequest
+from serve.breaker import OPEN
+from serve.calls import StageCalls, Stages
+from serve.errors import ApiError, stage_unavailable
+from serve.events import ChatEvent, Delta, Done, Prepared, Trace, excerpt
 from serve.metrics import Metrics
+from serve.prompt import CitationFilter, PromptBuilder, PromptTooLong, attribute
 
 log = logging.getLogger("ray.serve")
-RETRIED_KINDS = ("unavailable", "error", "stalled")  # a lost, failed or silent replica; never backpressure or a timeout
 
 
-class StageError(Exception):
-    """A stage call failed. ``kind``: overloaded | unavailable | timeout | stalled | error."""
+class Pipeline(StageCalls):
+    """Search and chat over :class:`serve.calls.StageCalls`; chat yields :data:`ChatEvent` s."""
 
-    def __init__(self, stage: str, kind: str, detail: str) -> None:
-        super().__init__(f"{stage} {kind}: {detail}")
-        self.stage, self.kind, self.detail = stage, kind, detail
-
-
-@dataclass(frozen=True, slots=True)
-class StageReply:
-    value: Any
-    replica: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class GenChunk:
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, int] | None = None
-
-
-class Stages(Protocol):
-    rerank_enabled: bool
-
-    async def route(self, messages: list[Message]) -> StageReply: ...
-    async def retrieve(
-        self, *, query: str, top_k: int, filters: Filters | None, strategy: str | None
-    ) -> StageReply: ...  # value: list[Passage]; info: version, embed_ms, search_ms
-    async def rerank(self, *, query: str, passages: list[Passage], top_k: int) -> StageReply: ...
-    def generate(self, request: dict[str, Any]) -> AsyncIterator[GenChunk]: ...
-    async def readiness(self) -> dict[str, str | None]: ...
-    async def govern(self, method: str, *args: Any) -> Any: ...  # a call to the governor stage
-
-
-@dataclass
-class Trace:
-    request_id: str
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    degraded: list[str] = field(default_factory=list)
-    reasons: dict[str, str] = field(default_factory=dict)
-    replicas: dict[str, str] = field(default_factory=dict)
-    retries: dict[str, int] = field(default_factory=dict)
-    version: str | None = None
-    route: Route | None = None
-    t0: float = field(default_factory=time.perf_counter)
-
-    def degrade(self, stage: str, why: str) -> None:
-        if stage not in self.degraded:
-            self.degraded.append(stage)
-        self.reasons[stage] = why
-
-
-@dataclass
-class Prepared:
-    trace: Trace
-    prompt: Prompt
-    rag: bool
-    sources: list[Passage]
-    key_id: str | None = None  # the API key that asked (None: auth off), for the usage ledger
-    cache_key: str | None = None  # None: this answer is neither looked up nor stored
-
-
-def excerpt(text: str, n: int = 240) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1].rsplit(" ", 1)[0] + "…"
-
-
-class Pipeline:
     def __init__(self, cfg, stages: Stages, *, metrics: Metrics | None = None, prompt: PromptBuilder | None = None):
-        self.cfg, self.stages = cfg, stages
-        self.metrics = metrics or Metrics()
+        super().__init__(cfg, stages, metrics=metrics)
         self.prompt = prompt or PromptBuilder.from_config(cfg)
         self.model = cfg.generator.served_model_name
-        self.timeouts = cfg.http.timeouts
-        self.retry = cfg.http.retries
         self.limits = cfg.http.limits
         self.cache_enabled = cfg.governor.cache.enabled
-        b = cfg.http.breaker
-        self.breaker = CircuitBreaker(
-            failure_threshold=b.failure_threshold, reset_timeout_s=b.reset_timeout_s,
-            on_change=self.metrics.breaker_state.set,
-        ) if b.enabled else None
-        self.metrics.breaker_state.set(0)
-        self._background: set[asyncio.Task] = set()
 
     def warm_up(self) -> None:
         self.prompt.warm_up()
-
-    # -----------------------------------------------------------------------------------------
-    # stage calls, timed and counted
-
-    def backoff(self, attempt: int) -> float:
-        """Full-jitter exponential backoff before try ``attempt + 1`` (``attempt`` >= 1)."""
-        r = self.retry
-        return random.uniform(0, min(r.max_backoff_s, r.backoff_s * 2 ** (attempt - 1)))
-
-    async def retrying(self, stage: str, make: Callable[[], Awaitable[Any]], timeout: float, *,
-                       attempts: int | None = None, on_retry: Callable[[], None] | None = None) -> Any:
-        """``await make()`` within ``timeout`` per try, retried on a lost replica or an error; with
-        ``http.retries.attempt_timeout_s``, every try but the last is cut short after that long and
-        retried (a replica on a dead node that Ray has not declared dead yet answers nothing).
-        Raises :class:`StageError` with the last failure."""
-        m = self.metrics
-        attempts = attempts or self.retry.attempts
-        cut = self.retry.attempt_timeout_s
-        for attempt in range(1, attempts + 1):
-            limit = min(cut, timeout) if cut and attempt < attempts else timeout
-            try:
-                return await asyncio.wait_for(make(), limit)
-            except asyncio.TimeoutError:
-                err = (StageError(stage, "stalled", f"no answer in {limit:g} s (http.retries.attempt_timeout_s)")
-                       if limit < timeout else StageError(stage, "timeout", f"no answer in {timeout:g} s"))
-            except StageError as e:
-                err = e
-            except Exception as e:  # a stage bug must not become a bare 500
-                err = StageError(stage, "error", f"{type(e).__name__}: {e}")
-            m.errors.labels(stage, err.kind).inc()
-            if err.kind not in RETRIED_KINDS or attempt == attempts:
-                raise err
-            m.retries.labels(stage).inc()
-            if on_retry is not None:
-                on_retry()
-            await asyncio.sleep(self.backoff(attempt))
-        raise AssertionError("unreachable")
-
-    async def _call(self, stage: str, trace: Trace, make: Callable[[], Awaitable[StageReply]], timeout: float) -> StageReply:
-        m = self.metrics
-        m.stage_inflight.labels(stage).inc()
-        t = time.perf_counter()
-
-        def retried() -> None:
-            trace.retries[stage] = trace.retries.get(stage, 0) + 1
-
-        try:
-            reply = await self.retrying(stage, make, timeout, on_retry=retried)
-        finally:
-            m.stage_inflight.labels(stage).dec()
-            took = time.perf_counter() - t
-            m.stage_duration.labels(stage).observe(took)
-            trace.timings_ms[stage] = round(took * 1000, 2)
-        m.stage_requests.labels(stage, reply.replica or "local").inc()
-        if reply.replica:
-            trace.replicas[stage] = reply.replica
-        return reply
-
-    async def govern(self, method: str, *args: Any, attempts: int | None = None) -> Any:
-        """A governor call (admission, usage, cache), retried like the other idempotent stages."""
-        t = time.perf_counter()
-        try:
-            return await self.retrying(
-                "governor", lambda: self.stages.govern(method, *args), self.timeouts.governor, attempts=attempts
-            )
-        finally:
-            self.metrics.stage_duration.labels("governor").observe(time.perf_counter() - t)
-
-    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        """Write usage to the ledger in the background, retrying for about a minute so that a
-        governor restart does not lose the record; a record that still fails is logged."""
-
-        async def write() -> None:
-            try:
-                await self.govern("record", key_id, prompt_tokens, completion_tokens,
-                                  attempts=max(self.retry.attempts, 8))
-            except StageError as e:
-                self.metrics.usage_lost.inc()
-                log.error(f"usage of key {key_id or 'anonymous'} not recorded "
-                          f"({prompt_tokens}+{completion_tokens} tokens): {e}")
-
-        task = asyncio.get_running_loop().create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain(self) -> None:
-        """Wait for background usage writes (tests, shutdown)."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _retrieve(
         self, trace: Trace, *, query: str, top_k: int, filters: Filters | None, strategy: str | None, rerank: bool
     ) -> list[Passage]:
         want = max(top_k, self.cfg.reranker.candidates) if rerank else top_k
         try:
-            got = await self._call(
+            got = await self.call(
                 "retriever", trace,
                 lambda: self.stages.retrieve(query=query, top_k=want, filters=filters, strategy=strategy),
                 self.timeouts.retriever,
@@ -243,7 +78,7 @@ class Pipeline:
         passages: list[Passage] = got.value
         if rerank and passages:
             try:
-                rr = await self._call(
+                rr = await self.call(
                     "reranker", trace, lambda: self.stages.rerank(query=query, passages=passages, top_k=top_k),
                     self.timeouts.reranker,
                 )
@@ -311,8 +146,7 @@ class Pipeline:
             trace, query=req.query, top_k=top_k, filters=filters, strategy=req.strategy, rerank=rerank
         )
         if "retriever" in trace.degraded:
-            raise ApiError(503, f"retrieval is unavailable: {trace.reasons['retriever']}", type="service_unavailable",
-                           code="stage_unavailable", headers={"Retry-After": "5"})
+            raise stage_unavailable("retrieval", StageError("retriever", "unavailable", trace.reasons["retriever"]))
         trace.timings_ms["total"] = round((time.perf_counter() - trace.t0) * 1000, 2)
         return {
             "object": "search.results",
@@ -374,7 +208,7 @@ class Pipeline:
         rag = req.rag.enabled
         if rag:
             try:
-                route = (await self._call("router", trace, lambda: self.stages.route(messages), self.timeouts.router)).value
+                route = (await self.call("router", trace, lambda: self.stages.route(messages), self.timeouts.router)).value
             except StageError as e:
                 trace.degrade("router", e.detail)
                 route = Route(kind="rag", query=messages[-1].content, reasons=("router unavailable",))
@@ -401,16 +235,13 @@ class Pipeline:
             )
         return Prepared(trace, prompt, rag, prompt.sources, key_id=key_id, cache_key=key)
 
-    def engine_request(self, req: ChatRequest, prep: Prepared) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "messages": prep.prompt.messages,
-            **self.sampling(req),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    def engine_request(self, req: ChatRequest, prep: Prepared) -> GenRequest:
+        sampling = self.sampling(req)
+        stop = sampling.pop("stop", None)
+        return GenRequest(messages=prep.prompt.messages, stop=[stop] if isinstance(stop, str) else stop,
+                          request_id=prep.trace.request_id, **sampling)
 
-    async def start_generation(self, req: ChatRequest, prep: Prepared) -> tuple[AsyncIterator[GenChunk] | None, GenChunk | None]:
+    async def start_generation(self, req: ChatRequest, prep: Prepared) -> tuple[AsyncIterator[GenDelta] | None, GenDelta | None]:
         """Start the engine and wait for its first chunk, so that a refusal (queue full) or an
         outage is known before any byte goes to the client. Returns (stream, first chunk), or
         (None, None) when the answer degrades to sources only. Raises ApiError(503) when there is
@@ -425,7 +256,7 @@ class Pipeline:
         try:
             first = await asyncio.wait_for(anext(stream), self.timeouts.generator_first_token)
         except StopAsyncIteration:
-            first = GenChunk(finish_reason="stop")
+            first = GenDelta(finish_reason="stop")
         except Exception as e:
             err = e if isinstance(e, StageError) else (
                 StageError("generator", "timeout", f"no first token in {self.timeouts.generator_first_token:g} s")
@@ -433,8 +264,10 @@ class Pipeline:
             )
             m.errors.labels("generator", err.kind).inc()
             await _close(stream)
-            if self.breaker is not None:  # a full queue is a live generator saying "not now"
-                self.breaker.success() if err.kind == "overloaded" else self.breaker.failure()
+            if self.breaker is not None:  # a full queue or a refused value: a live generator saying "not so"
+                self.breaker.success() if err.kind in ("overloaded", "invalid") else self.breaker.failure()
+            if err.kind == "invalid":
+                raise stage_unavailable("the generator", err) from None
             if err.kind == "overloaded":
                 raise ApiError(503, f"the generator is at capacity ({err.detail}); retry shortly",
                                type="service_unavailable", code="overloaded", headers={"Retry-After": "2"}) from None
@@ -473,18 +306,18 @@ class Pipeline:
             lines.append(f"[{i}] {p.title or p.document_id}: {excerpt(p.text, 160)}")
         return "\n".join(lines)
 
-    async def chat_events(self, req: ChatRequest, prep: Prepared) -> AsyncIterator[tuple[str, Any]]:
-        """("delta", text)... then ("done", (finish_reason, usage, rag)). Generation is started by
-        the caller-visible :meth:`start_generation` (inside this generator)."""
+    async def chat_events(self, req: ChatRequest, prep: Prepared) -> AsyncIterator[ChatEvent]:
+        """:class:`Delta` ... then one :class:`Done`. The first event comes once generation has
+        started (or degraded, or raised a 503), so a caller can still answer with an error status."""
         if prep.cache_key is not None:
             hit = await self._cache("cache_get", prep.cache_key)
             self.metrics.cache_requests.labels("hit" if hit else "miss").inc()
             if hit:
-                yield "delta", hit["text"]
+                yield Delta(hit["text"])
                 rag = {"sources": hit["sources"], "metadata": {
                     **self._meta(prep.trace, status="ok", usage=hit["usage"], prep=prep, cached=True),
                     "citations": hit["citations"], "cached_request_id": hit["request_id"]}}
-                yield "done", (hit["finish"], dict(hit["usage"]), rag)
+                yield Done(hit["finish"], dict(hit["usage"]), rag)
                 return
         else:
             self.metrics.cache_requests.labels("skip").inc()
@@ -500,11 +333,11 @@ class Pipeline:
             cites.apply(text)
             citations = "listed"
             sent.append(text)
-            yield "delta", text
+            yield Delta(text)
             status = "sources_only"
         else:
             t = time.perf_counter()
-            chunk: GenChunk | None = first
+            chunk: GenDelta | None = first
             answer: list[str] = []
             try:
                 while chunk is not None:
@@ -513,7 +346,7 @@ class Pipeline:
                         if out:
                             answer.append(out)
                             sent.append(out)
-                            yield "delta", out
+                            yield Delta(out)
                     if chunk.finish_reason:
                         finish = chunk.finish_reason
                     if chunk.usage:
@@ -538,7 +371,7 @@ class Pipeline:
                     tail += " [" + ", ".join(str(n) for n in sorted(found)) + "]"
             if tail:
                 sent.append(tail)
-                yield "delta", tail
+                yield Delta(tail)
             took = time.perf_counter() - t
             self.metrics.generation_duration.observe(took)
             trace.timings_ms["generator"] = round(took * 1000 + trace.timings_ms.get("generator.first_token", 0), 2)
@@ -569,7 +402,7 @@ class Pipeline:
                 "text": "".join(sent), "finish": finish, "usage": dict(usage), "sources": rag["sources"],
                 "citations": rag["metadata"]["citations"], "request_id": trace.request_id,
             })
-        yield "done", (finish, usage, rag)
+        yield Done(finish, usage, rag)
 
     async def _cache(self, method: str, *args: Any) -> Any:
         """A cache call; the cache is an optimisation, so a failure is a miss (counted), not an error."""
@@ -606,52 +439,11 @@ class Pipeline:
             meta["tokens"] = dict(usage)
         return meta
 
-    # -----------------------------------------------------------------------------------------
-    # OpenAI response shapes
-
     async def chat_completion(self, req: ChatRequest, prep: Prepared) -> dict[str, Any]:
-        parts: list[str] = []
-        done: Any = None
-        async for kind, value in self.chat_events(req, prep):
-            if kind == "delta":
-                parts.append(value)
-            else:
-                done = value
-        finish, usage, rag = done
-        return {
-            "id": f"chatcmpl-{prep.trace.request_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": usage,
-            "rag": rag,
-        }
+        """The whole answer as one ``chat.completion`` body."""
+        from serve.openai import completion
 
-    async def chat_stream(self, req: ChatRequest, prep: Prepared, events: AsyncIterator[tuple[str, Any]]) -> AsyncIterator[str]:
-        """SSE lines in OpenAI's chunk format; the last data chunk carries ``rag``."""
-        cid, created = f"chatcmpl-{prep.trace.request_id}", int(time.time())
-
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-            return f"data: {json.dumps(body)}\n\n"
-
-        yield chunk({"role": "assistant", "content": ""})
-        async for kind, value in events:
-            if kind == "delta":
-                yield chunk({"content": value})
-                continue
-            finish, usage, rag = value
-            if req.stream_options and req.stream_options.include_usage:
-                yield chunk({}, finish)
-                body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model,
-                        "choices": [], "usage": usage, "rag": rag}
-                yield f"data: {json.dumps(body)}\n\n"
-            else:
-                yield chunk({}, finish, rag=rag)
-        yield "data: [DONE]\n\n"
+        return await completion(self.chat_events(req, prep), request_id=prep.trace.request_id, model=self.model)
 
 
 async def _close(stream: Any) -> None:
@@ -661,7 +453,3 @@ async def _close(stream: Any) -> None:
             await aclose()
         except Exception:
             pass
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

@@ -13,7 +13,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def app_config():
-    from serve.config import load_config
+    from common.config import load_config
 
     return load_config(environ={k: v for k, v in os.environ.items() if k.startswith("RAGRAPH")})
 
@@ -21,7 +21,7 @@ def app_config():
 @pytest.fixture(scope="session")
 def provisioned(app_config):
     """The configured model folder, provisioned (a no-op after `make test` has run `ragraph models`)."""
-    from serve.models import provision_all
+    from cli.models import provision_all
 
     reports = provision_all(app_config.models, log=lambda _: None)
     return {r.role: Path(r.location) for r in reports}

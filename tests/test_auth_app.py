@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from serve.app import client_ip
-from serve.auth import KeyStore, UsageLedger
-from serve.cli import main as cli
+from serve.routes import client_ip
+from deployments.auth import KeyStore, UsageLedger
+from cli.main import main as cli
 from serve.launch import auth_notice
 
 

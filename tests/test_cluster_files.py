@@ -4,7 +4,7 @@ configs/gpu.yaml.
 * Ray's side: the file passes Ray 2.60's own JSON schema (``ray/autoscaler/ray-schema.json``) and
   Ray's offline config preparation (``prepare_config`` + ``validate_config``, what ``ray up`` runs
   before it calls AWS); mutated copies show the same validator rejects a typo or a wrong type.
-* ragraph's side: every deployment of configs/gpu.yaml (``deployments.graph.deployment_options``,
+* ragraph's side: every deployment of configs/gpu.yaml (``serve.graph.deployment_options``,
   computed without starting Ray) is packed onto the node types: custom resources declared, each
   replica or placement bundle fits some node type, the min_replicas fit the min_workers, the index
   job fits beside them. The fit checks are shown to reject impossible configs.
@@ -85,7 +85,7 @@ def schema_validator():
 
 @pytest.fixture(scope="module")
 def gpu_cfg():
-    from serve.config import load_config
+    from common.config import load_config
 
     return load_config(GPU_CONFIG, environ={})
 
@@ -94,7 +94,7 @@ def gpu_cfg():
 def options(gpu_cfg) -> dict[str, dict[str, Any]]:
     import ray
 
-    from deployments.graph import deployment_options
+    from serve.graph import deployment_options
 
     opts = deployment_options(gpu_cfg)
     assert not ray.is_initialized(), "computing the deployment options started Ray"
@@ -309,7 +309,7 @@ def documented_job_submit() -> JobSubmit:
 
 
 def parse_ragraph(argv: list[str]):
-    from serve.cli import build_parser
+    from cli.main import build_parser
 
     try:
         return build_parser().parse_args(argv)
@@ -597,7 +597,7 @@ def test_max_replicas_and_an_index_job_fit_the_max_cluster(gpu_cfg, options, clu
 
 def _modified(cfg, section: str, **deployment):
     """A copy of ``cfg`` with ``section.deployment`` changed, validated like a loaded file."""
-    from serve.config import AppConfig
+    from common.config import AppConfig
 
     data = cfg.model_dump()
     data[section]["deployment"].update(deployment)
@@ -620,7 +620,7 @@ BROKEN = {
 def test_fit_checks_reject_impossible_configs(gpu_cfg, cluster, section, change, check, culprit):
     import ray
 
-    from deployments.graph import deployment_options
+    from serve.graph import deployment_options
 
     assert check(deployment_options(gpu_cfg), cluster) == []  # the unmodified config passes the same check
     problems = check(deployment_options(_modified(gpu_cfg, section, **change)), cluster)

@@ -30,7 +30,7 @@ def beir(tmp_path_factory):
 
 def run_eval(beir, tmp_path, pipeline):
     out = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "eval", str(beir), "--pipeline", pipeline, "--json", "--cache-dir", str(tmp_path)],
+        [sys.executable, "-m", "cli.main", "eval", str(beir), "--pipeline", pipeline, "--json", "--cache-dir", str(tmp_path)],
         capture_output=True, text=True,
     )
     assert out.returncode == 0, out.stderr[-2000:]

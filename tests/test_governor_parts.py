@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from serve.auth import ApiKey, AuthError, KeyStore, UsageLedger, open_db
-from serve.cache import ResponseCache, cache_key, normalise
-from serve.limits import (
+from deployments.auth import ApiKey, AuthError, KeyStore, UsageLedger, open_db
+from deployments.cache import ResponseCache, cache_key, normalise
+from deployments.limits import (
     KINDS,
     Decision,
     RateLimiter,
@@ -202,7 +202,7 @@ def test_usage_survives_sigkill_right_after_record(db):
     script = textwrap.dedent(
         f"""
         import sys, time
-        from serve.auth import UsageLedger
+        from deployments.auth import UsageLedger
         UsageLedger({str(db)!r}).record("k1", prompt_tokens=40, completion_tokens=2, now={NOV21})
         print("recorded", flush=True)
         time.sleep(60)

@@ -1,4 +1,4 @@
-"""The KubeRay manifest (serve/kuberay.py): generated from configs/gpu.yaml and committed; read
+"""The KubeRay manifest (cli/kuberay.py): generated from configs/gpu.yaml and committed; read
 back by Ray's own Serve schema and by Ray's KubeRay autoscaler config reader; its worker bounds
 follow the config. Fast: no Ray is started, nothing is applied to a Kubernetes cluster."""
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve import kuberay
-from serve.config import AppConfig, load_config
-from serve.kuberay import KubeRayError
+from cli import kuberay
+from common.config import AppConfig, load_config
+from cli.kuberay import KubeRayError
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_YAML = REPO / "configs" / "gpu.yaml"
@@ -70,7 +70,7 @@ def test_serve_config_validates_with_rays_schema_and_loads_back_into_the_config(
     assert isinstance(raw, str)
     schema = ServeDeploySchema.model_validate(yaml.safe_load(raw))
     (app,) = schema.applications
-    assert app.import_path == "deployments.graph:app_builder" and app.route_prefix == "/"
+    assert app.import_path == "serve.graph:app_builder" and app.route_prefix == "/"
     assert AppConfig.model_validate(app.args) == cfg
     assert yaml.safe_load(raw) == yaml.safe_load(export_serve_config(cfg))  # the same as `ragraph serve --export`
 
@@ -207,7 +207,7 @@ def test_configs_that_cannot_run_there_are_refused_with_every_reason(cfg):
 
 
 def test_cli_writes_and_checks(tmp_path, monkeypatch, capsys):
-    from serve.cli import main
+    from cli.main import main
 
     for var in [v for v in os.environ if v.startswith("RAGRAPH")]:
         monkeypatch.delenv(var)  # the committed copy is gpu.yaml without overrides

@@ -157,7 +157,7 @@ def test_report_files(tmp_path):
 
 
 def test_an_unwritable_out_folder_is_refused_before_the_run(tmp_path, capsys):
-    from serve.cli import main
+    from cli.main import main
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

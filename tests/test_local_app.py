@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow  # starts a vLLM engine (~40 s on 2 cores)
 def client(local_cfg, built_index):
     from fastapi.testclient import TestClient
 
-    from serve.config import AppConfig
+    from common.config import AppConfig
     from serve.local import create_app
 
     data = local_cfg.model_dump()

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from serve.config import ModelSpec
-from serve.models import (
+from common.config import ModelSpec
+from cli.models import (
     MANIFEST,
     ModelSourceError,
     locate_package,
@@ -44,7 +44,7 @@ def test_generator_folder_is_bf16_safetensors_with_chat_template(provisioned):
 
 def test_cli_reports_both_models_ready_without_rebuilding(provisioned):
     out = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "models"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "cli.main", "models"], capture_output=True, text=True, check=True
     ).stdout
     assert "embedder  all-MiniLM-L6-v2" in out and "generator SmolLM2-135M-Instruct" in out
     assert out.count("up to date") == 2, out

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not DATA.is_dir(), reason="ne
 
 
 def run_eval(pipeline):
-    out = subprocess.run([sys.executable, "-m", "serve.cli", "eval", str(DATA), "--pipeline", pipeline, "--json"],
+    out = subprocess.run([sys.executable, "-m", "cli.main", "eval", str(DATA), "--pipeline", pipeline, "--json"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

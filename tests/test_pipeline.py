@@ -9,8 +9,13 @@ import pytest
 
 from deployments.retriever import HybridRetriever
 from deployments.router import QueryRouter
-from serve.api import ApiError, ChatRequest, SearchRequest
-from serve.pipeline import GenChunk, Pipeline, StageError, StageReply
+from serve.api import ChatRequest, SearchRequest
+from serve.errors import ApiError
+from deployments.errors import StageError
+from deployments.generator import GenDelta as GenChunk
+from serve.openai import sse_stream
+from serve.calls import StageReply
+from serve.pipeline import Pipeline
 
 
 class Engine:
@@ -109,7 +114,8 @@ def test_stream_frames_and_final_chunk_carries_rag(local_cfg, retriever):
     async def go():
         req = chat(stream=True)
         prep = await p.prepare(req, "rid-2")
-        return [line async for line in p.chat_stream(req, prep, p.chat_events(req, prep))]
+        return [line async for line in sse_stream(p.chat_events(req, prep), request_id=prep.trace.request_id,
+                                                     model=p.model)]
 
     lines = run(go())
     assert lines[-1] == "data: [DONE]\n\n"
@@ -174,7 +180,7 @@ def test_retriever_down_degrades_to_no_context(local_cfg, retriever):
     out = run(go())
     meta = out["rag"]["metadata"]
     assert meta["degraded"] == ["retriever"] and meta["status"] == "degraded" and out["rag"]["sources"] == []
-    assert "Context:" not in engine.requests[0]["messages"][-1]["content"]
+    assert "Context:" not in engine.requests[0].messages[-1]["content"]
     # a lost replica is retried (http.retries.attempts tries in all) before the answer degrades
     tries = local_cfg.http.retries.attempts
     assert p.metrics.errors.labels("retriever", "unavailable")._value.get() == tries

@@ -11,9 +11,12 @@ import pytest
 
 from deployments.governor import Governor
 from deployments.retriever import HybridRetriever
-from serve.api import ApiError, ChatRequest, SearchRequest
+from serve.api import ChatRequest, SearchRequest
+from serve.errors import ApiError
 from serve.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from serve.pipeline import Pipeline, StageError, StageReply
+from deployments.errors import StageError
+from serve.calls import StageReply
+from serve.pipeline import Pipeline
 from test_pipeline import Engine, Stages
 
 

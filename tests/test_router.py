@@ -73,7 +73,7 @@ def test_related_must_name_domains():
 
 
 def test_config_domain_map_is_checked(app_config):
-    from serve.config import AppConfig
+    from common.config import AppConfig
 
     data = app_config.model_dump()
     data["router"] = {"domains": {"wine": {"keywords": ["wine"], "related": ["club"]}}}

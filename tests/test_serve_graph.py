@@ -58,7 +58,7 @@ def service(tmp_path_factory, local_cfg, provisioned):
     from ray import serve
 
     from indexing.jobs import index_source
-    from serve.config import AppConfig
+    from common.config import AppConfig
     from serve.launch import deploy
 
     base = tmp_path_factory.mktemp("graph")
@@ -80,7 +80,7 @@ def service(tmp_path_factory, local_cfg, provisioned):
     data["governor"]["auth"] = {"enabled": True}
     data["governor"]["db"] = str(base / "governor.sqlite3")
     data["generator"].update(max_tokens=48, max_tokens_limit=64)
-    from serve.auth import KeyStore
+    from deployments.auth import KeyStore
 
     keys = KeyStore(data["governor"]["db"])
     KEYS["admin"] = keys.create("graph tests", "admin", chat_per_min=10**5, search_per_min=10**5, other_per_min=10**5)[0]
@@ -293,7 +293,7 @@ def test_http_counters_count_every_routed_request(service):
 
 
 def test_loadtest_against_the_graph_agrees_with_the_server(service, tmp_path):
-    from serve.cli import main
+    from cli.main import main
 
     rc = main(["loadtest", "--url", service.url, "--api-key", KEYS["admin"], "--mode", "open", "--rate", "2", "--duration", "6",
                "--max-tokens", "8", "--mix", "chat=1,stream=1,search=1,multiturn=1", "--seed", "3", "--out", str(tmp_path)])
@@ -344,7 +344,7 @@ def test_router_domains_reach_the_retriever(client):
 def test_chat_cli_prints_answer_and_sources(service, monkeypatch):
     import io
 
-    from serve.client import chat
+    from cli.client import chat
 
     monkeypatch.setenv("RAGRAPH_API_KEY", KEYS["admin"])
 

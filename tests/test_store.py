@@ -103,7 +103,7 @@ def test_killed_build_leaves_previous_version_live(fresh, tmp_path):
     with (SHARED_DATA / "msmarco-5k" / "corpus.jsonl").open() as f:
         big.write_text("".join(next(f) for _ in range(1500)))
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "serve.cli", "index", str(big), "--index-dir", str(root)],
+        [sys.executable, "-u", "-m", "cli.main", "index", str(big), "--index-dir", str(root)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**__import__("os").environ, "RAGRAPH__INDEXING__ENGINE": "local"},
     )

@@ -39,8 +39,8 @@ def graph(tmp_path_factory, local_cfg, provisioned):
     from ray import serve
 
     from indexing.jobs import index_source
-    from serve.auth import KeyStore
-    from serve.config import AppConfig
+    from deployments.auth import KeyStore
+    from common.config import AppConfig
     from serve.launch import deploy
 
     started = time.time()

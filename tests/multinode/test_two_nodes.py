@@ -62,7 +62,7 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     from ray.cluster_utils import Cluster
 
     from indexing.jobs import index_source
-    from serve.config import AppConfig
+    from common.config import AppConfig
     from serve.launch import deploy
 
     started = time.time()
@@ -167,7 +167,7 @@ def redeploy(cluster, attempt_timeout_s: float | None):
     the replicas sit on the head (a rolling update leaves them where the head had room)."""
     from ray import serve
 
-    from serve.config import AppConfig
+    from common.config import AppConfig
     from serve.launch import deploy
 
     c = cluster["cluster"]

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 ENV_CONFIG = "RAGRAPH_CONFIG"
 ENV_PREFIX = "RAGRAPH__"
+LOGGING = {"encoding": "JSON", "log_level": "INFO"}  # every deployment's Serve logging config
 
 
 class ConfigError(ValueError):
@@ -432,7 +433,7 @@ class HttpConfig(_Strict):
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        from serve.limits import parse_networks
+        from common.networks import parse_networks
 
         parse_networks("trusted_proxies", v)  # a typo must fail at load, not silently trust nobody
         return v
@@ -460,7 +461,7 @@ class RateLimitConfig(_Strict):
     @field_validator("exempt_ips")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
-        from serve.limits import parse_networks
+        from common.networks import parse_networks
 
         parse_networks("exempt_ips", v)
         return v

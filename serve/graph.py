@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.config import LOGGING
+
 APP_NAME = "ragraph"
-LOGGING = {"encoding": "JSON", "log_level": "INFO"}
 
 
 STAGES = ("ingress", "router", "retriever", "reranker", "generator", "governor")
@@ -37,7 +38,7 @@ def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
 
 
 def build_app(cfg, *, app_name: str = APP_NAME):
-    """The bound Serve application for ``cfg`` (an :class:`serve.config.AppConfig`)."""
+    """The bound Serve application for ``cfg`` (an :class:`common.config.AppConfig`)."""
     from ray import serve
 
     from deployments.generator import build_generator, llm_config
@@ -65,7 +66,7 @@ def build_app(cfg, *, app_name: str = APP_NAME):
 def app_builder(args: dict[str, Any]):
     """Entry point for ``serve run`` / ``serve deploy`` configs: ``args`` is ``{"config": PATH}`` or
     the whole config tree (what ``ragraph serve --export`` writes)."""
-    from serve.config import AppConfig, load_config
+    from common.config import AppConfig, load_config
 
     if set(args) <= {"config"}:
         return build_app(load_config(args.get("config")))

@@ -10,12 +10,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve.config import ConfigError, dump_config, load_config
+from common.config import ConfigError, dump_config, load_config
 
 
 def _models(args: argparse.Namespace) -> int:
     # Imported here so `ragraph config` does not pay for it.
-    from serve.models import ModelSourceError, broken_cuda_packages, provision_all
+    from cli.models import ModelSourceError, broken_cuda_packages, provision_all
 
     _offline()
     cfg = load_config(args.config)
@@ -183,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from serve.client import ChatClientError, chat
+    from cli.client import ChatClientError, chat
 
     try:
         return chat(
@@ -196,7 +196,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from serve.auth import AuthError, KeyStore
+    from deployments.auth import AuthError, KeyStore
 
     cfg = load_config(args.config)
     db = args.db or cfg.governor.db
@@ -237,8 +237,8 @@ def _keys(args: argparse.Namespace) -> int:
 def _kuberay(args: argparse.Namespace) -> int:
     import difflib
 
-    from serve.config import DEFAULT_CONFIG, ENV_CONFIG
-    from serve.kuberay import KubeRayError, command, display_path, render
+    from common.config import DEFAULT_CONFIG, ENV_CONFIG
+    from cli.kuberay import KubeRayError, command, display_path, render
 
     if args.check and args.out is None:
         print("error: --check compares against a file: give it with --out FILE", file=sys.stderr)

@@ -3,7 +3,7 @@
 Everything here is in-process and clock-injected: the ingress asks, and turns a refusal into a 429
 with ``Retry-After``. Buckets live in memory, so a restart refills them; that is fine for limits
 measured in minutes. Token quotas (day, month) are durable: their counts come from
-:class:`serve.auth.UsageLedger`, and :func:`check_quota` only decides.
+:class:`deployments.auth.UsageLedger`, and :func:`check_quota` only decides.
 """
 
 from __future__ import annotations
@@ -17,30 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def parse_networks(name: str, entries: Iterable[str]) -> tuple[Network, ...]:
-    """Addresses or CIDR networks (``exempt_ips``, ``trusted_proxies``); ValueError names the bad ones."""
-    nets, bad = [], []
-    for e in entries:
-        try:
-            nets.append(ipaddress.ip_network(e.strip(), strict=False))
-        except ValueError:
-            bad.append(e)
-    if bad:
-        raise ValueError(f"{name}: not an IP address or CIDR network: {bad} (e.g. '127.0.0.1', '10.0.0.0/8')")
-    return tuple(nets)
-
-
-def in_networks(ip: str, nets: tuple[Network, ...]) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:  # e.g. Starlette's TestClient reports "testclient"
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # '::ffff:10.1.2.3' from a dual-stack socket is 10.1.2.3
-    return any(addr in net for net in nets)
+from common.networks import Network, in_networks, parse_networks  # noqa: F401
 
 
 KINDS = ("chat", "search", "other")

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from serve.config import REPO_ROOT, AppConfig
+from common.config import REPO_ROOT, AppConfig
 
 SHARED_CLAIM = "ragraph-shared"
 SHARED_MOUNT = PurePosixPath("/mnt/shared")
@@ -118,11 +118,11 @@ def _bundle(resources: Mapping[str, Any]) -> dict[str, float]:
 
 
 def stage_needs(cfg: AppConfig) -> list[StageNeed]:
-    """Every Serve deployment's needs (from :func:`deployments.graph.deployment_options`, without
+    """Every Serve deployment's needs (from :func:`serve.graph.deployment_options`, without
     starting Ray), plus the index job: its Ray Data embedder actors (``indexing.concurrency``, each
     ``threads_per_actor`` CPUs and, with ``embedder.device: cuda``, ``gpus_per_actor`` GPUs) and its
     driver (:data:`INDEX_DRIVER`)."""
-    from deployments.graph import deployment_options
+    from serve.graph import deployment_options
 
     needs: list[StageNeed] = []
     for name, o in deployment_options(cfg).items():
@@ -494,7 +494,7 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
         f"# an image built FROM {base_image()} with this repository installed as '.[gpu]' "
         "(configs/kuberay/README.md).",
         f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",
-        "# Worker bounds from the config (serve/kuberay.py group_bounds; pods offer "
+        "# Worker bounds from the config (cli/kuberay.py group_bounds; pods offer "
         + "; ".join(f"{g.name} {need(g.capacity())}" for g in (CPU_WORKERS, GPU_WORKERS)) + "):",
     ]
     for g, b in bounds.items():

@@ -1,0 +1,135 @@
+"""The engine side of the generator seam: vLLM's ``AsyncLLM`` turned into structured deltas.
+
+:class:`EngineGenerator` runs in the in-process app and inside the generator's Serve replica
+(``deployments.llm_adapter.DeltaLLMServer``), so both paths share one piece of generation code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.errors import StageError
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """What the ingress asks the engine: chat messages (already a prompt) and sampling settings."""
+
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class GenDelta:
+    """One step of an answer: new text, and on the last delta the finish reason and token usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+
+
+class EngineGenerator:
+    """:class:`Generator` over a vLLM ``AsyncLLM`` in this process (the chat template applied here,
+    deltas straight from the engine's ``DELTA`` output)."""
+
+    def __init__(self, engine: Any, tokenizer: Any = None) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer if tokenizer is not None else engine.get_tokenizer()
+
+    @classmethod
+    def start(cls, cfg) -> EngineGenerator:
+        """Start the configured engine in this process (the in-process app and benchmarks)."""
+        import os
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        g = cfg.generator
+        os.environ.update(g.engine_env())
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**g.engine_kwargs(cfg.models.location("generator"))))
+        return cls(engine)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def _inputs(self, request: GenRequest) -> tuple[list[int], Any]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        params = SamplingParams(
+            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+            stop=request.stop, presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.DELTA,
+        )
+        return ids, params
+
+    async def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]:
+        try:
+            ids, params = self._inputs(request)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise StageError("generator", "invalid", str(e).splitlines()[0][:300]) from None
+        produced = 0
+        try:
+            async for out in self.engine.generate({"prompt_token_ids": ids}, params, request.request_id):
+                o = out.outputs[0]
+                produced += len(o.token_ids)
+                if out.finished:
+                    yield GenDelta(o.text, o.finish_reason or "stop",
+                                   {"prompt_tokens": len(ids), "completion_tokens": produced})
+                    return
+                if o.text:
+                    yield GenDelta(o.text)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise StageError("generator", "invalid", str(e).splitlines()[0][:300]) from None
+        except StageError:
+            raise
+        except Exception as e:
+            kind = "unavailable" if type(e).__name__ == "EngineDeadError" else "error"
+            raise StageError("generator", kind, f"{type(e).__name__}: {e}".splitlines()[0][:300]) from None
+
+    async def batches(self, request: GenRequest) -> AsyncIterator[list[GenDelta]]:
+        """:meth:`generate`, with the deltas that arrive while the consumer is busy sent together:
+        one Serve stream item per batch instead of per token, and no added wait."""
+        q: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        async def pump() -> None:
+            try:
+                async for d in self.generate(request):
+                    q.put_nowait(d)
+                q.put_nowait(end)
+            except Exception as e:
+                q.put_nowait(e)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                batch: list[GenDelta] = []
+                item = await q.get()
+                while True:
+                    if item is end or isinstance(item, Exception):
+                        if batch:
+                            yield batch
+                        if item is end:
+                            return
+                        raise item
+                    batch.append(item)
+                    if q.empty():
+                        break
+                    item = q.get_nowait()
+                yield batch
+        finally:
+            task.cancel()  # the client went away: vLLM aborts the request

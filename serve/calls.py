@@ -1,0 +1,152 @@
+"""Stage calls, timed, counted and retried: the one place the ingress talks to a stage.
+
+Every stage call has a timeout; the idempotent ones (router, retriever, reranker and the governor)
+are retried with exponential backoff and jitter when a replica is lost or errs (``http.retries``);
+with ``http.retries.attempt_timeout_s`` a silent replica is given up on early and another tried.
+The generator sits behind a circuit breaker (``http.breaker``), kept here for the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from deployments.errors import StageError
+from deployments.generator import GenDelta, GenRequest
+from deployments.retriever import Filters, Passage
+from deployments.router import Message
+from serve.breaker import CircuitBreaker
+from serve.events import Trace
+from serve.metrics import Metrics
+
+log = logging.getLogger("ray.serve")
+RETRIED_KINDS = ("unavailable", "error", "stalled")  # a lost, failed or silent replica; never backpressure or a timeout
+
+
+@dataclass(frozen=True, slots=True)
+class StageReply:
+    value: Any
+    replica: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Stages(Protocol):
+    """The stages as the pipeline sees them: Serve handles (:class:`serve.stages.HandleStages`) or
+    the plain classes in this process (:class:`serve.stages.InProcessStages`)."""
+
+    rerank_enabled: bool
+
+    async def route(self, messages: list[Message]) -> StageReply: ...
+    async def retrieve(
+        self, *, query: str, top_k: int, filters: Filters | None, strategy: str | None
+    ) -> StageReply: ...  # value: list[Passage]; info: version, embed_ms, search_ms
+    async def rerank(self, *, query: str, passages: list[Passage], top_k: int) -> StageReply: ...
+    def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]: ...  # a deployments.generator.Generator
+    async def readiness(self) -> dict[str, str | None]: ...
+    async def govern(self, method: str, *args: Any) -> Any: ...  # a call to the governor stage
+
+
+class StageCalls:
+    def __init__(self, cfg, stages: Stages, *, metrics: Metrics | None = None) -> None:
+        self.cfg, self.stages = cfg, stages
+        self.metrics = metrics or Metrics()
+        self.timeouts = cfg.http.timeouts
+        self.retry = cfg.http.retries
+        b = cfg.http.breaker
+        self.breaker = CircuitBreaker(
+            failure_threshold=b.failure_threshold, reset_timeout_s=b.reset_timeout_s,
+            on_change=self.metrics.breaker_state.set,
+        ) if b.enabled else None
+        self.metrics.breaker_state.set(0)
+        self._background: set[asyncio.Task] = set()
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before try ``attempt + 1`` (``attempt`` >= 1)."""
+        r = self.retry
+        return random.uniform(0, min(r.max_backoff_s, r.backoff_s * 2 ** (attempt - 1)))
+
+    async def retrying(self, stage: str, make: Callable[[], Awaitable[Any]], timeout: float, *,
+                       attempts: int | None = None, on_retry: Callable[[], None] | None = None) -> Any:
+        """``await make()`` within ``timeout`` per try, retried on a lost replica or an error; with
+        ``http.retries.attempt_timeout_s``, every try but the last is cut short after that long and
+        retried (a replica on a dead node that Ray has not declared dead yet answers nothing).
+        Raises :class:`StageError` with the last failure."""
+        m = self.metrics
+        attempts = attempts or self.retry.attempts
+        cut = self.retry.attempt_timeout_s
+        for attempt in range(1, attempts + 1):
+            limit = min(cut, timeout) if cut and attempt < attempts else timeout
+            try:
+                return await asyncio.wait_for(make(), limit)
+            except asyncio.TimeoutError:
+                err = (StageError(stage, "stalled", f"no answer in {limit:g} s (http.retries.attempt_timeout_s)")
+                       if limit < timeout else StageError(stage, "timeout", f"no answer in {timeout:g} s"))
+            except StageError as e:
+                err = e
+            except Exception as e:  # a stage bug must not become a bare 500
+                err = StageError(stage, "error", f"{type(e).__name__}: {e}")
+            m.errors.labels(stage, err.kind).inc()
+            if err.kind not in RETRIED_KINDS or attempt == attempts:
+                raise err
+            m.retries.labels(stage).inc()
+            if on_retry is not None:
+                on_retry()
+            await asyncio.sleep(self.backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def call(self, stage: str, trace: Trace, make: Callable[[], Awaitable[StageReply]], timeout: float) -> StageReply:
+        m = self.metrics
+        m.stage_inflight.labels(stage).inc()
+        t = time.perf_counter()
+
+        def retried() -> None:
+            trace.retries[stage] = trace.retries.get(stage, 0) + 1
+
+        try:
+            reply = await self.retrying(stage, make, timeout, on_retry=retried)
+        finally:
+            m.stage_inflight.labels(stage).dec()
+            took = time.perf_counter() - t
+            m.stage_duration.labels(stage).observe(took)
+            trace.timings_ms[stage] = round(took * 1000, 2)
+        m.stage_requests.labels(stage, reply.replica or "local").inc()
+        if reply.replica:
+            trace.replicas[stage] = reply.replica
+        return reply
+
+    async def govern(self, method: str, *args: Any, attempts: int | None = None) -> Any:
+        """A governor call (admission, usage, cache), retried like the other idempotent stages."""
+        t = time.perf_counter()
+        try:
+            return await self.retrying(
+                "governor", lambda: self.stages.govern(method, *args), self.timeouts.governor, attempts=attempts
+            )
+        finally:
+            self.metrics.stage_duration.labels("governor").observe(time.perf_counter() - t)
+
+    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        """Write usage to the ledger in the background, retrying for about a minute so that a
+        governor restart does not lose the record; a record that still fails is logged."""
+
+        async def write() -> None:
+            try:
+                await self.govern("record", key_id, prompt_tokens, completion_tokens,
+                                  attempts=max(self.retry.attempts, 8))
+            except StageError as e:
+                self.metrics.usage_lost.inc()
+                log.error(f"usage of key {key_id or 'anonymous'} not recorded "
+                          f"({prompt_tokens}+{completion_tokens} tokens): {e}")
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background usage writes (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)

@@ -1,0 +1,65 @@
+"""The chat flow's types: the trace of one request, what ``prepare`` produced, and the typed
+events the flow yields (:class:`Delta` text, then one :class:`Done`) that ``serve.openai`` turns
+into a response body or SSE."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.retriever import Passage
+from deployments.router import Route
+from serve.prompt import Prompt
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """Answer text to send on."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The answer is over: why, its token usage, and the ``rag`` block (sources, metadata)."""
+
+    finish_reason: str
+    usage: dict[str, int]
+    rag: dict[str, Any]
+
+
+ChatEvent = Delta | Done
+
+
+@dataclass
+class Trace:
+    request_id: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    degraded: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    replicas: dict[str, str] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    version: str | None = None
+    route: Route | None = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    def degrade(self, stage: str, why: str) -> None:
+        if stage not in self.degraded:
+            self.degraded.append(stage)
+        self.reasons[stage] = why
+
+
+@dataclass
+class Prepared:
+    trace: Trace
+    prompt: Prompt
+    rag: bool
+    sources: list[Passage]
+    key_id: str | None = None  # the API key that asked (None: auth off), for the usage ledger
+    cache_key: str | None = None  # None: this answer is neither looked up nor stored
+
+
+def excerpt(text: str, n: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1].rsplit(" ", 1)[0] + "…"
