@@ -22,7 +22,7 @@ TESTED_RAY = "2.60.0"
 
 try:  # the callback base comes with ray[serve]; the module still imports without Ray
     from ray.llm._internal.common.callbacks.base import CallbackBase as _CallbackBase
-    from ray.llm._internal.serve.core.server.llm_server import LLMServer as _LLMServer
+    from ray.serve.llm import LLMServer as _LLMServer
 except ImportError:  # pragma: no cover
     _CallbackBase = object  # type: ignore[assignment,misc]
     _LLMServer = object  # type: ignore[assignment,misc]

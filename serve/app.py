@@ -1,9 +1,11 @@
 """The Serve ingress: :func:`serve.routes.make_app`'s FastAPI app behind ``@serve.ingress``, with a
 pipeline over the stages' deployment handles. The routes themselves are declared once, in
-``serve/routes.py``; the graph is built by :func:`serve.graph.build_app`."""
+``serve/routes.py`` (the in-process app, ``serve/local.py``, serves the same); the graph is built
+by :func:`serve.graph.build_app`."""
 
 from __future__ import annotations
 
+from fastapi import FastAPI
 from ray import serve as ray_serve
 
 from serve.metrics import METRICS
@@ -11,10 +13,8 @@ from serve.pipeline import Pipeline
 from serve.routes import make_app
 from serve.stages import HandleStages
 
-app = make_app()
 
-
-@ray_serve.ingress(app)
+@ray_serve.ingress()
 class RagIngress:
     def __init__(self, cfg, router, retriever, reranker, generator, governor, app_name: str = "ragraph") -> None:
         stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker,
@@ -22,4 +22,9 @@ class RagIngress:
         self.cfg = cfg
         self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
         self.pipeline.warm_up()
-        app.state.pipeline = self.pipeline  # one ingress per process
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve asks for the app once the constructor has run: this replica's own, with its pipeline."""
+        app = make_app()
+        app.state.pipeline = self.pipeline
+        return app
