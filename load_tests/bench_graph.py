@@ -1,12 +1,20 @@
 """The Serve graph against the same pipeline in one process: what the graph costs, what it carries.
 
     python load_tests/bench_graph.py [--requests 20] [--max-tokens 16] [--users 8] [--duration 45]
+        [--sides graph,in-process[,graph-fast]] [--out FILE]
 
-Both sides serve the same config (configs/local.yaml), the same index and the same HTTP routes, and
-are measured by the same client (``ragraph loadtest``'s):
+Every side serves the same config (configs/local.yaml), the same index and the same HTTP routes
+(``serve/routes.py``), and is measured by the same client (``ragraph loadtest``'s), every request
+with ``Cache-Control: no-cache`` so that the pipeline is measured, not the response cache:
 
 * graph: ``ragraph serve`` (Serve proxy -> ingress -> router / retriever / generator replicas);
+* graph-fast: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in every Ray process's
+  environment (Ray 2.60's direct ingress without the proxy, gRPC between deployments);
 * in-process: ``python -m serve.local`` (uvicorn -> the plain classes -> vLLM ``AsyncLLM``).
+
+Each side runs in its own subprocess, one after the other, so that no Ray or engine state leaks
+from one into the next. ``--out`` gets a JSON with ``rows`` (``request``, ``side``, ``p50_ms``,
+``sat_rps``, ...) and every side's full summaries.
 
 Low load: ``--requests`` sequential requests (one in flight), p50 end to end, for chat (greedy,
 ``--max-tokens``) and for search. Saturation: ``--users`` closed-loop users with no think time for
@@ -17,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +48,8 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
 
     qs = load_questions(None)
     out: dict = {}
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=10)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(None, connect=10),
+                                 headers={"Cache-Control": "no-cache"}) as client:
         t0 = time.perf_counter()
         for kind in ("chat", "search"):
             w = Workload(qs, mix={kind: 1.0}, max_tokens=(args.max_tokens, args.max_tokens))
@@ -97,6 +108,22 @@ def run_local(args: argparse.Namespace) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+SIDES = {"graph": run_graph, "graph-fast": run_graph, "in-process": run_local}
+
+
+def run_side(side: str, args: argparse.Namespace) -> dict:
+    """One side in a fresh subprocess of this script (``--only SIDE``)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        argv = [sys.executable, __file__, "--only", side, "--only-out", f.name]
+        for k in ("requests", "max_tokens", "users", "duration", "graph_port", "local_port"):
+            argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        env = {**os.environ, **(FAST_ENV if side == "graph-fast" else {})}
+        print(f"== {side}", flush=True)
+        subprocess.run(argv, cwd=REPO, env=env, check=True)
+        return json.loads(Path(f.name).read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=20, help="sequential requests at low load, per kind")
@@ -105,26 +132,43 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=45, help="seconds at saturation, per kind")
     ap.add_argument("--graph-port", type=int, default=8000)
     ap.add_argument("--local-port", type=int, default=8001)
-    ap.add_argument("--out", type=Path, default=REPO / "load_tests" / "results" / "graph.json")
+    ap.add_argument("--sides", default="graph,in-process", help=f"comma-separated, of {', '.join(SIDES)}")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON report here (default: print only)")
+    ap.add_argument("--only", choices=list(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--only-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.only:
+        args.only_out.write_text(json.dumps(SIDES[args.only](args)))
+        return
 
-    sides = {"graph": run_graph(args), "in-process": run_local(args)}
+    names = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SIDES]
+    if unknown or "in-process" not in names:
+        ap.error(f"--sides: unknown {unknown} (choose from {list(SIDES)}); in-process is needed as the baseline")
+    sides = {name: run_side(name, args) for name in names}
     rows = []
     for kind in ("chat", "search"):
-        g, p = sides["graph"][kind], sides["in-process"][kind]
-        for side, r in (("graph", g), ("in-process", p)):
+        p = sides["in-process"][kind]
+        for side, data in sides.items():
+            r = data[kind]
             rows.append({
                 "request": kind, "side": side, "p50_ms": r["low"]["p50_ms"], "p95_ms": r["low"]["p95_ms"],
                 "tokens/answer": round(r["low"]["output_tokens"] / max(r["low"]["ok"], 1), 1),
                 "sat_rps": r["saturation"]["throughput_rps"], "sat_tok_s": r["saturation"]["output_tokens_per_s"],
                 "sat_p50_ms": r["saturation"]["p50_ms"], "sat_errors": sum(r["saturation"]["errors"].values()),
             })
-        rows.append({"request": kind, "side": "graph - in-process",
-                     "p50_ms": round(g["low"]["p50_ms"] - p["low"]["p50_ms"], 2),
-                     "sat_rps": f"x{g['saturation']['throughput_rps'] / max(p['saturation']['throughput_rps'], 1e-9):.2f}"})
-    print(f"\nlow load: {args.requests} sequential requests; saturation: {args.users} users, {args.duration:g} s")
+        for side, data in sides.items():
+            if side == "in-process":
+                continue
+            g = data[kind]
+            rows.append({"request": kind, "side": f"{side} - in-process",
+                         "p50_ms": round(g["low"]["p50_ms"] - p["low"]["p50_ms"], 2),
+                         "sat_rps": f"x{g['saturation']['throughput_rps'] / max(p['saturation']['throughput_rps'], 1e-9):.2f}"})
+    print(f"\nlow load: {args.requests} sequential requests; saturation: {args.users} users, {args.duration:g} s; "
+          "cache bypassed (Cache-Control: no-cache)")
     print_table(rows, ["request", "side", "p50_ms", "p95_ms", "tokens/answer", "sat_rps", "sat_tok_s", "sat_p50_ms", "sat_errors"])
-    write_json(args.out, {"args": vars(args) | {"out": str(args.out)}, "rows": rows, "sides": sides})
+    if args.out:
+        write_json(args.out, {"args": vars(args) | {"out": str(args.out)}, "rows": rows, "sides": sides})
 
 
 if __name__ == "__main__":

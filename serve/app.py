@@ -20,6 +20,7 @@ class RagIngress:
         stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker,
                               generator=generator, governor=governor)
         self.cfg = cfg
+        METRICS.export_to_ray()  # every replica's series reach Ray's metrics agent (serve/metrics.py)
         self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
         self.pipeline.warm_up()
 

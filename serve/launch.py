@@ -41,6 +41,11 @@ def runtime_env(cfg) -> dict[str, Any]:
     return {"env_vars": env}
 
 
+# How often each Ray worker reports its application metrics to the node's agent: the staleness of
+# other ingress replicas' series in GET /metrics (serve/metrics.py). Ray's default is 10 s.
+METRICS_REPORT_MS = 2000
+
+
 def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
     import ray
 
@@ -51,7 +56,8 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
         ray.init(address=address, runtime_env=runtime_env(cfg), log_to_driver=verbose)
         return
     cpus = cfg.http.ray_num_cpus or max(os.cpu_count() or 1, 8)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose,
+             _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
 
 
 def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=print) -> float:

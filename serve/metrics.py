@@ -3,13 +3,110 @@
 The ingress times every stage call and labels it with the replica that served it (each stage
 returns its replica id), so one scrape shows per-stage latency, per-replica request counts, errors
 and how many calls are waiting on each stage (``rag_stage_inflight``: the ingress's view of the
-queue). Each replica's own Ray Serve series (queue length, replica health) are on Ray's metrics
-port as usual.
+queue).
+
+Several ingress replicas: every series is recorded twice, in this process's own registry and as a
+Ray application metric (``ray.util.metrics``), which each node's Ray metrics agent exports beside
+Serve's and vLLM's series, named ``ray_rag_*`` and labelled with the ``WorkerId`` of the replica
+that counted it. On a cluster Prometheus scrapes every node's agent (docs/operations.md) and sums
+over replicas. ``GET /metrics`` shows the whole service as seen from this replica's node: its own
+series, exact and current, plus every other replica's on the node as last reported to the agent
+(``metrics_report_interval_ms``), summed by the series' own labels (gauges of state, like the
+breaker, take the maximum). On the embedded default, one node, that is every replica.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.utils import floatToGoString
+
+MAX_GAUGES = {"rag_generator_breaker_state", "rag_index_version_info"}  # states: the worst replica, not a sum
+
+
+class Family:
+    """One metric: a prometheus_client metric in this process, mirrored to a Ray application metric
+    once :meth:`Metrics.export_to_ray` is called (in a Serve replica). Same calls as
+    prometheus_client: ``labels(...).inc()``, ``.observe()``, ``.set()``, ``.dec()``, ``.remove()``."""
+
+    def __init__(self, metric: Any, kind: str, name: str, doc: str, labels: tuple[str, ...] = (),
+                 buckets: tuple[float, ...] = ()) -> None:
+        self.metric, self.kind, self.name, self.doc = metric, kind, name, doc
+        self.labelnames, self.buckets = labels, buckets
+        self.ray: Any = None
+        self._gauges: dict[tuple[str, ...], float] = defaultdict(float)
+
+    def to_ray(self) -> None:
+        from ray.util import metrics as rm
+
+        if self.kind == "counter":
+            self.ray = rm.Counter(self.name, self.doc, tag_keys=self.labelnames)
+        elif self.kind == "gauge":
+            self.ray = rm.Gauge(self.name, self.doc, tag_keys=self.labelnames)
+        else:
+            self.ray = rm.Histogram(self.name, self.doc, boundaries=list(self.buckets), tag_keys=self.labelnames)
+
+    def labels(self, *values: Any) -> _Child:
+        return _Child(self, tuple(str(v) for v in values))
+
+    def inc(self, n: float = 1) -> None:
+        _Child(self, ()).inc(n)
+
+    def dec(self, n: float = 1) -> None:
+        _Child(self, ()).dec(n)
+
+    def set(self, v: float) -> None:
+        _Child(self, ()).set(v)
+
+    def observe(self, v: float) -> None:
+        _Child(self, ()).observe(v)
+
+    def remove(self, *values: Any) -> None:
+        key = tuple(str(v) for v in values)
+        self.metric.remove(*key)
+        if self.ray is not None and self.kind == "gauge":
+            self.ray.set(0, tags=dict(zip(self.labelnames, key, strict=True)))
+
+
+class _Child:
+    __slots__ = ("fam", "key", "prom")
+
+    def __init__(self, fam: Family, key: tuple[str, ...]) -> None:
+        self.fam, self.key = fam, key
+        self.prom = fam.metric.labels(*key) if key else fam.metric
+
+    def _tags(self) -> dict[str, str] | None:
+        return dict(zip(self.fam.labelnames, self.key, strict=True)) if self.key else None
+
+    def inc(self, n: float = 1) -> None:
+        self.prom.inc(n)
+        if self.fam.ray is not None:
+            if self.fam.kind == "counter":
+                self.fam.ray.inc(n, tags=self._tags())
+            else:
+                self._gauge(self.fam._gauges[self.key] + n)
+
+    def dec(self, n: float = 1) -> None:
+        self.prom.dec(n)
+        if self.fam.ray is not None:
+            self._gauge(self.fam._gauges[self.key] - n)
+
+    def set(self, v: float) -> None:
+        self.prom.set(v)
+        if self.fam.ray is not None:
+            self._gauge(v)
+
+    def _gauge(self, v: float) -> None:
+        self.fam._gauges[self.key] = v
+        self.fam.ray.set(v, tags=self._tags())
+
+    def observe(self, v: float) -> None:
+        self.prom.observe(v)
+        if self.fam.ray is not None:
+            self.fam.ray.observe(v, tags=self._tags())
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -17,52 +114,54 @@ LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.http_requests = Counter(
+        self.families: dict[str, Family] = {}
+        self._ray_node: tuple[str, int, str] | None = None  # (address, metrics port, this worker's id)
+        self.http_requests = self._make(Counter, 
             "rag_http_requests_total", "HTTP requests by endpoint and status", ["method", "endpoint", "status"], registry=r
         )
-        self.http_duration = Histogram(
+        self.http_duration = self._make(Histogram, 
             "rag_http_request_duration_seconds", "HTTP request latency (to the last byte)", ["endpoint"],
             buckets=LATENCY, registry=r,
         )
-        self.retrieval_duration = Histogram(
+        self.retrieval_duration = self._make(Histogram, 
             "rag_retrieval_duration_seconds", "Retrieval latency (embed + BM25 + FAISS + fusion)", buckets=LATENCY, registry=r
         )
-        self.generation_duration = Histogram(
+        self.generation_duration = self._make(Histogram, 
             "rag_generation_duration_seconds", "Generation latency (first to last token)", buckets=LATENCY, registry=r
         )
-        self.ttft = Histogram(
+        self.ttft = self._make(Histogram, 
             "rag_time_to_first_token_seconds", "Generator time to first token", buckets=LATENCY, registry=r
         )
-        self.generation_tokens = Counter(
+        self.generation_tokens = self._make(Counter, 
             "rag_generation_tokens_total", "Tokens through the generator", ["kind"], registry=r
         )
-        self.errors = Counter(
+        self.errors = self._make(Counter, 
             "rag_pipeline_errors_total", "Stage failures seen by the ingress", ["stage", "kind"], registry=r
         )
-        self.degraded = Counter("rag_degraded_responses_total", "Answers served without a stage", ["stage"], registry=r)
-        self.stage_duration = Histogram(
+        self.degraded = self._make(Counter, "rag_degraded_responses_total", "Answers served without a stage", ["stage"], registry=r)
+        self.stage_duration = self._make(Histogram, 
             "rag_stage_duration_seconds", "Latency of each stage call", ["stage"], buckets=LATENCY, registry=r
         )
-        self.stage_requests = Counter(
+        self.stage_requests = self._make(Counter, 
             "rag_stage_requests_total", "Stage calls by the replica that served them", ["stage", "replica"], registry=r
         )
-        self.stage_inflight = Gauge(
+        self.stage_inflight = self._make(Gauge, 
             "rag_stage_inflight", "Calls sent to a stage and not yet answered (queue depth)", ["stage"], registry=r
         )
-        self.retries = Counter("rag_stage_retries_total", "Stage calls tried again after a failure", ["stage"], registry=r)
-        self.breaker_state = Gauge(
+        self.retries = self._make(Counter, "rag_stage_retries_total", "Stage calls tried again after a failure", ["stage"], registry=r)
+        self.breaker_state = self._make(Gauge, 
             "rag_generator_breaker_state", "Circuit breaker around the generator: 0 closed, 1 half-open, 2 open", registry=r
         )
-        self.cache_requests = Counter(
+        self.cache_requests = self._make(Counter, 
             "rag_cache_requests_total", "Response cache lookups: hit, miss, skip (not cacheable) or error", ["result"],
             registry=r,
         )
-        self.admission = Counter(
+        self.admission = self._make(Counter, 
             "rag_admission_total", "Requests refused by the governor (code: missing_api_key, invalid_api_key, "
             "insufficient_scope, rate_limit_exceeded, insufficient_quota, request_too_large)", ["code"], registry=r,
         )
-        self.usage_lost = Counter("rag_usage_records_lost_total", "Usage records the governor never took", registry=r)
-        self.index_version = Gauge("rag_index_version_info", "Index version that answered last", ["version"], registry=r)
+        self.usage_lost = self._make(Counter, "rag_usage_records_lost_total", "Usage records the governor never took", registry=r)
+        self.index_version = self._make(Gauge, "rag_index_version_info", "Index version that answered last", ["version"], registry=r)
         self._version: str | None = None
 
     def saw_version(self, version: str | None) -> None:
@@ -72,8 +171,97 @@ class Metrics:
             self.index_version.labels(version).set(1)
             self._version = version
 
+    def _make(self, cls: type, name: str, doc: str, labels: list[str] | tuple[str, ...] = (), *,
+              buckets: tuple[float, ...] = (), registry: CollectorRegistry) -> Family:
+        kw = {"buckets": buckets} if cls is Histogram else {}
+        kind = {Counter: "counter", Gauge: "gauge", Histogram: "histogram"}[cls]
+        fam = Family(cls(name, doc, list(labels), registry=registry, **kw), kind, name, doc, tuple(labels), buckets)
+        self.families[name] = fam
+        return fam
+
+    def export_to_ray(self) -> None:
+        """Mirror every series to Ray's metrics agent from now on (call once, inside a Ray worker)."""
+        import ray
+
+        if self._ray_node is not None:
+            return
+        ctx = ray.get_runtime_context()
+        me = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), None)
+        if me is None or not me.get("MetricsExportPort"):
+            return  # no agent on this node: this process's registry is all there is
+        for fam in self.families.values():
+            fam.to_ray()
+        self._ray_node = (me["NodeManagerAddress"], int(me["MetricsExportPort"]), ctx.get_worker_id())
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's series; in a Ray worker, plus the other replicas' on this node (see the
+        module docstring)."""
+        own = generate_latest(self.registry)
+        if self._ray_node is None:
+            return own
+        import urllib.request
+
+        host, port, worker = self._ray_node
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as r:
+                node = r.read().decode()
+        except OSError as e:
+            return own + f"# the other replicas' series are missing: Ray's metrics agent at {host}:{port}: {e}\n".encode()
+        return merge(self.families, own.decode(), node, worker).encode()
+
+
+def _sample_key(name: str, labels: dict[str, str], keep: tuple[str, ...]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    out = []
+    for k in (*keep, "le"):
+        if k in labels:
+            v = labels[k]
+            out.append((k, floatToGoString(float(v)) if k == "le" else v))
+    return name, tuple(out)
+
+
+def merge(families: dict[str, Family], own: str, node: str, worker: str) -> str:
+    """One exposition of ``families``: this process's samples (``own``) plus, from Ray's node agent
+    export (``node``), every other worker's ``ray_``-prefixed copy, summed over Ray's identity labels
+    (max for :data:`MAX_GAUGES`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    by_sample: dict[str, Family] = {}
+    for fam in families.values():
+        base = fam.name.removesuffix("_total") if fam.kind == "counter" else fam.name
+        suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}[fam.kind]
+        for suf in suffixes:
+            by_sample[base + suf] = fam
+    values: dict[str, dict[tuple, float]] = defaultdict(dict)
+
+    def add(fam: Family, key: tuple, v: float) -> None:
+        cur = values[fam.name].get(key)
+        if cur is None:
+            values[fam.name][key] = v
+        elif fam.kind == "gauge" and fam.name in MAX_GAUGES:
+            values[fam.name][key] = max(cur, v)
+        else:
+            values[fam.name][key] = cur + v
+
+    for text, other in ((own, False), (node, True)):
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name = sample.name
+                if other:
+                    if not name.startswith("ray_rag_") or sample.labels.get("WorkerId") == worker:
+                        continue
+                    name = name.removeprefix("ray_").replace("_total_total", "_total")
+                fam = by_sample.get(name)
+                if fam is None or math.isnan(sample.value):
+                    continue
+                add(fam, _sample_key(name, sample.labels, fam.labelnames), sample.value)
+    lines: list[str] = []
+    for fam in families.values():
+        lines.append(f"# HELP {fam.name} {fam.doc}")
+        lines.append(f"# TYPE {fam.name} {fam.kind}")
+        for (name, labels), v in sorted(values.get(fam.name, {}).items()):
+            shown = ",".join(f'{k}="{val}"' for k, val in labels)
+            lines.append(f"{name}{{{shown}}} {floatToGoString(v)}" if shown else f"{name} {floatToGoString(v)}")
+    return "\n".join(lines) + "\n"
 
 
 METRICS = Metrics()  # one registry per ingress process

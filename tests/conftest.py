@@ -9,6 +9,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+RESULTS_ENV = "RAGRAPH_RESULTS_DIR"
+
+
+def results_file(name: str) -> Path | None:
+    """Where a suite that measures writes its report: ``$RAGRAPH_RESULTS_DIR/name`` when that is set
+    (``RAGRAPH_RESULTS_DIR=load_tests/results`` to refresh the committed results), else nowhere:
+    tests never rewrite tracked files unasked."""
+    folder = os.environ.get(RESULTS_ENV)
+    return Path(folder).resolve() / name if folder else None
 
 
 @pytest.fixture(scope="session")

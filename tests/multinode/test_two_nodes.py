@@ -8,7 +8,7 @@ The layout follows cluster.yaml at small scale: the head declares ``ragraph_head
 and, here, the generator are pinned to it, as a GPU generator is pinned to GPU nodes), the worker
 declares ``cpu_pool``. Ingress, router and retriever run 2 replicas each, which Serve spreads over
 the two nodes. Serve's proxy runs on the head only (two proxies on one machine would want the same
-port). Results go to ``load_tests/results/multinode.json``.
+port). With ``RAGRAPH_RESULTS_DIR=load_tests/results`` results go to ``multinode.json`` there.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CORPUS, REPO, SHARED_DATA, write_corpus
+from conftest import CORPUS, REPO, SHARED_DATA, results_file, write_corpus
 from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_orphans
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ PORT = 8150
 DASHBOARD_PORT = 8275
 RATE = 3.0  # requests/s, half searches, half 8-token chats (below the 2-core machine's knee)
 REPLICATED = ("ingress", "router", "retriever")
-REPORT = REPO / "load_tests" / "results" / "multinode.json"
+REPORT = results_file("multinode.json")  # None: report printed, not written (RAGRAPH_RESULTS_DIR)
 RESULTS: dict[str, dict] = {}
 BIN = Path(sys.executable).parent
 DATASET = SHARED_DATA / "business-reports"
@@ -100,9 +100,10 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
         ray.shutdown()
         c.shutdown()
     orphans = wait_no_orphans(since=started)
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    earlier = json.loads(REPORT.read_text()).get("results", {}) if REPORT.exists() else {}
-    REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores, 2 Ray nodes (ray.cluster_utils.Cluster)",
+    if REPORT is not None:
+        REPORT.parent.mkdir(parents=True, exist_ok=True)
+        earlier = json.loads(REPORT.read_text()).get("results", {}) if REPORT.exists() else {}
+        REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores, 2 Ray nodes (ray.cluster_utils.Cluster)",
                                   "rate_rps": RATE, "results": {**earlier, **RESULTS}}, indent=2))
     print("\n" + json.dumps(RESULTS, indent=2))
     assert not orphans, f"vLLM processes outlived the cluster: {orphans}"
