@@ -1,36 +1,31 @@
-"""``ragraph chat``: a small client for the running service (standard library only)."""
+"""``ragraph chat``: a small client for the running service (httpx, and httpx-sse for the stream)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
 
 
 class ChatClientError(RuntimeError):
     pass
 
 
-def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 300):
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
+def _headers() -> dict[str, str]:
     key = os.environ.get("RAGRAPH_API_KEY")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url, data=data, headers=headers)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _refused(r: httpx.Response) -> ChatClientError:
     try:
-        return urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        try:
-            msg = json.loads(e.read())["error"]["message"]
-        except Exception:
-            msg = e.reason
-        raise ChatClientError(f"{url} answered {e.code}: {msg}") from None
-    except urllib.error.URLError as e:
-        raise ChatClientError(f"cannot reach {url}: {e.reason}; is `ragraph serve` running?") from None
+        msg = json.loads(r.read())["error"]["message"]
+    except Exception:
+        msg = r.reason_phrase
+    return ChatClientError(f"{r.request.url} answered {r.status_code}: {msg}")
 
 
 def chat(
@@ -39,9 +34,6 @@ def chat(
     max_tokens: int | None = None, show_json: bool = False, rerank: bool | None = None, out=sys.stdout,
 ) -> int:
     url = url.rstrip("/")
-    if model is None:
-        with _request(f"{url}/v1/models", timeout=10) as r:
-            model = json.loads(r.read())["data"][0]["id"]
     opts: dict[str, Any] = {"enabled": rag}
     if top_k:
         opts["top_k"] = top_k
@@ -51,29 +43,42 @@ def chat(
         opts["filters"] = {"domains": domains}
     if rerank is not None:
         opts["rerank"] = rerank
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": question}], "rag": opts,
-                            "stream": stream}
-    if max_tokens:
-        body["max_tokens"] = max_tokens
     rag_part: dict[str, Any] = {}
-    with _request(f"{url}/v1/chat/completions", body) as r:
-        if not stream:
-            resp = json.loads(r.read())
-            if show_json:
-                print(json.dumps(resp, indent=2), file=out)
-                return 0
-            print(resp["choices"][0]["message"]["content"], file=out)
-            rag_part = resp.get("rag", {})
-        else:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                for c in chunk.get("choices", []):
-                    print((c.get("delta") or {}).get("content") or "", end="", file=out, flush=True)
-                rag_part = chunk.get("rag") or rag_part
-            print(file=out)
+    try:
+        with httpx.Client(base_url=url, headers=_headers(), timeout=httpx.Timeout(300, connect=10)) as client:
+            if model is None:
+                r = client.get("/v1/models", timeout=10)
+                if r.status_code != 200:
+                    raise _refused(r)
+                model = r.json()["data"][0]["id"]
+            body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": question}],
+                                    "rag": opts, "stream": stream}
+            if max_tokens:
+                body["max_tokens"] = max_tokens
+            if not stream:
+                r = client.post("/v1/chat/completions", json=body)
+                if r.status_code != 200:
+                    raise _refused(r)
+                resp = r.json()
+                if show_json:
+                    print(json.dumps(resp, indent=2), file=out)
+                    return 0
+                print(resp["choices"][0]["message"]["content"], file=out)
+                rag_part = resp.get("rag", {})
+            else:
+                with connect_sse(client, "POST", "/v1/chat/completions", json=body) as source:
+                    if source.response.status_code != 200:
+                        raise _refused(source.response)
+                    for event in source.iter_sse():
+                        if event.data == "[DONE]":
+                            break
+                        chunk = event.json()
+                        for c in chunk.get("choices", []):
+                            print((c.get("delta") or {}).get("content") or "", end="", file=out, flush=True)
+                        rag_part = chunk.get("rag") or rag_part
+                print(file=out)
+    except httpx.TransportError as e:
+        raise ChatClientError(f"cannot reach {url}: {e}; is `ragraph serve` running?") from None
     _print_sources(rag_part, out)
     return 0
 

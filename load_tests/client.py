@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
 from load_tests.workload import Request
 
@@ -84,14 +85,11 @@ async def _exchange(client: httpx.AsyncClient, req: Request, s: Sample, start: f
             return
         last = None
         done = False
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+        async for event in EventSource(r).aiter_sse():  # httpx-sse: the one SSE reader (cli/client.py too)
+            if event.data == "[DONE]":
                 done = True
                 break
-            chunk = json.loads(data)
+            chunk = event.json()
             if "error" in chunk and "choices" not in chunk:
                 raise ValueError(f"error in stream: {chunk['error']}")
             text = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])

@@ -45,3 +45,9 @@ def test_stream_and_search_and_errors(client):
     assert r.status_code == 200 and r.json()["results"][0]["document_id"].endswith("returns.md")
     r = client.post("/v1/chat/completions", json={"model": "ragraph", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_publishes_the_shared_schema(client):
+    from serve.routes import make_app
+
+    assert client.get("/openapi.json").json() == make_app().openapi()

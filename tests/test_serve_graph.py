@@ -341,6 +341,13 @@ def test_router_domains_reach_the_retriever(client):
     assert {s["domain"] for s in r.model_extra["rag"]["sources"]} <= {"wine", "club"}
 
 
+def test_graph_publishes_the_shared_openapi_schema(service):
+    from serve.routes import make_app
+
+    code, _, raw = http("GET", f"{service.url}/openapi.json")
+    assert code == 200 and json.loads(raw) == json.loads(json.dumps(make_app().openapi()))
+
+
 def test_chat_cli_prints_answer_and_sources(service, monkeypatch):
     import io
 
