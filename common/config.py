@@ -442,6 +442,14 @@ class HttpConfig(_Strict):
 class AuthConfig(_Strict):
     enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on every endpoint but /health*.")
     metrics_open: bool = Field(default=True, description="With auth on, serve /metrics without a key.")
+    key_cache_s: float = Field(
+        default=30, ge=0,
+        description="Seconds an ingress replica trusts the governor's verdict on a key (valid or not) and the key's "
+        "usage snapshot before asking again; a revoked key is refused within this long. 0: ask on every request.",
+    )
+
+
+STORAGE_HINT = "use memory:// (one ingress process) or redis://host:port (shared by every ingress replica)"
 
 
 class RatePerMinute(_Strict):
@@ -457,6 +465,11 @@ class RateLimitConfig(_Strict):
     per_key: RatePerMinute = Field(default_factory=RatePerMinute, description="Each API key's buckets.")
     per_ip: RatePerMinute = Field(default_factory=RatePerMinute, description="Each client address's buckets.")
     exempt_ips: list[str] = Field(default_factory=list, description="Addresses or CIDR networks without per-IP limits.")
+    storage: str = Field(
+        default="memory://",
+        description="Where the ingress keeps its rate-limit counters (the `limits` library): `memory://` in each ingress "
+        "process (exact with one ingress replica), `redis://host:port[/db]` (or `rediss://`) shared by every replica.",
+    )
 
     @field_validator("exempt_ips")
     @classmethod
@@ -464,6 +477,31 @@ class RateLimitConfig(_Strict):
         from common.networks import parse_networks
 
         parse_networks("exempt_ips", v)
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(v)
+            port = url.port
+        except ValueError as e:
+            raise ValueError(f"not a storage URL ({e}); {STORAGE_HINT}") from None
+        if url.scheme == "memory":
+            if url.netloc or url.path.strip("/") or url.query:
+                raise ValueError(f"memory:// takes no host or path; {STORAGE_HINT}")
+        elif url.scheme in ("redis", "rediss"):
+            if not url.hostname:
+                raise ValueError(f"a redis URL needs a host; {STORAGE_HINT}")
+            if port is not None and not 0 < port < 65536:
+                raise ValueError(f"port {port} is out of range; {STORAGE_HINT}")
+            db = url.path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"the redis database must be a number (redis://host:port/0), got {db!r}; {STORAGE_HINT}")
+        else:
+            raise ValueError(f"unknown storage scheme {url.scheme or '(none)'!r}; {STORAGE_HINT}")
         return v
 
 
@@ -479,8 +517,9 @@ class CacheConfig(_Strict):
 
 
 class GovernorConfig(_Strict):
-    """The governor stage: API keys, rate limits, token quotas and the response cache, in one
-    deployment so that every ingress replica sees the same counts (it runs one replica)."""
+    """The governor stage: API keys, token usage and the response cache, in one deployment (one
+    replica). The ingress admits requests itself (``deployments.admission``): it asks the governor
+    about a key once per ``auth.key_cache_s`` and keeps rate-limit counters in ``rate_limits.storage``."""
 
     db: Path = Field(
         default=Path("~/.cache/ragraph/governor.sqlite3"),
@@ -503,8 +542,8 @@ class GovernorConfig(_Strict):
     def _one_replica(self) -> GovernorConfig:
         if self.deployment.max_replicas != 1 or self.deployment.min_replicas != 1:
             raise ValueError(
-                "governor.deployment must keep min_replicas = max_replicas = 1: it holds the shared rate-limit "
-                "buckets and cache, which several replicas would split"
+                "governor.deployment must keep min_replicas = max_replicas = 1: it holds the response cache and "
+                "answers key checks from one database connection, which several replicas would split"
             )
         return self
 

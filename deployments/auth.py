@@ -126,6 +126,9 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+token_hash = _hash  # what the ingress's key cache is keyed by (deployments.admission): never the token itself
+
+
 def _parse_id(token: str) -> str | None:
     """The key id of a well-formed token, else None (no exception: bad tokens are ordinary input)."""
     if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
@@ -134,6 +137,12 @@ def _parse_id(token: str) -> str | None:
     if not dot or len(key_id) != ID_LEN or not secret or len(token) > 200:
         return None
     return key_id
+
+
+def well_formed(token: str) -> bool:
+    """Whether ``token`` could be a key at all (``rg-<8 hex>.<secret>``): the ingress refuses the rest without
+    asking the governor."""
+    return _parse_id(token) is not None
 
 
 def _check_limit(field: str, value: object, errors: list[str]) -> None:

@@ -1,34 +1,40 @@
-"""The governor stage: who may ask (API keys), how often (rate limits), how much (token quotas),
-and answers already given (the response cache).
+"""The governor stage: who may ask (API keys), how much (token usage and quotas), and answers
+already given (the response cache).
 
 * :class:`Governor` (plain class): the decisions, over a SQLite file (keys hashed, usage written
-  after every request) and in-memory token buckets and cache.
-* :class:`GovernorDeployment`: its Serve wrapper, one replica. Every ingress replica asks the same
-  replica, so the limits hold however many ingress replicas run: the shared state lives in one
-  place, and the only cost is one call per request (measured in load_tests/README.md). A
-  restarted governor starts with full buckets and an empty cache; the usage ledger and the keys
-  are on disk and survive it.
+  after every request) and an in-memory cache.
+* :class:`GovernorDeployment`: its Serve wrapper, one replica. A restarted governor starts with an
+  empty cache; the usage ledger and the keys are on disk and survive it.
 
-The ingress calls :meth:`Governor.admit` before any work, :meth:`Governor.record` after a
-generation, and the cache methods around the generator.
+The ingress does not call the governor per request: it admits requests itself
+(:class:`deployments.admission.Admission`), asking :meth:`Governor.verify` about a key once per
+``governor.auth.key_cache_s`` (the key's id, scope, rate overrides, quota limits and usage so
+far, or why it is refused), with rate-limit counters in ``governor.rate_limits.storage``. It
+calls :meth:`Governor.record` after a generation and the cache methods around the generator.
+
+:meth:`Governor.admit` (key, token buckets and quota in one call, per request) is the earlier
+path; it still works and is what ``load_tests/bench_governor.py`` compares the ingress's against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.auth import ApiKey, KeyStore, UsageLedger
+from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
 from deployments.cache import ResponseCache
 from deployments.limits import KINDS, RateLimiter, check_quota, kind_of
 
 ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
+MISSING_KEY = ("no API key was sent; send the header `Authorization: Bearer <key>` "
+               "(`ragraph keys create` makes one)", "missing_api_key")
+INVALID_KEY = ("the API key is not valid: unknown, revoked or mistyped", "invalid_api_key")
 
 
 @dataclass(frozen=True, slots=True)
-class Admission:
-    """The governor's answer to one request. ``status`` is 200 when allowed, else the HTTP status
-    the ingress returns (401 no or bad key, 403 scope, 429 rate or quota) with ``message``."""
+class Verdict:
+    """The answer to one request. ``status`` is 200 when allowed, else the HTTP status the ingress
+    returns (401 no or bad key, 403 scope, 429 rate or quota) with ``message``."""
 
     allowed: bool
     status: int = 200
@@ -37,6 +43,35 @@ class Admission:
     retry_after: float = 0.0
     key_id: str | None = None
     scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVerdict:
+    """The governor's answer about one token (:meth:`Governor.verify`), which the ingress caches.
+
+    ``status`` 200: the key is active, with its ``scope``, per-kind rate overrides (None: the
+    config's), its (daily, monthly) token quotas already resolved against the config, and its
+    usage so far in the UTC ``day`` and ``month`` named. Else 401 with ``message`` and ``code``."""
+
+    status: int
+    message: str = ""
+    code: str = ""
+    key_id: str | None = None
+    scope: str | None = None
+    rate_overrides: dict[str, float | None] = field(default_factory=dict)
+    daily_tokens: int | None = None
+    monthly_tokens: int | None = None
+    day: str = ""
+    month: str = ""
+    day_used: int = 0
+    month_used: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+Admission = Verdict  # its earlier name (deployments.admission.Admission is the ingress's admission)
 
 
 def _limits(rate) -> dict[str, float]:
@@ -61,38 +96,52 @@ class Governor:
     def from_config(cls, cfg) -> Governor:
         return cls(cfg.governor)
 
-    def run(self, *, token: str | None, ip: str, path: str, need_admin: bool = False) -> Admission:
+    def run(self, *, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
         """Admit one request to ``path`` from ``ip`` with the bearer ``token`` (None: none sent)."""
         key = None
         if self.auth_enabled:
             if not token:
-                return Admission(False, 401, "no API key was sent; send the header `Authorization: Bearer <key>` "
-                                 "(`ragraph keys create` makes one)", "missing_api_key")
+                return Verdict(False, 401, *MISSING_KEY)
             key = self.keys.verify(token)
             if key is None:
-                return Admission(False, 401, "the API key is not valid: unknown, revoked or mistyped", "invalid_api_key")
+                return Verdict(False, 401, *INVALID_KEY)
             if need_admin and key.scope != "admin":
-                return Admission(False, 403, f"this endpoint needs an admin key; key {key.id} has scope {key.scope!r}",
+                return Verdict(False, 403, f"this endpoint needs an admin key; key {key.id} has scope {key.scope!r}",
                                  "insufficient_scope", key_id=key.id, scope=key.scope)
         kind = kind_of(path)
         if self.limiter is not None:
             d = self.limiter.check(kind=kind, ip=ip, key_id=key.id if key else None,
                                    key_overrides=key.rate_overrides() if key else None)
             if not d.allowed:
-                return Admission(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
+                return Verdict(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
                                  key.id if key else None, key.scope if key else None)
         if key is not None and kind == "chat":
             day, month = self.ledger.totals(key.id)
             daily, monthly = self.quota_limits(key)
             qd = check_quota(day_used=day, month_used=month, daily_limit=daily, monthly_limit=monthly)
             if not qd.allowed:
-                return Admission(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
+                return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
         if key is None and not self.auth_enabled:
-            return Admission(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
-        return Admission(True, key_id=key.id, scope=key.scope)
+            return Verdict(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
+        return Verdict(True, key_id=key.id, scope=key.scope)
 
-    def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Admission:
+    def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
         return self.run(token=token, ip=ip, path=path, need_admin=need_admin)
+
+    def verify(self, token: str | None, *, now: float | None = None) -> KeyVerdict:
+        """What the ingress caches about ``token``: the key's id, scope, rate overrides, quota
+        limits and usage so far (one indexed lookup plus the usage query), or the 401."""
+        if not token:
+            return KeyVerdict(401, *MISSING_KEY)
+        key = self.keys.verify(token)
+        if key is None:
+            return KeyVerdict(401, *INVALID_KEY)
+        daily, monthly = self.quota_limits(key)
+        day, month = periods(now)
+        day_used, month_used = self.ledger.totals(key.id, now=now)
+        return KeyVerdict(200, key_id=key.id, scope=key.scope, rate_overrides=key.rate_overrides(),
+                          daily_tokens=daily, monthly_tokens=monthly, day=day, month=month,
+                          day_used=day_used, month_used=month_used)
 
     # -----------------------------------------------------------------------------------------
     # usage
@@ -150,8 +199,11 @@ class GovernorDeployment:
         self._gov = Governor.from_config(cfg)
         self._replica = serve.get_replica_context().replica_id.unique_id
 
-    async def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Admission:
+    async def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
         return self._gov.admit(token, ip, path, need_admin)
+
+    async def verify(self, token: str | None) -> KeyVerdict:
+        return self._gov.verify(token)
 
     async def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         self._gov.record(key_id, prompt_tokens, completion_tokens)

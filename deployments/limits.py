@@ -1,8 +1,10 @@
 """Request rate limits (token buckets, per API key and per client IP) and token-quota decisions.
 
-Everything here is in-process and clock-injected: the ingress asks, and turns a refusal into a 429
-with ``Retry-After``. Buckets live in memory, so a restart refills them; that is fine for limits
-measured in minutes. Token quotas (day, month) are durable: their counts come from
+Everything here is in-process and clock-injected. The ingress's own admission
+(``deployments.admission``) counts requests in the ``limits`` library's shared storage instead of
+these buckets, with the same kinds, :class:`Decision` messages and :func:`check_quota`; the
+buckets serve :meth:`deployments.governor.Governor.admit`. Buckets live in memory, so a restart
+refills them; that is fine for limits measured in minutes. Token quotas (day, month) are durable: their counts come from
 :class:`deployments.auth.UsageLedger`, and :func:`check_quota` only decides.
 """
 
@@ -83,7 +85,8 @@ class Decision:
         )
 
 
-def _check_rates(name: str, rates: dict[str, float]) -> dict[str, float]:
+def check_rates(name: str, rates: dict[str, float]) -> dict[str, float]:
+    """``rates`` per kind, checked (known kinds, >= 0) and completed with 0 (no limit) for the missing ones."""
     errors = [f"unknown kind {k!r}" for k in rates if k not in KINDS]
     errors += [f"{k}={v!r} must be >= 0 (0 = no limit)" for k, v in rates.items() if not (v >= 0)]
     if errors:
@@ -107,8 +110,8 @@ class RateLimiter:
         max_buckets: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.per_key = _check_rates("per_key", per_key)
-        self.per_ip = _check_rates("per_ip", per_ip)
+        self.per_key = check_rates("per_key", per_key)
+        self.per_ip = check_rates("per_ip", per_ip)
         self.exempt = parse_networks("exempt_ips", exempt_ips)
         if max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")

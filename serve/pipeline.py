@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from deployments.admission import Admission
 from deployments.cache import cache_key
 from deployments.errors import StageError
 from deployments.generator import GenDelta, GenRequest
@@ -52,6 +53,16 @@ class Pipeline(StageCalls):
         self.model = cfg.generator.served_model_name
         self.limits = cfg.http.limits
         self.cache_enabled = cfg.governor.cache.enabled
+        # Admission in this replica (keys cached, limits in governor.rate_limits.storage); the usage
+        # this replica records is added to its cached quota snapshot.
+        self.admission = Admission(cfg.governor, ingress_replicas=cfg.http.deployment.max_replicas)
+        record = self.record_usage
+
+        def record_usage(key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+            self.admission.note_usage(key_id, prompt_tokens + completion_tokens)
+            record(key_id, prompt_tokens, completion_tokens)
+
+        self.record_usage = record_usage
 
     def warm_up(self) -> None:
         self.prompt.warm_up()

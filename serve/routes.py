@@ -74,7 +74,9 @@ def client_ip(request: Request, trusted_proxies: list[str]) -> str:
 
 async def admit(request: Request, endpoint: str) -> None:
     """Admission of one request (see the module docstring); raises :class:`ApiError` to refuse.
-    Sets ``request.state.key_id`` for the usage ledger."""
+    Sets ``request.state.key_id`` for the usage ledger. The decision is the ingress's own
+    (``pipeline.admission``, :class:`deployments.admission.Admission`): the governor is asked only
+    when a key is not in the key cache."""
     request.state.key_id = None
     if endpoint in OPEN_ROUTES:
         return
@@ -92,15 +94,18 @@ async def admit(request: Request, endpoint: str) -> None:
         return
     token = bearer(request)
     try:
-        verdict = await pipeline.govern(
-            "admit", token, client_ip(request, cfg.http.trusted_proxies), endpoint,
-            (request.method, endpoint) in ADMIN_ROUTES,
+        verdict = await pipeline.admission.admit(
+            token, client_ip(request, cfg.http.trusted_proxies), endpoint,
+            (request.method, endpoint) in ADMIN_ROUTES, verify=functools.partial(pipeline.govern, "verify"),
         )
     except StageError as e:
-        if cfg.governor.auth.enabled:  # fail closed: no key can be checked
+        if cfg.governor.auth.enabled:  # fail closed: no key (or no limit) can be checked
+            if e.stage == "rate_limits":
+                raise stage_unavailable("the rate-limit storage (governor.rate_limits.storage)", e,
+                                        code="rate_limits_unavailable") from None
             raise stage_unavailable("the governor (API keys cannot be checked)", e, code="governor_unavailable") from None
-        METRICS.admission.labels("governor_unavailable_open").inc()
-        log.warning(f"governor unavailable, request admitted without limits (auth is off): {e}")
+        METRICS.admission.labels(f"{e.stage}_unavailable_open").inc()
+        log.warning(f"{e.stage} unavailable, request admitted without limits (auth is off): {e}")
         return
     if not verdict.allowed:
         METRICS.admission.labels(verdict.code).inc()

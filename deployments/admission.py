@@ -1,0 +1,316 @@
+"""Admission in the ingress, off the governor's hot path: keys verified once and cached, rate
+limits in a shared counter store, quotas checked against a cached usage snapshot.
+
+:class:`Admission` is a plain class (no Ray): every ingress replica holds one
+(``Pipeline.admission``) and calls :meth:`Admission.admit` before any work. Per request:
+
+1. **Per-address limit** (before any key check, also for requests without a key): refused at once
+   when the address has no allowance left (429, ``scope`` ip).
+2. **The key** (auth on): a missing or malformed token is refused here (401). Otherwise the
+   verdict cached under ``sha256(token)`` is used; on a miss the governor is asked once
+   (``verify``, :meth:`deployments.governor.Governor.verify`) and its answer, good or bad, is kept
+   for ``governor.auth.key_cache_s`` seconds. Concurrent misses for one token share one call. So a
+   revoked key is refused within ``key_cache_s``, and a flood of one bad key costs one governor
+   call per ``key_cache_s``. Refused requests (401/403) still count against their address, so a
+   flood of bad keys meets the per-address limit.
+3. **Per-key limit**, then the per-address allowance is taken (a key refusal does not spend the
+   address's allowance). Counters live in ``governor.rate_limits.storage`` through the ``limits``
+   library, moving window of one minute (at most N requests in any 60 s; ``Retry-After`` is when
+   the oldest of them leaves the window): ``memory://`` in this process (exact with one ingress
+   replica), ``redis://host:port`` shared by every replica.
+4. **Token quota** (chats): the key's day and month usage from the governor's answer, plus the
+   tokens this replica has recorded since (:meth:`Admission.note_usage`). Other replicas' usage is
+   seen at the next verification, so N replicas can overshoot a quota by at most what the others
+   admit within ``key_cache_s``.
+
+Failures: the governor unreachable on a cache miss raises :class:`StageError` (stage
+``governor``), the counter store unreachable raises one with stage ``rate_limits``; the ingress
+turns them into 503 with auth on and admits without limits with auth off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from cachetools import TTLCache
+from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from common.networks import in_networks, parse_networks
+from deployments.auth import periods, token_hash, well_formed
+from deployments.errors import StageError
+from deployments.governor import INVALID_KEY, MISSING_KEY, KeyVerdict, Verdict
+from deployments.limits import KINDS, Decision, check_quota, check_rates, kind_of
+
+log = logging.getLogger("ray.serve")
+
+Verify = Callable[[str], Awaitable[KeyVerdict]]
+NAMESPACE = "ragraph"  # first part of every counter's name in the store
+
+
+def rate_item(per_min: float) -> RateLimitItem:
+    """``per_min`` requests per minute as a ``limits`` item (a whole number per a whole number of
+    minutes or seconds): 30 -> 30 per minute, 1.5 -> 3 per 2 minutes, 0.25 -> 1 per 240 seconds."""
+    if not per_min > 0:
+        raise ValueError(f"per_min must be > 0, got {per_min!r}")
+    if per_min < 1:
+        return RateLimitItemPerSecond(1, max(1, round(60 / per_min)), namespace=NAMESPACE)
+    for minutes in range(1, 11):
+        n = per_min * minutes
+        if abs(n - round(n)) < 1e-9:
+            return RateLimitItemPerMinute(round(n), minutes, namespace=NAMESPACE)
+    return RateLimitItemPerMinute(round(per_min), namespace=NAMESPACE)
+
+
+def open_storage(url: str) -> Any:
+    """The async ``limits`` storage for a ``governor.rate_limits.storage`` URL."""
+    if url.startswith("memory://"):
+        return storage_from_string("async+memory://")
+    # redis.asyncio (the `limits[redis]` extra's client); short timeouts: a lost store must not hang admission
+    return storage_from_string(f"async+{url}", implementation="redispy", wrap_exceptions=True,
+                               socket_timeout=1.0, socket_connect_timeout=1.0)
+
+
+class WindowLimiter:
+    """Per-key and per-address request limits for the three kinds, over a ``limits`` storage
+    (moving window of the item's period); a limit of 0 means none."""
+
+    def __init__(self, *, per_key: dict[str, float], per_ip: dict[str, float], exempt_ips: Iterable[str] = (),
+                 storage: Any, where: str = "memory://") -> None:
+        self.per_key = check_rates("per_key", per_key)
+        self.per_ip = check_rates("per_ip", per_ip)
+        self.exempt = parse_networks("exempt_ips", exempt_ips)
+        self.storage = storage
+        self.where = where
+        self.strategy = MovingWindowRateLimiter(storage)
+        self._items: dict[float, RateLimitItem] = {}
+
+    def item(self, per_min: float) -> RateLimitItem:
+        it = self._items.get(per_min)
+        if it is None:
+            it = self._items[per_min] = rate_item(per_min)
+        return it
+
+    def ip_limit(self, kind: str, ip: str) -> float:
+        limit = self.per_ip[kind]
+        return limit if limit > 0 and not in_networks(ip, self.exempt) else 0.0
+
+    def key_limit(self, kind: str, overrides: dict[str, float | None] | None) -> float:
+        override = (overrides or {}).get(kind)
+        return self.per_key[kind] if override is None else float(override)
+
+    async def test(self, scope: str, kind: str, who: str, limit: float) -> Decision:
+        """Whether one more request fits (taking nothing)."""
+        item = self.item(limit)
+        ok = await self._call(self.strategy.test(item, scope, kind, who))
+        return Decision(True, kind=kind) if ok else await self._refusal(item, scope, kind, who, limit)
+
+    async def hit(self, scope: str, kind: str, who: str, limit: float) -> Decision:
+        """Take one request's allowance, or refuse (taking nothing)."""
+        item = self.item(limit)
+        ok = await self._call(self.strategy.hit(item, scope, kind, who))
+        return Decision(True, kind=kind) if ok else await self._refusal(item, scope, kind, who, limit)
+
+    async def _refusal(self, item: RateLimitItem, scope: str, kind: str, who: str, limit: float) -> Decision:
+        stats = await self._call(self.strategy.get_window_stats(item, scope, kind, who))
+        wait = max(stats.reset_time - time.time(), 1e-3)  # when the oldest request leaves the window
+        return Decision(False, retry_after=wait, scope=scope, kind=kind, limit_per_min=limit)
+
+    async def _call(self, op: Awaitable[Any]) -> Any:
+        try:
+            return await op
+        except Exception as e:  # the store is down or refused: the caller decides (fail closed with auth on)
+            raise StageError("rate_limits", "unavailable",
+                             f"{self.where}: {type(e).__name__}: {e}".splitlines()[0][:300]) from None
+
+
+class _Entry:
+    """A cached key verdict and, for a valid key, its usage as this replica knows it."""
+
+    __slots__ = ("verdict", "day", "month", "day_used", "month_used")
+
+    def __init__(self, verdict: KeyVerdict) -> None:
+        self.verdict = verdict
+        self.day, self.month = verdict.day, verdict.month
+        self.day_used, self.month_used = verdict.day_used, verdict.month_used
+
+    def _roll(self, now: float) -> None:
+        day, month = periods(now)
+        if day != self.day:
+            self.day, self.day_used = day, 0
+        if month != self.month:
+            self.month, self.month_used = month, 0
+
+    def used(self, now: float) -> tuple[int, int]:
+        self._roll(now)
+        return self.day_used, self.month_used
+
+    def add(self, tokens: int, now: float) -> None:
+        self._roll(now)
+        self.day_used += tokens
+        self.month_used += tokens
+
+
+class Admission:
+    """The ingress's admission (see the module docstring). ``cfg``: :class:`common.config.GovernorConfig`.
+
+    ``storage``: a ``limits`` async storage to use instead of opening ``cfg.rate_limits.storage``
+    (tests share one between two objects to stand for two replicas on one redis). ``clock`` times
+    the key cache, ``wall`` the quota periods."""
+
+    def __init__(self, cfg, *, storage: Any = None, ingress_replicas: int = 1, max_keys: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.auth_enabled = cfg.auth.enabled
+        self.key_cache_s = float(cfg.auth.key_cache_s)
+        self._wall = wall
+        cached = self.key_cache_s > 0
+        self._keys: TTLCache | None = TTLCache(max_keys, self.key_cache_s, timer=clock) if cached else None
+        self._by_id: TTLCache | None = TTLCache(max_keys, self.key_cache_s, timer=clock) if cached else None
+        self._pending: dict[str, asyncio.Future] = {}
+        self.counts = {"key_cache_hits": 0, "verify_calls": 0}
+        rl = cfg.rate_limits
+        self.limiter: WindowLimiter | None = None
+        if rl.enabled:
+            self.limiter = WindowLimiter(
+                per_key={k: float(getattr(rl.per_key, k)) for k in KINDS},
+                per_ip={k: float(getattr(rl.per_ip, k)) for k in KINDS},
+                exempt_ips=rl.exempt_ips,
+                storage=storage if storage is not None else open_storage(rl.storage),
+                where=rl.storage,
+            )
+            if storage is None and rl.storage.startswith("memory://") and ingress_replicas > 1:
+                log.warning(f"governor.rate_limits.storage is memory:// with up to {ingress_replicas} ingress replicas: "
+                            "each replica counts on its own, so a client may get up to that many times each limit; "
+                            "set it to redis://host:port to share the counters")
+
+    # -----------------------------------------------------------------------------------------
+
+    async def admit(self, token: str | None, ip: str, endpoint: str, admin_route: bool = False, *,
+                    verify: Verify) -> Verdict:
+        """Admit one request to ``endpoint`` from ``ip`` with the bearer ``token`` (None: none sent).
+        ``verify(token)`` asks the governor (only on a key-cache miss). Raises :class:`StageError`
+        when the governor (on a miss) or the counter store cannot be reached."""
+        kind = kind_of(endpoint)
+        lim = self.limiter
+        ip_limit = lim.ip_limit(kind, ip) if lim is not None else 0.0
+        if ip_limit and self.auth_enabled:  # the address first, before any key is looked at
+            d = await lim.test("ip", kind, ip, ip_limit)
+            if not d.allowed:
+                return _too_many(d)
+        kv: KeyVerdict | None = None
+        entry: _Entry | None = None
+        if self.auth_enabled:
+            refusal = None
+            if not token:
+                refusal = Verdict(False, 401, *MISSING_KEY)
+            elif not well_formed(token):
+                refusal = Verdict(False, 401, *INVALID_KEY)
+            else:
+                entry = await self._entry(token, verify)
+                kv = entry.verdict
+                if not kv.ok:
+                    refusal = Verdict(False, kv.status, kv.message, kv.code)
+                elif admin_route and kv.scope != "admin":
+                    refusal = Verdict(False, 403, f"this endpoint needs an admin key; key {kv.key_id} has scope "
+                                      f"{kv.scope!r}", "insufficient_scope", key_id=kv.key_id, scope=kv.scope)
+            if refusal is not None:
+                if ip_limit:  # a refused request still came from this address
+                    await lim.hit("ip", kind, ip, ip_limit)
+                return refusal
+        if lim is not None:
+            if kv is not None and (key_limit := lim.key_limit(kind, kv.rate_overrides)) > 0:
+                d = await lim.hit("key", kind, kv.key_id, key_limit)
+                if not d.allowed:
+                    return _too_many(d, kv)
+            if ip_limit:
+                d = await lim.hit("ip", kind, ip, ip_limit)
+                if not d.allowed:
+                    return _too_many(d, kv)
+        if kv is None:
+            return Verdict(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
+        if kind == "chat" and entry is not None:
+            now = self._wall()
+            day_used, month_used = entry.used(now)
+            qd = check_quota(day_used=day_used, month_used=month_used, daily_limit=kv.daily_tokens,
+                             monthly_limit=kv.monthly_tokens, now=now)
+            if not qd.allowed:
+                return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, kv.key_id, kv.scope)
+        return Verdict(True, key_id=kv.key_id, scope=kv.scope)
+
+    def note_usage(self, key_id: str | None, tokens: int) -> None:
+        """Add tokens this replica recorded for ``key_id`` to its cached usage (the quota check sees
+        them before the next verification brings everyone's)."""
+        if key_id is None or self._by_id is None:
+            return
+        entry = self._by_id.get(key_id)
+        if entry is not None:
+            entry.add(int(tokens), self._wall())
+
+    def forget(self, token: str | None = None) -> None:
+        """Drop the cached verdict of ``token`` (None: all of them)."""
+        if self._keys is None:
+            return
+        if token is None:
+            self._keys.clear()
+            self._by_id.clear()
+        else:
+            entry = self._keys.pop(token_hash(token), None)
+            if entry is not None and entry.verdict.key_id:
+                self._by_id.pop(entry.verdict.key_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "cached_keys": len(self._keys) if self._keys is not None else 0,
+                "key_cache_s": self.key_cache_s,
+                "storage": self.limiter.where if self.limiter is not None else None}
+
+    # -----------------------------------------------------------------------------------------
+
+    async def _entry(self, token: str, verify: Verify) -> _Entry:
+        """The cached verdict of ``token``, asking ``verify`` once on a miss (concurrent misses share it)."""
+        h = token_hash(token)
+        while True:
+            if self._keys is not None and (entry := self._keys.get(h)) is not None:
+                self.counts["key_cache_hits"] += 1
+                return entry
+            pending = self._pending.get(h)
+            if pending is None:
+                break
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.cancelled() and not (task is not None and task.cancelling()):
+                    continue  # the request that was asking went away, not this one: ask again
+                raise
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[h] = fut
+        try:
+            self.counts["verify_calls"] += 1
+            entry = _Entry(await verify(token))
+        except Exception as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        except BaseException:
+            fut.cancel()
+            raise
+        finally:
+            if self._pending.get(h) is fut:
+                del self._pending[h]
+        if self._keys is not None:
+            self._keys[h] = entry
+            if entry.verdict.ok:
+                self._by_id[entry.verdict.key_id] = entry
+        fut.set_result(entry)
+        return entry
+
+
+def _too_many(d: Decision, kv: KeyVerdict | None = None) -> Verdict:
+    return Verdict(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
+                   kv.key_id if kv else None, kv.scope if kv else None)
