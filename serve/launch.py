@@ -136,7 +136,7 @@ def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     took = deploy(cfg, address=address, verbose=verbose)
     print(f"ragraph is ready at {url} (cold start {took:.0f} s)")
     print(f"  OpenAI base URL: {url}/v1   model: {cfg.generator.served_model_name}")
-    print(f"  try: ragraph chat \"how do I add GPU replicas?\"")
+    print("  try: ragraph chat \"how do I add GPU replicas?\"")
     notice = auth_notice(cfg)
     if notice:
         print(f"  note: {notice}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, REPO, results_file, write_corpus
+from conftest import CORPUS, results_file, write_corpus
 from faults.harness import (
     SteadyLoad, kill_orphans, kill_replica, replica_actors, vllm_orphans, wait_no_orphans, wait_recovered,
 )

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CORPUS, REPO, SHARED_DATA, results_file, write_corpus
+from conftest import CORPUS, SHARED_DATA, results_file, write_corpus
 from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_orphans
 
 pytestmark = pytest.mark.slow
