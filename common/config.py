@@ -162,7 +162,11 @@ class BatchOptions(_Strict):
     """``@serve.batch`` settings: calls gathered into one model call."""
 
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="How long a batch waits to fill up.")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0,
+        description="How long a batch waits to fill up. 0: take what is queued at once (requests that arrive while a "
+        "batch runs form the next one), so a lone request waits for nothing.",
+    )
 
 
 class EmbedderConfig(_Strict):
