@@ -124,7 +124,7 @@ class WindowLimiter:
     async def _call(self, op: Awaitable[Any]) -> Any:
         try:
             return await op
-        except Exception as e:  # the store is down or refused: the caller decides (fail closed with auth on)
+        except Exception as e:  # noqa: BLE001 - the store is down or refused: the caller decides (fail closed with auth on)
             raise StageError("rate_limits", "unavailable",
                              f"{self.where}: {type(e).__name__}: {e}".splitlines()[0][:300]) from None
 
@@ -132,7 +132,7 @@ class WindowLimiter:
 class _Entry:
     """A cached key verdict and, for a valid key, its usage as this replica knows it."""
 
-    __slots__ = ("verdict", "day", "month", "day_used", "month_used")
+    __slots__ = ("day", "day_used", "month", "month_used", "verdict")
 
     def __init__(self, verdict: KeyVerdict) -> None:
         self.verdict = verdict

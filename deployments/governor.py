@@ -26,8 +26,8 @@ from deployments.cache import ResponseCache
 from deployments.limits import KINDS, RateLimiter, check_quota, kind_of
 
 ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
-MISSING_KEY = ("no API key was sent; send the header `Authorization: Bearer <key>` "
-               "(`ragraph keys create` makes one)", "missing_api_key")
+MISSING_KEY = (("no API key was sent; send the header `Authorization: Bearer <key>` "
+                "(`ragraph keys create` makes one)"), "missing_api_key")
 INVALID_KEY = ("the API key is not valid: unknown, revoked or mistyped", "invalid_api_key")
 
 

@@ -10,7 +10,6 @@ refills them; that is fine for limits measured in minutes. Token quotas (day, mo
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import threading
 import time
@@ -20,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from common.networks import Network, in_networks, parse_networks  # noqa: F401
-
 
 KINDS = ("chat", "search", "other")
 _PATH_KINDS = {"/v1/chat/completions": "chat", "/v1/search": "search"}

@@ -8,9 +8,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import limits.aio.storage.memory as limits_memory
 import pytest
 
-import limits.aio.storage.memory as limits_memory
 from common.config import ConfigError, GovernorConfig, load_config
 from deployments import admission as admission_mod
 from deployments.admission import Admission, open_storage, rate_item
@@ -362,7 +362,7 @@ def test_quota_snapshot_rolls_over_at_midnight_utc(tmp_path):
 
 
 def test_governor_unreachable_on_a_miss_raises_but_cached_keys_still_pass(setup):
-    adm, verify, gov, clock = setup()
+    adm, verify, gov, _ = setup()
     token, _ = gov.keys.create("eve")
     other, _ = gov.keys.create("frank")
 
