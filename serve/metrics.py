@@ -64,6 +64,9 @@ class Family:
     def observe(self, v: float) -> None:
         _Child(self, ()).observe(v)
 
+    def __getattr__(self, name: str) -> Any:  # the rest of prometheus_client's API (collect, _value, ...)
+        return getattr(self.metric, name)
+
     def remove(self, *values: Any) -> None:
         key = tuple(str(v) for v in values)
         self.metric.remove(*key)
@@ -77,6 +80,9 @@ class _Child:
     def __init__(self, fam: Family, key: tuple[str, ...]) -> None:
         self.fam, self.key = fam, key
         self.prom = fam.metric.labels(*key) if key else fam.metric
+
+    def __getattr__(self, name: str) -> Any:  # the rest of prometheus_client's API (_value, ...)
+        return getattr(self.prom, name)
 
     def _tags(self) -> dict[str, str] | None:
         return dict(zip(self.fam.labelnames, self.key, strict=True)) if self.key else None

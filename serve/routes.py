@@ -8,8 +8,10 @@ Routes: ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream`` as SSE), ``
 is in OpenAI's format (``serve.errors``); nothing returns a bare 500.
 
 Every routed request but ``/health*`` (and ``/metrics`` when ``governor.auth.metrics_open``) is
-admitted first, in :class:`ObservedRoute`: body size, then the governor's verdict on its API key,
-rate limits and quota (401/403/429/413 in OpenAI's format; the key itself is never logged).
+admitted first, in :class:`ObservedRoute`: body size, then :class:`deployments.admission.Admission`
+(per-address limit, the API key as verified by the governor and cached, per-key limits, quota:
+401/403/429/413 in OpenAI's format; the key itself is never logged). A cached key costs no
+governor call.
 """
 
 from __future__ import annotations
