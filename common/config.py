@@ -422,6 +422,13 @@ class HttpConfig(_Strict):
         "Logical CPUs only admit actors; vLLM and the stages still share the real cores.",
     )
     ready_timeout_s: float = Field(default=600, gt=0, description="How long `ragraph serve` waits for /health/ready.")
+    throughput_optimized: bool = Field(
+        default=True,
+        description="Ray Serve's fast paths (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: HTTP straight into the ingress "
+        "replicas without the proxy hop, gRPC between deployments) in the local Ray `ragraph serve` starts. A "
+        "cluster reads the variable from each node's environment at `ray start` (cluster.yaml, the KubeRay "
+        "manifest). Measured in load_tests/bench_graph.py.",
+    )
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
     limits: InputLimits = Field(default_factory=InputLimits)
     retries: RetryPolicy = Field(default_factory=RetryPolicy)

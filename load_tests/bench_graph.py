@@ -8,8 +8,9 @@ Every side serves the same config (configs/local.yaml), the same index and the s
 with ``Cache-Control: no-cache`` so that the pipeline is measured, not the response cache:
 
 * graph: ``ragraph serve`` (Serve proxy -> ingress -> router / retriever / generator replicas);
-* graph-fast: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in every Ray process's
-  environment (Ray 2.60's direct ingress without the proxy, gRPC between deployments);
+* graph: as configured (``http.throughput_optimized``, on by default: Ray 2.60's
+  ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, direct ingress without the proxy, gRPC between deployments);
+* graph-fast / graph-proxy: the same with that variable forced to 1 / 0 in every Ray process;
 * in-process: ``python -m serve.local`` (uvicorn -> the plain classes -> vLLM ``AsyncLLM``).
 
 Each side runs in its own subprocess, one after the other, so that no Ray or engine state leaks
@@ -108,8 +109,8 @@ def run_local(args: argparse.Namespace) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-FAST_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-SIDES = {"graph": run_graph, "graph-fast": run_graph, "in-process": run_local}
+SIDE_ENV = {"graph-fast": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, "graph-proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}}
+SIDES = {"graph": run_graph, "graph-fast": run_graph, "graph-proxy": run_graph, "in-process": run_local}
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict:
@@ -118,7 +119,7 @@ def run_side(side: str, args: argparse.Namespace) -> dict:
         argv = [sys.executable, __file__, "--only", side, "--only-out", f.name]
         for k in ("requests", "max_tokens", "users", "duration", "graph_port", "local_port"):
             argv += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-        env = {**os.environ, **(FAST_ENV if side == "graph-fast" else {})}
+        env = {**os.environ, **SIDE_ENV.get(side, {})}
         print(f"== {side}", flush=True)
         subprocess.run(argv, cwd=REPO, env=env, check=True)
         return json.loads(Path(f.name).read_text())

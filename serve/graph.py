@@ -59,8 +59,22 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     reranker = stage(RerankerDeployment, "reranker") if cfg.reranker.enabled else None
     generator = build_generator(llm, opts["generator"])
     governor = stage(GovernorDeployment, "governor")
-    ingress = serve.deployment(RagIngress, **opts["ingress"])
+    ingress = serve.deployment(RagIngress, **with_metrics_folder(opts["ingress"], app_name))
     return ingress.bind(cfg, router, retriever, reranker, generator, governor, app_name)
+
+
+def with_metrics_folder(options: dict[str, Any], app_name: str) -> dict[str, Any]:
+    """The ingress's options plus ``PROMETHEUS_MULTIPROC_DIR``: a folder new for this build, shared by
+    the ingress replicas on each node, so that ``GET /metrics`` sums them all (serve/metrics.py)."""
+    import tempfile
+    import time
+    import uuid
+
+    folder = f"{tempfile.gettempdir()}/ragraph-metrics/{app_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    actor = dict(options.get("ray_actor_options") or {})
+    env = {**((actor.get("runtime_env") or {}).get("env_vars") or {}), "PROMETHEUS_MULTIPROC_DIR": folder}
+    actor["runtime_env"] = {**(actor.get("runtime_env") or {}), "env_vars": env}
+    return {**options, "ray_actor_options": actor}
 
 
 def app_builder(args: dict[str, Any]):

@@ -5,24 +5,27 @@ returns its replica id), so one scrape shows per-stage latency, per-replica requ
 and how many calls are waiting on each stage (``rag_stage_inflight``: the ingress's view of the
 queue).
 
-Several ingress replicas: every series is recorded twice, in this process's own registry and as a
-Ray application metric (``ray.util.metrics``), which each node's Ray metrics agent exports beside
-Serve's and vLLM's series, named ``ray_rag_*`` and labelled with the ``WorkerId`` of the replica
-that counted it. On a cluster Prometheus scrapes every node's agent (docs/operations.md) and sums
-over replicas. ``GET /metrics`` shows the whole service as seen from this replica's node: its own
-series, exact and current, plus every other replica's on the node as last reported to the agent
-(``metrics_report_interval_ms``), summed by the series' own labels (gauges of state, like the
-breaker, take the maximum). On the embedded default, one node, that is every replica.
+Several ingress replicas: each writes its series the moment it counts them to files in a folder
+shared by the replicas on its node (prometheus_client's multiprocess mode, ``PROMETHEUS_MULTIPROC_DIR``,
+which :func:`serve.graph.build_app` gives the ingress deployment), and ``GET /metrics`` sums every
+replica's files, whichever replica answers the scrape: exact, current, and never going down (a
+replica that died keeps its counts). On the embedded default, one node, that is the whole service.
+Every series is also sent to Ray's metrics agent (``ray.util.metrics``), which each node exports
+beside Serve's and vLLM's series as ``ray_rag_*``, one series per replica (``WorkerId``): what
+Prometheus scrapes on a cluster (docs/operations.md).
 """
 
 from __future__ import annotations
 
-import math
+import os
 from collections import defaultdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.utils import floatToGoString
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+if os.environ.get(MULTIPROC_ENV):  # prometheus_client writes there from the first metric on
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
 
 MAX_GAUGES = {"rag_generator_breaker_state", "rag_index_version_info"}  # states: the worst replica, not a sum
 
@@ -121,7 +124,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.families: dict[str, Family] = {}
-        self._ray_node: tuple[str, int, str] | None = None  # (address, metrics port, this worker's id)
+        self._ray = False
         self.http_requests = self._make(Counter, 
             "rag_http_requests_total", "HTTP requests by endpoint and status", ["method", "endpoint", "status"], registry=r
         )
@@ -179,7 +182,9 @@ class Metrics:
 
     def _make(self, cls: type, name: str, doc: str, labels: list[str] | tuple[str, ...] = (), *,
               buckets: tuple[float, ...] = (), registry: CollectorRegistry) -> Family:
-        kw = {"buckets": buckets} if cls is Histogram else {}
+        kw: dict[str, Any] = {"buckets": buckets} if cls is Histogram else {}
+        if cls is Gauge:  # how replicas' values add up in multiprocess mode
+            kw["multiprocess_mode"] = "livemax" if name in MAX_GAUGES else "livesum"
         kind = {Counter: "counter", Gauge: "gauge", Histogram: "histogram"}[cls]
         fam = Family(cls(name, doc, list(labels), registry=registry, **kw), kind, name, doc, tuple(labels), buckets)
         self.families[name] = fam
@@ -187,87 +192,27 @@ class Metrics:
 
     def export_to_ray(self) -> None:
         """Mirror every series to Ray's metrics agent from now on (call once, inside a Ray worker)."""
-        import ray
-
-        if self._ray_node is not None:
+        if self._ray:
             return
-        ctx = ray.get_runtime_context()
-        me = next((n for n in ray.nodes() if n["NodeID"] == ctx.get_node_id()), None)
-        if me is None or not me.get("MetricsExportPort"):
-            return  # no agent on this node: this process's registry is all there is
         for fam in self.families.values():
             fam.to_ray()
-        self._ray_node = (me["NodeManagerAddress"], int(me["MetricsExportPort"]), ctx.get_worker_id())
+        self._ray = True
 
     def render(self) -> bytes:
-        """This process's series; in a Ray worker, plus the other replicas' on this node (see the
-        module docstring)."""
-        own = generate_latest(self.registry)
-        if self._ray_node is None:
-            return own
-        import urllib.request
+        """This process's series; with ``PROMETHEUS_MULTIPROC_DIR`` set, every ingress replica's on
+        this node, summed."""
+        folder = os.environ.get(MULTIPROC_ENV)
+        if not folder:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
 
-        host, port, worker = self._ray_node
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2) as r:
-                node = r.read().decode()
-        except OSError as e:
-            return own + f"# the other replicas' series are missing: Ray's metrics agent at {host}:{port}: {e}\n".encode()
-        return merge(self.families, own.decode(), node, worker).encode()
-
-
-def _sample_key(name: str, labels: dict[str, str], keep: tuple[str, ...]) -> tuple[str, tuple[tuple[str, str], ...]]:
-    out = []
-    for k in (*keep, "le"):
-        if k in labels:
-            v = labels[k]
-            out.append((k, floatToGoString(float(v)) if k == "le" else v))
-    return name, tuple(out)
-
-
-def merge(families: dict[str, Family], own: str, node: str, worker: str) -> str:
-    """One exposition of ``families``: this process's samples (``own``) plus, from Ray's node agent
-    export (``node``), every other worker's ``ray_``-prefixed copy, summed over Ray's identity labels
-    (max for :data:`MAX_GAUGES`)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    by_sample: dict[str, Family] = {}
-    for fam in families.values():
-        base = fam.name.removesuffix("_total") if fam.kind == "counter" else fam.name
-        suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}[fam.kind]
-        for suf in suffixes:
-            by_sample[base + suf] = fam
-    values: dict[str, dict[tuple, float]] = defaultdict(dict)
-
-    def add(fam: Family, key: tuple, v: float) -> None:
-        cur = values[fam.name].get(key)
-        if cur is None:
-            values[fam.name][key] = v
-        elif fam.kind == "gauge" and fam.name in MAX_GAUGES:
-            values[fam.name][key] = max(cur, v)
-        else:
-            values[fam.name][key] = cur + v
-
-    for text, other in ((own, False), (node, True)):
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                name = sample.name
-                if other:
-                    if not name.startswith("ray_rag_") or sample.labels.get("WorkerId") == worker:
-                        continue
-                    name = name.removeprefix("ray_").replace("_total_total", "_total")
-                fam = by_sample.get(name)
-                if fam is None or math.isnan(sample.value):
-                    continue
-                add(fam, _sample_key(name, sample.labels, fam.labelnames), sample.value)
-    lines: list[str] = []
-    for fam in families.values():
-        lines.append(f"# HELP {fam.name} {fam.doc}")
-        lines.append(f"# TYPE {fam.name} {fam.kind}")
-        for (name, labels), v in sorted(values.get(fam.name, {}).items()):
-            shown = ",".join(f'{k}="{val}"' for k, val in labels)
-            lines.append(f"{name}{{{shown}}} {floatToGoString(v)}" if shown else f"{name} {floatToGoString(v)}")
-    return "\n".join(lines) + "\n"
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        text = generate_latest(registry).decode()
+        # a family nobody has counted yet has no file: still name it, as a single process does
+        missing = [f for f in self.families.values() if f"# TYPE {f.name} " not in text]
+        text += "".join(f"# HELP {f.name} {f.doc}\n# TYPE {f.name} {f.kind}\n" for f in missing)
+        return text.encode()
 
 
 METRICS = Metrics()  # one registry per ingress process
