@@ -100,9 +100,12 @@ class EngineGenerator:
             kind = "unavailable" if type(e).__name__ == "EngineDeadError" else "error"
             raise StageError("generator", kind, f"{type(e).__name__}: {e}".splitlines()[0][:300]) from None
 
-    async def batches(self, request: GenRequest) -> AsyncIterator[list[GenDelta]]:
+    async def batches(self, request: GenRequest, *, interval_s: float = 0.0) -> AsyncIterator[list[GenDelta]]:
         """:meth:`generate`, with the deltas that arrive while the consumer is busy sent together:
-        one Serve stream item per batch instead of per token, and no added wait."""
+        one Serve stream item per batch instead of per token. The first batch goes at once (time
+        to first token is not delayed); later ones at most every ``interval_s`` (what
+        ``ray.serve.llm`` does with its ``stream_batching_interval_ms``), which under load saves
+        the replica one stream item per request per engine step."""
         q: asyncio.Queue = asyncio.Queue()
         end = object()
 
@@ -114,9 +117,15 @@ class EngineGenerator:
             except Exception as e:
                 q.put_nowait(e)
 
-        task = asyncio.get_running_loop().create_task(pump())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(pump())
+        last = None
         try:
             while True:
+                if last is not None and interval_s > 0:
+                    wait = last + interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 batch: list[GenDelta] = []
                 item = await q.get()
                 while True:
@@ -130,6 +139,7 @@ class EngineGenerator:
                     if q.empty():
                         break
                     item = q.get_nowait()
+                last = loop.time()
                 yield batch
         finally:
             task.cancel()  # the client went away: vLLM aborts the request

@@ -29,9 +29,10 @@ def from_exception(stage: str, e: BaseException) -> StageError:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
     except ImportError:  # pragma: no cover - without Ray nothing raises these
         BackPressureError = DeploymentUnavailableError = ()  # type: ignore[assignment,misc]
-    if isinstance(e, BackPressureError):
+    # a streamed call through the proxy path delivers Serve's own errors wrapped (``.cause``)
+    if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
         return StageError(stage, "overloaded", "its queue is full")
-    if isinstance(e, DeploymentUnavailableError):
+    if isinstance(e, DeploymentUnavailableError) or isinstance(cause, DeploymentUnavailableError):
         return StageError(stage, "unavailable", "no replica is running")
     name = type(e).__name__
     if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:

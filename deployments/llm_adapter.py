@@ -65,7 +65,8 @@ class DeltaLLMServer(_LLMServer):  # type: ignore[misc,valid-type]
         gen = getattr(self, "_rag_generator", None)
         if gen is None:
             gen = self._rag_generator = EngineGenerator(self.engine._engine_client)
-        async for batch in gen.batches(request):
+        interval_ms = self._get_batch_interval_ms()  # LLMConfig.experimental_configs["stream_batching_interval_ms"]
+        async for batch in gen.batches(request, interval_s=(interval_ms or 0) / 1000):
             yield batch
 
 
