@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 KINDS = ("overloaded", "unavailable", "timeout", "stalled", "error", "invalid")
 
 
@@ -18,6 +20,10 @@ class StageError(Exception):
         return (StageError, (self.stage, self.kind, self.detail))
 
 
+def _is(x: BaseException, cls: Any, name: str) -> bool:
+    return (isinstance(cls, type) and isinstance(x, cls)) or any(c.__name__ == name for c in type(x).__mro__)
+
+
 def from_exception(stage: str, e: BaseException) -> StageError:
     """A Serve handle call's exception as a :class:`StageError` (Ray's own errors by their kind)."""
     if isinstance(e, StageError):
@@ -29,10 +35,12 @@ def from_exception(stage: str, e: BaseException) -> StageError:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
     except ImportError:  # pragma: no cover - without Ray nothing raises these
         BackPressureError = DeploymentUnavailableError = ()  # type: ignore[assignment,misc]
-    # a streamed call through the proxy path delivers Serve's own errors wrapped (``.cause``)
-    if isinstance(e, BackPressureError) or isinstance(cause, BackPressureError):
+    # a streamed call through the proxy path delivers Serve's own errors wrapped (``.cause``, or
+    # ``__cause__``), and not always as the class this process imported: match by class name too
+    chain = [x for x in (e, cause, e.__cause__, e.__context__) if x is not None]
+    if any(_is(x, BackPressureError, "BackPressureError") for x in chain):
         return StageError(stage, "overloaded", "its queue is full")
-    if isinstance(e, DeploymentUnavailableError) or isinstance(cause, DeploymentUnavailableError):
+    if any(_is(x, DeploymentUnavailableError, "DeploymentUnavailableError") for x in chain):
         return StageError(stage, "unavailable", "no replica is running")
     name = type(e).__name__
     if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:

@@ -39,15 +39,16 @@ class ServeGenerator:
         self.handle = handle
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]:
-        stream = self.handle.options(stream=True).deltas.remote(request)
-        try:
+        stream = None
+        try:  # .remote() itself may refuse (a full queue, no replica): inside the try
+            stream = self.handle.options(stream=True).deltas.remote(request)
             async for batch in stream:
                 for d in batch:
                     yield d
         except Exception as e:
             raise from_exception("generator", e) from None
         finally:
-            cancel = getattr(stream, "cancel", None)
+            cancel = getattr(stream, "cancel", None) if stream is not None else None
             if cancel is not None:
                 cancel()
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from deployments.admission import Admission
 from deployments.cache import cache_key
-from deployments.errors import StageError
+from deployments.errors import StageError, from_exception
 from deployments.generator import GenDelta, GenRequest
 from deployments.retriever import Filters, Passage
 from deployments.router import Message, Route
@@ -271,7 +271,7 @@ class Pipeline(StageCalls):
         except Exception as e:
             err = e if isinstance(e, StageError) else (
                 StageError("generator", "timeout", f"no first token in {self.timeouts.generator_first_token:g} s")
-                if isinstance(e, asyncio.TimeoutError) else StageError("generator", "error", f"{type(e).__name__}: {e}")
+                if isinstance(e, asyncio.TimeoutError) else from_exception("generator", e)
             )
             m.errors.labels("generator", err.kind).inc()
             await _close(stream)
