@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,13 +57,10 @@ class Pipeline(StageCalls):
         # Admission in this replica (keys cached, limits in governor.rate_limits.storage); the usage
         # this replica records is added to its cached quota snapshot.
         self.admission = Admission(cfg.governor, ingress_replicas=cfg.http.deployment.max_replicas)
-        record = self.record_usage
 
-        def record_usage(key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-            self.admission.note_usage(key_id, prompt_tokens + completion_tokens)
-            record(key_id, prompt_tokens, completion_tokens)
-
-        self.record_usage = record_usage
+    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        self.admission.note_usage(key_id, prompt_tokens + completion_tokens)
+        super().record_usage(key_id, prompt_tokens, completion_tokens)
 
     def warm_up(self) -> None:
         self.prompt.warm_up()
@@ -249,8 +247,10 @@ class Pipeline(StageCalls):
     def engine_request(self, req: ChatRequest, prep: Prepared) -> GenRequest:
         sampling = self.sampling(req)
         stop = sampling.pop("stop", None)
+        # the engine's id: the trace's (found in its logs) plus a suffix, since a client may send the
+        # same X-Request-ID twice at once and vLLM refuses a duplicate running id
         return GenRequest(messages=prep.prompt.messages, stop=[stop] if isinstance(stop, str) else stop,
-                          request_id=prep.trace.request_id, **sampling)
+                          request_id=f"{prep.trace.request_id}-{uuid.uuid4().hex[:8]}", **sampling)
 
     async def start_generation(self, req: ChatRequest, prep: Prepared) -> tuple[AsyncIterator[GenDelta] | None, GenDelta | None]:
         """Start the engine and wait for its first chunk, so that a refusal (queue full) or an
