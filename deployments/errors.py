@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-KINDS = ("overloaded", "unavailable", "timeout", "stalled", "error", "invalid")
-
-
 class StageError(Exception):
     """A stage call failed. ``kind``: overloaded (queue full: backpressure) | unavailable (no
     replica, or it died) | timeout | stalled (no answer within an attempt's time) | error (the stage
@@ -20,8 +15,10 @@ class StageError(Exception):
         return (StageError, (self.stage, self.kind, self.detail))
 
 
-def _is(x: BaseException, cls: Any, name: str) -> bool:
-    return (isinstance(cls, type) and isinstance(x, cls)) or any(c.__name__ == name for c in type(x).__mro__)
+def _is(x: BaseException, name: str) -> bool:
+    """``x`` is (a subclass of) the class called ``name``: Serve's errors may arrive as a copy of
+    the class this process would import, so the name is what counts."""
+    return any(c.__name__ == name for c in type(x).__mro__)
 
 
 def from_exception(stage: str, e: BaseException) -> StageError:
@@ -31,16 +28,12 @@ def from_exception(stage: str, e: BaseException) -> StageError:
     cause = getattr(e, "cause", None)
     if isinstance(cause, StageError):  # raised inside the replica, wrapped by Ray
         return cause
-    try:
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-    except ImportError:  # pragma: no cover - without Ray nothing raises these
-        BackPressureError = DeploymentUnavailableError = ()  # type: ignore[assignment,misc]
     # a streamed call through the proxy path delivers Serve's own errors wrapped (``.cause``, or
     # ``__cause__``), and not always as the class this process imported: match by class name too
     chain = [x for x in (e, cause, e.__cause__, e.__context__) if x is not None]
-    if any(_is(x, BackPressureError, "BackPressureError") for x in chain):
+    if any(_is(x, "BackPressureError") for x in chain):
         return StageError(stage, "overloaded", "its queue is full")
-    if any(_is(x, DeploymentUnavailableError, "DeploymentUnavailableError") for x in chain):
+    if any(_is(x, "DeploymentUnavailableError") for x in chain):
         return StageError(stage, "unavailable", "no replica is running")
     name = type(e).__name__
     if "ActorDied" in name or "ActorUnavailable" in name or "RayActorError" in name:

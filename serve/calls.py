@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from deployments.errors import StageError
+from deployments.errors import StageError, from_exception
 from deployments.generator import GenDelta, GenRequest
 from deployments.retriever import Filters, Passage
 from deployments.router import Message
@@ -89,7 +89,7 @@ class StageCalls:
             except StageError as e:
                 err = e
             except Exception as e:  # a stage bug must not become a bare 500
-                err = StageError(stage, "error", f"{type(e).__name__}: {e}")
+                err = from_exception(stage, e)
             m.errors.labels(stage, err.kind).inc()
             if err.kind not in RETRIED_KINDS or attempt == attempts:
                 raise err

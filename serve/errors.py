@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import StageError
+from serve.ids import request_id
 
 log = logging.getLogger("ray.serve")
 
@@ -75,12 +76,6 @@ def status_of(e: BaseException) -> int:
     if isinstance(e, ApiError):
         return e.status
     return getattr(e, "status_code", 500)
-
-
-def request_id(request: Request) -> str:
-    from serve.ids import request_id as rid
-
-    return rid(request)
 
 
 def error_response(err: ApiError, rid: str) -> JSONResponse:
