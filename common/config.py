@@ -349,6 +349,15 @@ class RouterConfig(_Strict):
         "Empty: no domain filter is ever added.",
     )
     history_turns: int = Field(default=3, ge=0, description="Earlier user turns a follow-up may borrow terms from.")
+    max_query_chars: int = Field(
+        default=1000, ge=1,
+        description="The search query (the last message plus borrowed terms) is cut to this many characters.",
+    )
+    max_query_terms: int = Field(
+        default=64, ge=1,
+        description="The search query is cut before its first word past this many distinct words "
+        "(BM25 and the embedder cost grows with the query's terms).",
+    )
     deployment: DeploymentOptions = _deployment(num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256)
 
     @model_validator(mode="after")

@@ -12,6 +12,13 @@ Given the conversation, it decides
 
 Rules, not a model: they are fast, predictable and testable, and a 135M generator condensing
 queries was worse than borrowing terms (it paraphrased the question away).
+
+Every pattern here runs in linear time on any input (a message may hold 16,000 characters): no
+two adjacent quantifiers can match the same characters (the small-talk tail uses possessive
+quantifiers), and the small-talk check only looks at messages of up to ``SMALL_TALK_MAX_CHARS``.
+The search query is capped after condensation (``router.max_query_chars`` and
+``router.max_query_terms``): retrieval cost grows with the query's terms, and a long message
+(plus the borrowed words) would otherwise go to BM25 and the embedder whole.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ Kind = Literal["rag", "small_talk"]
 _SMALL_TALK = re.compile(
     r"^\s*(hi|hello|hey|hiya|howdy|yo|good (morning|afternoon|evening)|thanks?( you)?( so much| a lot)?|"
     r"thx|ty|cheers|bye|goodbye|see you|ok(ay)?|cool|great|nice|how are you( doing)?|who are you|"
-    r"what'?s up)[\s!.?,]*(there|again|everyone|all)?[\s!.?]*$",
+    r"what'?s up)[\s!.?,]*+(?:(?:there|again|everyone|all)[\s!.?]*+)?$",
     re.IGNORECASE,
 )
+SMALL_TALK_MAX_CHARS = 80  # "good afternoon everyone, thanks so much!!": longer messages are never small talk
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-/]*")
 _EXACT = re.compile(r'"[^"]+"|`[^`]+`|\b[A-Z]{2,}[-_]?\d+\b|\b\w+_\w+\b|\b\w+\.\w+\(|\b(E|ERR)\d{2,}\b')
 _FOLLOW_UP = re.compile(
@@ -65,9 +73,19 @@ class DomainRule:
 
 
 class QueryRouter:
-    def __init__(self, *, domains: dict[str, DomainRule] | None = None, history_turns: int = 3) -> None:
+    def __init__(self, *, domains: dict[str, DomainRule] | None = None, history_turns: int = 3,
+                 max_query_chars: int = 1000, max_query_terms: int = 64) -> None:
+        errors = []
         if history_turns < 0:
-            raise ValueError(f"history_turns must be >= 0, got {history_turns}")
+            errors.append(f"history_turns must be >= 0, got {history_turns}")
+        if max_query_chars < 1:
+            errors.append(f"max_query_chars must be >= 1, got {max_query_chars}")
+        if max_query_terms < 1:
+            errors.append(f"max_query_terms must be >= 1, got {max_query_terms}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        self.max_query_chars = max_query_chars
+        self.max_query_terms = max_query_terms
         self.domains = dict(domains or {})
         for name, rule in self.domains.items():
             unknown = [r for r in rule.related if r not in self.domains]
@@ -84,6 +102,8 @@ class QueryRouter:
         return cls(
             domains={n: DomainRule(tuple(d.keywords), tuple(d.related)) for n, d in r.domains.items()},
             history_turns=r.history_turns,
+            max_query_chars=r.max_query_chars,
+            max_query_terms=r.max_query_terms,
         )
 
     def warm_up(self) -> None:  # nothing heavy: rules only
@@ -94,7 +114,7 @@ class QueryRouter:
         if not users:
             raise ValueError("messages must contain at least one user message")
         last = users[-1].strip()
-        if _SMALL_TALK.match(last):
+        if is_small_talk(last):
             return Route(kind="small_talk", query="", strategy="none", reasons=("small talk",))
         reasons: list[str] = []
         query = last
@@ -105,6 +125,12 @@ class QueryRouter:
             if borrowed:
                 query = f"{last} {' '.join(borrowed)}"
                 reasons.append(f"follow-up: borrowed {len(borrowed)} terms from earlier turns")
+        capped = cap_query(query, max_chars=self.max_query_chars, max_terms=self.max_query_terms)
+        if capped != query:
+            reasons.append(f"query capped from {len(query)} to {len(capped)} characters "
+                           f"(router.max_query_chars={self.max_query_chars}, "
+                           f"router.max_query_terms={self.max_query_terms} distinct terms)")
+            query = capped
         strategy = "lexical" if _EXACT.search(last) else "hybrid"
         if strategy == "lexical":
             reasons.append("exact tokens (quotes, identifiers, codes): lexical")
@@ -125,6 +151,34 @@ class QueryRouter:
             for rel in self.domains[name].related:
                 out[rel] = None
         return tuple(out)
+
+
+def is_small_talk(text: str) -> bool:
+    """A greeting, thanks or goodbye and nothing else (``text`` already stripped)."""
+    return len(text) <= SMALL_TALK_MAX_CHARS and _SMALL_TALK.match(text) is not None
+
+
+def cap_query(query: str, *, max_chars: int, max_terms: int) -> str:
+    """``query`` cut before its ``max_terms + 1``-th distinct word (case-insensitive) and to at most
+    ``max_chars`` characters, at a word boundary where there is one; unchanged when within both."""
+    if len(query) <= max_chars and len(_WORD.findall(query[: max_chars + 1])) <= max_terms:
+        return query  # cheap check first: few words cannot hold too many distinct ones
+    seen: set[str] = set()
+    end = len(query)
+    for m in _WORD.finditer(query):
+        if m.start() >= max_chars:
+            break
+        seen.add(m.group().lower())
+        if len(seen) > max_terms:
+            end = m.start()
+            break
+    cut = min(end, max_chars)
+    if cut == max_chars and cut < len(query) and not query[cut].isspace():
+        i = cut  # cut inside a word: end before it, if anything comes before it
+        while i > 0 and not query[i - 1].isspace():
+            i -= 1
+        cut = i or cut
+    return query[:cut].rstrip()
 
 
 def _content_words(text: str) -> list[str]:
