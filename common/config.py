@@ -534,6 +534,12 @@ class CacheConfig(_Strict):
     enabled: bool = True
     max_entries: int = Field(default=2048, ge=1)
     ttl_s: float = Field(default=600, gt=0, description="Seconds an answer stays servable.")
+    shared_across_keys: bool = Field(
+        default=False,
+        description="false: an answer is cached per API key (one key never gets another's answer or request id). "
+        "true: any key may be served any key's cached answer (fewer generations; who asked what is then visible "
+        "to other keys as a fast, uncharged answer, and hits show no cached_request_id).",
+    )
 
 
 class GovernorConfig(_Strict):

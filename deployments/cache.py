@@ -1,9 +1,15 @@
 """The response cache: a repeated question, asked the same way of the same index, is answered from memory.
 
 The key covers everything that changes the answer (messages, RAG options, model, index version,
-sampling) and ignores what does not (case, spacing, a trailing '?'). The index version is part of
-the key, so a live index swap makes old entries unreachable without a flush; the TTL and the size
-bound then retire them. Values are returned as stored: put immutable values (or copies) in it.
+sampling) and ignores what does not (spacing, a trailing '?'). Case is kept: "US" and "us", or a
+name and a word, are different questions. The index version is part of the key, so a live index
+swap makes old entries unreachable without a flush; the TTL and the size bound then retire them.
+Values are returned as stored: put immutable values (or copies) in it.
+
+The key also names the API key that asked (``governor.cache.shared_across_keys: false``, the
+default): one key never gets another's answer, learns that somebody asked that question, or sees
+another request's id. A shared cache (``true``) serves any key, so a hit must not show the id of
+the request that filled it (:func:`hit_request_id`).
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ from cachetools import TTLCache
 
 
 def normalise(text: str) -> str:
-    """Casefold, collapse whitespace, and drop trailing '?', '!', '.' and spaces."""
-    return " ".join(text.casefold().split()).rstrip("?!. ")
+    """Collapse whitespace and drop trailing '?', '!', '.' and spaces; case is kept."""
+    return " ".join(text.split()).rstrip("?!. ")
 
 
 def cache_key(
@@ -30,17 +36,30 @@ def cache_key(
     model: str,
     index_version: str | None,
     sampling: dict[str, Any],
+    key_id: str | None = None,
+    shared: bool = False,
 ) -> str:
-    """sha256 hex of a canonical JSON of what determines the response."""
+    """sha256 hex of a canonical JSON of what determines the response, and of who asked:
+    ``key_id`` (the API key's id; None: the anonymous caller of an auth-off service) is part of the
+    key unless ``shared`` (``governor.cache.shared_across_keys``)."""
     doc = {
         "messages": [{"role": m["role"], "content": normalise(str(m.get("content") or ""))} for m in messages],
         "rag": rag,
         "model": model,
         "index_version": index_version,
         "sampling": sampling,
+        "key_id": None if shared else key_id,
+        "shared": bool(shared),
     }
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def hit_request_id(hit: dict[str, Any], *, shared: bool) -> str | None:
+    """The ``cached_request_id`` a cache hit may show its caller: the id of the request that filled
+    the entry when the cache is per key (the caller's own earlier request), never with a shared
+    cache (it would be another key's request id)."""
+    return None if shared else hit.get("request_id")
 
 
 class ResponseCache:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from deployments.auth import ApiKey, AuthError, KeyStore, UsageLedger, open_db
-from deployments.cache import ResponseCache, cache_key, normalise
+from deployments.cache import ResponseCache, cache_key, hit_request_id, normalise
 from deployments.limits import (
     KINDS,
     Decision,
@@ -395,16 +395,17 @@ BASE = dict(
 
 
 def test_normalise():
-    assert normalise("  When IS the   tasting\nroom open ?! ") == "when is the tasting room open"
-    assert normalise("Straße") == normalise("STRASSE")
+    assert normalise("  When IS the   tasting\nroom open ?! ") == "When IS the tasting room open"
     assert normalise("v1.2 release") == "v1.2 release"
 
 
-def test_cache_key_ignores_case_and_whitespace():
+def test_cache_key_keeps_case_and_ignores_whitespace():
     k = cache_key(**BASE)
     assert len(k) == 64
-    same = {**BASE, "messages": [{"role": "user", "content": "  when is THE tasting   room open"}]}
+    same = {**BASE, "messages": [{"role": "user", "content": "  When is the tasting   room open"}]}
     assert cache_key(**same) == k
+    other_case = {**BASE, "messages": [{"role": "user", "content": "when is THE tasting room open?"}]}
+    assert cache_key(**other_case) != k  # "US" and "us" are different questions
     reordered = {**BASE, "rag": {"strategy": "hybrid", "top_k": 5}}
     assert cache_key(**reordered) == k
 
@@ -423,6 +424,26 @@ def test_cache_key_ignores_case_and_whitespace():
 )
 def test_cache_key_changes_with_what_changes_the_answer(change):
     assert cache_key(**{**BASE, **change}) != cache_key(**BASE)
+
+
+def test_cache_key_is_per_api_key_unless_shared():
+    a, b = cache_key(**BASE, key_id="aaaa0001"), cache_key(**BASE, key_id="bbbb0002")
+    assert a != b  # key B never finds key A's answer
+    assert a != cache_key(**BASE)  # nor does the anonymous caller of an auth-off service
+    assert cache_key(**BASE, key_id="aaaa0001") == a
+    shared = cache_key(**BASE, key_id="aaaa0001", shared=True)
+    assert shared == cache_key(**BASE, key_id="bbbb0002", shared=True) == cache_key(**BASE, shared=True)
+    assert shared != cache_key(**BASE)  # switching the config does not serve the other mode's entries
+
+
+def test_a_shared_cache_hit_shows_no_request_id():
+    hit = {"text": "t", "request_id": "req-of-key-a"}
+    assert hit_request_id(hit, shared=False) == "req-of-key-a"
+    assert hit_request_id(hit, shared=True) is None
+
+
+def test_cache_is_per_key_by_default(app_config):
+    assert app_config.governor.cache.shared_across_keys is False
 
 
 def test_cache_ttl_expiry():

@@ -235,7 +235,7 @@ def test_cache_hit_says_cached_and_skips_the_generator(local_cfg, retriever, tmp
 
     async def go():
         first = await ask(p, chat("When does the tasting room open?"), "first")
-        again = await ask(p, chat("  when does the TASTING room open  "), "second")
+        again = await ask(p, chat("  When does the tasting   room open  "), "second")  # spacing and '?' ignored, case kept
         return first, again
 
     first, again = asyncio.run(go())
