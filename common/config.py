@@ -485,6 +485,11 @@ class RateLimitConfig(_Strict):
     per_key: RatePerMinute = Field(default_factory=RatePerMinute, description="Each API key's buckets.")
     per_ip: RatePerMinute = Field(default_factory=RatePerMinute, description="Each client address's buckets.")
     exempt_ips: list[str] = Field(default_factory=list, description="Addresses or CIDR networks without per-IP limits.")
+    ipv6_prefix: int = Field(
+        default=64, ge=32, le=128,
+        description="IPv6 clients are limited per network of this prefix length, not per address: a client usually "
+        "holds a whole /64 and can rotate addresses within it. IPv4 clients are limited per address.",
+    )
     storage: str = Field(
         default="memory://",
         description="Where the ingress keeps its rate-limit counters (the `limits` library): `memory://` in each ingress "

@@ -29,3 +29,20 @@ def in_networks(ip: str, nets: tuple[Network, ...]) -> bool:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # '::ffff:10.1.2.3' from a dual-stack socket is 10.1.2.3
     return any(addr in net for net in nets)
+
+
+def address_group(ip: str, ipv6_prefix: int = 64) -> str:
+    """What a per-address limit counts under: an IPv4 address itself (also when written IPv4-mapped,
+    ``::ffff:10.1.2.3``), an IPv6 address's ``/ipv6_prefix`` network (a client usually holds a whole
+    /64 and can rotate addresses within it at will), anything else (not an address) as given."""
+    if not 0 <= ipv6_prefix <= 128:
+        raise ValueError(f"ipv6_prefix must be between 0 and 128, got {ipv6_prefix}")
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
+    return str(addr)

@@ -5,23 +5,29 @@ limits in a shared counter store, quotas checked against a cached usage snapshot
 (``Pipeline.admission``) and calls :meth:`Admission.admit` before any work. Per request:
 
 1. **Per-address limit** (before any key check, also for requests without a key): refused at once
-   when the address has no allowance left (429, ``scope`` ip).
+   when the address has no allowance left (429, ``scope`` ip). An IPv4 client is counted by its
+   address, an IPv6 client by its ``/governor.rate_limits.ipv6_prefix`` network (/64): one client
+   usually holds a whole /64 and could otherwise rotate addresses to escape its limit.
 2. **The key** (auth on): a missing or malformed token is refused here (401). Otherwise the
    verdict cached under ``sha256(token)`` is used; on a miss the governor is asked once
    (``verify``, :meth:`deployments.governor.Governor.verify`) and its answer, good or bad, is kept
    for ``governor.auth.key_cache_s`` seconds. Concurrent misses for one token share one call. So a
    revoked key is refused within ``key_cache_s``, and a flood of one bad key costs one governor
    call per ``key_cache_s``. Refused requests (401/403) still count against their address, so a
-   flood of bad keys meets the per-address limit.
+   flood of bad keys meets the per-address limit. A request whose key is not cached spends its
+   address's allowance *before* the governor is asked, so an address can cause at most its limit
+   of governor calls per window, also when its requests arrive all at once.
 3. **Per-key limit**, then the per-address allowance is taken (a key refusal does not spend the
    address's allowance). Counters live in ``governor.rate_limits.storage`` through the ``limits``
    library, moving window of one minute (at most N requests in any 60 s; ``Retry-After`` is when
    the oldest of them leaves the window): ``memory://`` in this process (exact with one ingress
    replica), ``redis://host:port`` shared by every replica.
 4. **Token quota** (chats): the key's day and month usage from the governor's answer, plus the
-   tokens this replica has recorded since (:meth:`Admission.note_usage`). Other replicas' usage is
-   seen at the next verification, so N replicas can overshoot a quota by at most what the others
-   admit within ``key_cache_s``.
+   tokens this replica has recorded since (:meth:`Admission.note_usage`, :meth:`Admission.settle`),
+   plus the tokens reserved by the key's requests in progress here (``reserve_tokens``): a request
+   is admitted only if its own reservation fits too, and holds it until :meth:`Admission.settle`.
+   Other replicas' usage is seen at the next verification, so N replicas can overshoot a quota by
+   at most what the others admit within ``key_cache_s``.
 
 Failures: the governor unreachable on a cache miss raises :class:`StageError` (stage
 ``governor``), the counter store unreachable raises one with stage ``rate_limits``; the ingress
@@ -41,7 +47,7 @@ from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
-from common.networks import in_networks, parse_networks
+from common.networks import address_group, in_networks, parse_networks
 from deployments.auth import periods, token_hash, well_formed
 from deployments.errors import StageError
 from deployments.governor import INVALID_KEY, MISSING_KEY, KeyVerdict, Verdict
@@ -78,13 +84,16 @@ def open_storage(url: str) -> Any:
 
 class WindowLimiter:
     """Per-key and per-address request limits for the three kinds, over a ``limits`` storage
-    (moving window of the item's period); a limit of 0 means none."""
+    (moving window of the item's period); a limit of 0 means none. An IPv6 client is counted by
+    its ``/ipv6_prefix`` network (:meth:`who`), an IPv4 client by its address."""
 
     def __init__(self, *, per_key: dict[str, float], per_ip: dict[str, float], exempt_ips: Iterable[str] = (),
-                 storage: Any, where: str = "memory://") -> None:
+                 storage: Any, where: str = "memory://", ipv6_prefix: int = 64) -> None:
         self.per_key = check_rates("per_key", per_key)
         self.per_ip = check_rates("per_ip", per_ip)
         self.exempt = parse_networks("exempt_ips", exempt_ips)
+        address_group("::1", ipv6_prefix)  # a bad prefix fails here, not per request
+        self.ipv6_prefix = ipv6_prefix
         self.storage = storage
         self.where = where
         self.strategy = MovingWindowRateLimiter(storage)
@@ -99,6 +108,10 @@ class WindowLimiter:
     def ip_limit(self, kind: str, ip: str) -> float:
         limit = self.per_ip[kind]
         return limit if limit > 0 and not in_networks(ip, self.exempt) else 0.0
+
+    def who(self, ip: str) -> str:
+        """The counter name of client address ``ip``: itself (IPv4) or its IPv6 network."""
+        return address_group(ip, self.ipv6_prefix)
 
     def key_limit(self, kind: str, overrides: dict[str, float | None] | None) -> float:
         override = (overrides or {}).get(kind)
@@ -173,6 +186,7 @@ class Admission:
         self._keys: TTLCache | None = TTLCache(max_keys, self.key_cache_s, timer=clock) if cached else None
         self._by_id: TTLCache | None = TTLCache(max_keys, self.key_cache_s, timer=clock) if cached else None
         self._pending: dict[str, asyncio.Future] = {}
+        self._reserved: dict[str, int] = {}  # key id -> tokens reserved by its requests in progress here
         self.counts = {"key_cache_hits": 0, "verify_calls": 0}
         rl = cfg.rate_limits
         self.limiter: WindowLimiter | None = None
@@ -183,6 +197,7 @@ class Admission:
                 exempt_ips=rl.exempt_ips,
                 storage=storage if storage is not None else open_storage(rl.storage),
                 where=rl.storage,
+                ipv6_prefix=rl.ipv6_prefix,
             )
             if storage is None and rl.storage.startswith("memory://") and ingress_replicas > 1:
                 log.warning(f"governor.rate_limits.storage is memory:// with up to {ingress_replicas} ingress replicas: "
@@ -192,15 +207,25 @@ class Admission:
     # -----------------------------------------------------------------------------------------
 
     async def admit(self, token: str | None, ip: str, endpoint: str, admin_route: bool = False, *,
-                    verify: Verify) -> Verdict:
+                    verify: Verify, reserve_tokens: int = 0) -> Verdict:
         """Admit one request to ``endpoint`` from ``ip`` with the bearer ``token`` (None: none sent).
         ``verify(token)`` asks the governor (only on a key-cache miss). Raises :class:`StageError`
-        when the governor (on a miss) or the counter store cannot be reached."""
+        when the governor (on a miss) or the counter store cannot be reached.
+
+        ``reserve_tokens`` (chats with a key): the most tokens this request may spend (prompt plus
+        ``max_tokens``). The quota check counts the key's usage, plus the tokens reserved by its
+        requests still in progress on this replica, plus these; when admitted they are reserved
+        (``Verdict.reserved``) until :meth:`settle` releases them, so a burst cannot overshoot the
+        quota. 0 reserves nothing (the request is admitted while the quota is not spent)."""
+        if not (isinstance(reserve_tokens, int) and reserve_tokens >= 0):
+            raise ValueError(f"reserve_tokens must be an integer >= 0, got {reserve_tokens!r}")
         kind = kind_of(endpoint)
         lim = self.limiter
         ip_limit = lim.ip_limit(kind, ip) if lim is not None else 0.0
+        who = lim.who(ip) if ip_limit else ip  # an IPv6 client counts by its network
+        ip_taken = False  # the address's allowance already spent by this request
         if ip_limit and self.auth_enabled:  # the address first, before any key is looked at
-            d = await lim.test("ip", kind, ip, ip_limit)
+            d = await lim.test("ip", kind, who, ip_limit)
             if not d.allowed:
                 return _too_many(d)
         kv: KeyVerdict | None = None
@@ -212,6 +237,13 @@ class Admission:
             elif not well_formed(token):
                 refusal = Verdict(False, 401, *INVALID_KEY)
             else:
+                if ip_limit and not self._cached(token):
+                    # a governor call may follow: spend the address's allowance first, so that requests
+                    # from one address, however many at once, start at most its limit of calls
+                    d = await lim.hit("ip", kind, who, ip_limit)
+                    if not d.allowed:
+                        return _too_many(d)
+                    ip_taken = True
                 entry = await self._entry(token, verify)
                 kv = entry.verdict
                 if not kv.ok:
@@ -220,28 +252,56 @@ class Admission:
                     refusal = Verdict(False, 403, f"this endpoint needs an admin key; key {kv.key_id} has scope "
                                       f"{kv.scope!r}", "insufficient_scope", key_id=kv.key_id, scope=kv.scope)
             if refusal is not None:
-                if ip_limit:  # a refused request still came from this address
-                    await lim.hit("ip", kind, ip, ip_limit)
+                if ip_limit and not ip_taken:  # a refused request still came from this address
+                    await lim.hit("ip", kind, who, ip_limit)
                 return refusal
         if lim is not None:
             if kv is not None and (key_limit := lim.key_limit(kind, kv.rate_overrides)) > 0:
                 d = await lim.hit("key", kind, kv.key_id, key_limit)
                 if not d.allowed:
                     return _too_many(d, kv)
-            if ip_limit:
-                d = await lim.hit("ip", kind, ip, ip_limit)
+            if ip_limit and not ip_taken:
+                d = await lim.hit("ip", kind, who, ip_limit)
                 if not d.allowed:
                     return _too_many(d, kv)
         if kv is None:
             return Verdict(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
         if kind == "chat" and entry is not None:
+            # no await from here to the reservation: concurrent admissions see each other's
             now = self._wall()
             day_used, month_used = entry.used(now)
+            reserved = self._reserved.get(kv.key_id, 0)
             qd = check_quota(day_used=day_used, month_used=month_used, daily_limit=kv.daily_tokens,
-                             monthly_limit=kv.monthly_tokens, now=now)
+                             monthly_limit=kv.monthly_tokens, now=now, reserved=reserved, request=reserve_tokens)
             if not qd.allowed:
                 return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, kv.key_id, kv.scope)
+            if reserve_tokens:
+                self._reserved[kv.key_id] = reserved + reserve_tokens
+                return Verdict(True, key_id=kv.key_id, scope=kv.scope, reserved=reserve_tokens)
         return Verdict(True, key_id=kv.key_id, scope=kv.scope)
+
+    def settle(self, key_id: str | None, reserved: int, used: int) -> None:
+        """A request admitted with ``reserved`` tokens (its ``Verdict.reserved``) is over, having
+        spent ``used``: release the reservation and count the usage (what :meth:`note_usage` does,
+        so do not also call that for this request). Call it exactly once per admitted request,
+        also when it failed or was cancelled (``used`` = what was generated so far, 0 if nothing)."""
+        errors = [f"{name} must be an integer >= 0, got {v!r}" for name, v in (("reserved", reserved), ("used", used))
+                  if not (isinstance(v, int) and v >= 0)]
+        if errors:
+            raise ValueError("; ".join(errors))
+        if key_id is None:
+            return
+        left = self._reserved.get(key_id, 0) - reserved
+        if left > 0:
+            self._reserved[key_id] = left
+        else:
+            self._reserved.pop(key_id, None)
+        if used:
+            self.note_usage(key_id, used)
+
+    def reserved(self, key_id: str) -> int:
+        """Tokens reserved by ``key_id``'s requests in progress on this replica."""
+        return self._reserved.get(key_id, 0)
 
     def note_usage(self, key_id: str | None, tokens: int) -> None:
         """Add tokens this replica recorded for ``key_id`` to its cached usage (the quota check sees
@@ -270,6 +330,10 @@ class Admission:
                 "storage": self.limiter.where if self.limiter is not None else None}
 
     # -----------------------------------------------------------------------------------------
+
+    def _cached(self, token: str) -> bool:
+        """Whether ``token``'s verdict is in the key cache (and fresh): no governor call needed."""
+        return self._keys is not None and token_hash(token) in self._keys
 
     async def _entry(self, token: str, verify: Verify) -> _Entry:
         """The cached verdict of ``token``, asking ``verify`` once on a miss (concurrent misses share it)."""

@@ -43,6 +43,7 @@ class Verdict:
     retry_after: float = 0.0
     key_id: str | None = None
     scope: str | None = None
+    reserved: int = 0  # tokens reserved for this request (Admission.admit's reserve_tokens): settle them after
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,8 @@ class Governor:
         self.ledger = UsageLedger(cfg.db)
         rl = cfg.rate_limits
         self.limiter = (
-            RateLimiter(per_key=_limits(rl.per_key), per_ip=_limits(rl.per_ip), exempt_ips=rl.exempt_ips)
+            RateLimiter(per_key=_limits(rl.per_key), per_ip=_limits(rl.per_ip), exempt_ips=rl.exempt_ips,
+                        ipv6_prefix=rl.ipv6_prefix)
             if rl.enabled else None
         )
         self.cache = ResponseCache(max_entries=cfg.cache.max_entries, ttl_s=cfg.cache.ttl_s) if cfg.cache.enabled else None

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from common.networks import Network, in_networks, parse_networks  # noqa: F401
+from common.networks import Network, address_group, in_networks, parse_networks  # noqa: F401
 
 KINDS = ("chat", "search", "other")
 _PATH_KINDS = {"/v1/chat/completions": "chat", "/v1/search": "search"}
@@ -97,6 +97,7 @@ class RateLimiter:
 
     Buckets are kept in least-recently-used order; past ``max_buckets`` the idlest are dropped (a
     dropped client just starts again with a full bucket), so a flood of new IPs cannot grow memory.
+    An IPv6 client's bucket is its ``/ipv6_prefix`` network's (see :func:`common.networks.address_group`).
     """
 
     def __init__(
@@ -107,7 +108,10 @@ class RateLimiter:
         exempt_ips: Iterable[str] = (),
         max_buckets: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        ipv6_prefix: int = 64,
     ) -> None:
+        address_group("::1", ipv6_prefix)  # a bad prefix fails here, not per request
+        self.ipv6_prefix = ipv6_prefix
         self.per_key = check_rates("per_key", per_key)
         self.per_ip = check_rates("per_ip", per_ip)
         self.exempt = parse_networks("exempt_ips", exempt_ips)
@@ -145,7 +149,8 @@ class RateLimiter:
             if key_id is not None and key_limit > 0:
                 checks.append(("key", key_limit, self._bucket(("key", key_id, kind), key_limit, now)))
             if ip_limit > 0 and not self.is_exempt(ip):
-                checks.append(("ip", ip_limit, self._bucket(("ip", ip, kind), ip_limit, now)))
+                who = address_group(ip, self.ipv6_prefix)
+                checks.append(("ip", ip_limit, self._bucket(("ip", who, kind), ip_limit, now)))
             for scope, limit, bucket in checks:  # all must have a token before any is taken
                 if (wait := bucket.wait(now)) > 0:
                     return Decision(False, retry_after=wait, scope=scope, kind=kind, limit_per_min=limit)
@@ -163,21 +168,39 @@ def kind_of(path: str) -> str:
     return _PATH_KINDS.get(path.rstrip("/") or "/", "other")
 
 
+RESERVED_RETRY_S = 10.0  # Retry-After when only requests in progress stand in the way: they finish soon
+
+
 @dataclass(frozen=True)
 class QuotaDecision:
     allowed: bool
     period: str = ""  # "day" | "month" when refused
     used: int = 0
     limit: int = 0
-    retry_after: float = 0.0  # seconds until the period resets
+    retry_after: float = 0.0  # seconds until the period resets (or RESERVED_RETRY_S, see check_quota)
+    reserved: int = 0  # tokens held by the key's requests in progress
+    request: int = 0  # tokens this request asked to reserve
 
     def message(self) -> str:
         if self.allowed:
             return "allowed"
         adjective, span = ("daily", "today") if self.period == "day" else ("monthly", "this month")
+        if self.used >= self.limit:
+            return (
+                f"{adjective} token quota exhausted: {self.used} of {self.limit} tokens used {span} (UTC); "
+                f"resets in {_duration(self.retry_after)}"
+            )
+        left = self.limit - self.used
+        if self.request > left:
+            return (
+                f"{adjective} token quota too small for this request: it may use up to {self.request} tokens "
+                f"(prompt and max_tokens) but {left} of {self.limit} are left {span} (UTC); ask for fewer "
+                f"tokens (max_tokens) or retry after the reset in {_duration(self.retry_after)}"
+            )
         return (
-            f"{adjective} token quota exhausted: {self.used} of {self.limit} tokens used {span} (UTC); "
-            f"resets in {_duration(self.retry_after)}"
+            f"{adjective} token quota held by requests in progress: {self.used} of {self.limit} tokens used "
+            f"{span} (UTC) and {self.reserved} reserved by this key's requests in progress, so this request's "
+            f"{self.request} do not fit; retry in {_duration(self.retry_after)}, when some have finished"
         )
 
 
@@ -191,16 +214,24 @@ def _next_reset(period: str, now: float) -> float:
 
 
 def check_quota(
-    *, day_used: int, month_used: int, daily_limit: int | None, monthly_limit: int | None, now: float | None = None
+    *, day_used: int, month_used: int, daily_limit: int | None, monthly_limit: int | None, now: float | None = None,
+    reserved: int = 0, request: int = 0,
 ) -> QuotaDecision:
-    """Refuse when used >= limit (None = unlimited).
+    """Refuse when ``used + reserved + max(request, 1) > limit`` (None = unlimited): with nothing
+    reserved or requested, when used >= limit. ``reserved``: tokens held by the key's requests in
+    progress; ``request``: the tokens this request would reserve.
 
     The month is checked first: when both are spent, the month's reset is the honest ``retry_after``
-    (retrying at midnight would be refused again).
+    (retrying at midnight would be refused again). When the request would fit once the requests in
+    progress finish, ``retry_after`` is :data:`RESERVED_RETRY_S` (or the reset, if sooner).
     """
     now = time.time() if now is None else now
+    need = max(request, 1)
     for period, used, limit in (("month", month_used, monthly_limit), ("day", day_used, daily_limit)):
-        if limit is not None and used >= limit:
+        if limit is not None and used + reserved + need > limit:
             retry = max(_next_reset(period, now) - now, 1e-3)
-            return QuotaDecision(False, period=period, used=used, limit=limit, retry_after=retry)
+            if used + need <= limit:  # only the reservations stand in the way
+                retry = min(retry, RESERVED_RETRY_S)
+            return QuotaDecision(False, period=period, used=used, limit=limit, retry_after=retry,
+                                 reserved=reserved, request=request)
     return QuotaDecision(True)

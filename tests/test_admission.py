@@ -460,3 +460,144 @@ def test_admission_is_fast_enough_to_not_matter(setup):
         return (time.perf_counter() - t) / 500
 
     assert run(go()) < 2e-3
+
+
+# ---------------------------------------------------------------- issue 16: rows 5, 6 and 11
+
+
+def fresh_token() -> str:
+    import secrets
+
+    return f"rg-{secrets.token_hex(4)}.{secrets.token_urlsafe(32)}"  # well formed, unknown, never cached
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_1000_bad_keys_from_one_address_cost_at_most_its_limit_of_verify_calls(setup, concurrent):
+    adm, verify, _, _ = setup(per_ip={"chat": 20})
+    tokens = [fresh_token() for _ in range(1000)]  # a new key each time: the key cache cannot help
+
+    async def go():
+        calls = [adm.admit(t, "198.51.100.7", "/v1/chat/completions", verify=verify) for t in tokens]
+        if concurrent:  # all at once: none has been refused yet when the others are checked
+            return await asyncio.gather(*calls)
+        return [await c for c in calls]
+
+    got = run(go())
+    assert verify.calls <= 20, f"{verify.calls} governor calls for 1,000 bad keys from one address (limit 20/min)"
+    codes = [v.code for v in got]
+    assert codes.count("invalid_api_key") == verify.calls and codes.count("rate_limit_exceeded") == 1000 - verify.calls
+    assert run(adm.admit(fresh_token(), "198.51.100.8", "/v1/chat/completions", verify=verify)).code == "invalid_api_key"
+
+
+def test_a_verified_key_spends_the_address_once(setup):
+    adm, verify, gov, _ = setup(per_ip={"search": 3})
+    token, _ = gov.keys.create("eve")
+    got = run(admit_n(adm, verify, 4, token, ip="10.0.0.3"))
+    assert [v.allowed for v in got] == [True, True, True, False] and verify.calls == 1
+
+
+def test_ipv6_clients_are_limited_per_64(setup):
+    adm, verify, _, _ = setup(auth=False, per_ip={"search": 3})
+
+    async def go():
+        same_64 = [f"2001:db8:aa:bb::{i:x}" for i in range(1, 6)] + ["2001:db8:aa:bb:ffff:1:2:3"]
+        got = [await adm.admit(None, ip, "/v1/search", verify=verify) for ip in same_64]
+        assert [v.allowed for v in got] == [True, True, True, False, False, False]
+        assert "this IP address" in got[-1].message
+        assert (await adm.admit(None, "2001:db8:aa:bc::1", "/v1/search", verify=verify)).allowed  # another /64
+        v4 = [await adm.admit(None, f"192.0.2.{i}", "/v1/search", verify=verify) for i in range(1, 6)]
+        assert all(v.allowed for v in v4)  # IPv4: per address, as before
+        mapped = [await adm.admit(None, "::ffff:192.0.2.77", "/v1/search", verify=verify) for _ in range(3)]
+        assert all(v.allowed for v in mapped)
+        assert not (await adm.admit(None, "192.0.2.77", "/v1/search", verify=verify)).allowed  # the same client
+
+    run(go())
+
+
+def test_ipv6_prefix_is_configurable(tmp_path):
+    cfg = GovernorConfig.model_validate({"db": str(tmp_path / "g.sqlite3"), "rate_limits": {"ipv6_prefix": 56}})
+    adm = Admission(cfg)
+    assert adm.limiter.who("2001:db8:aa:bb::1") == "2001:db8:aa::/56" == adm.limiter.who("2001:db8:aa:ff::9")
+    assert adm.limiter.who("2001:db8:aa:1bb::1") == "2001:db8:aa:100::/56"
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        GovernorConfig.model_validate({"rate_limits": {"ipv6_prefix": 8}})
+
+
+def test_a_burst_of_concurrent_chats_cannot_overshoot_the_quota(setup):
+    adm, verify, gov, _ = setup(quotas={"daily_tokens": 1000, "monthly_tokens": None})
+    token, key = gov.keys.create("bursty")
+
+    async def go():
+        got = await asyncio.gather(*(adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify,
+                                               reserve_tokens=150) for _ in range(50)))
+        admitted = [v for v in got if v.allowed]
+        assert len(admitted) == 6 and all(v.reserved == 150 for v in admitted)  # 6 * 150 <= 1000 < 7 * 150
+        assert adm.reserved(key.id) == 900
+        refused = [v for v in got if not v.allowed]
+        assert {v.code for v in refused} == {"insufficient_quota"}
+        assert "900 reserved by this key's requests in progress" in refused[0].message
+        assert 0 < refused[0].retry_after <= 10
+        # two finish having used less than they reserved: their reservations are released, usage counted
+        adm.settle(key.id, 150, 40)
+        adm.settle(key.id, 150, 60)
+        assert adm.reserved(key.id) == 600
+        more = [await adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=150)
+                for _ in range(3)]
+        assert [v.allowed for v in more] == [True, True, False]  # 100 used + 900 reserved, then 1,150 > 1,000
+        for _ in range(6):
+            adm.settle(key.id, 150, 150)
+        assert adm.reserved(key.id) == 0
+        v = await adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=1)
+        assert v.code == "insufficient_quota" and "1000 of 1000 tokens used today" in v.message
+
+    run(go())
+
+
+def test_a_request_larger_than_what_is_left_is_told_to_ask_for_less(setup):
+    adm, verify, gov, _ = setup(quotas={"daily_tokens": 1000, "monthly_tokens": None})
+    token, key = gov.keys.create("big")
+    gov.ledger.record(key.id, prompt_tokens=700, completion_tokens=0)
+
+    async def go():
+        v = await adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=400)
+        assert v.code == "insufficient_quota" and "300 of 1000 are left" in v.message and "max_tokens" in v.message
+        assert v.retry_after > 10  # waiting for requests in progress would not help: the day's reset
+        ok = await adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=300)
+        assert ok.allowed and ok.reserved == 300
+        search = await adm.admit(token, "10.0.0.1", "/v1/search", verify=verify, reserve_tokens=300)
+        assert search.allowed and search.reserved == 0  # only chats spend tokens
+        assert adm.reserved(key.id) == 300
+
+    run(go())
+
+
+def test_reservations_outlive_a_key_cache_refresh(setup):
+    adm, verify, gov, clock = setup(key_cache_s=30, quotas={"daily_tokens": 1000, "monthly_tokens": None})
+    token, key = gov.keys.create("long")
+
+    async def go():
+        assert (await adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=800)).allowed
+        clock.t += 31  # re-verified: the ledger knows nothing of the request in progress, this replica does
+        v = await adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=800)
+        assert v.code == "insufficient_quota" and verify.calls == 2
+
+    run(go())
+
+
+def test_reserve_and_settle_check_their_arguments(setup):
+    adm, verify, _, _ = setup()
+    with pytest.raises(ValueError, match="reserve_tokens must be an integer >= 0, got -1"):
+        run(adm.admit(None, "10.0.0.1", "/v1/chat/completions", verify=verify, reserve_tokens=-1))
+    with pytest.raises(ValueError, match="used must be an integer >= 0, got -5"):
+        adm.settle("k", 10, -5)
+    adm.settle(None, 10, 5)  # auth off: nothing reserved, nothing to do
+    adm.settle("unknown", 10, 5)  # never more released than was reserved
+    assert adm.reserved("unknown") == 0
+
+
+def test_zero_reserve_keeps_the_old_check(setup):
+    adm, verify, gov, _ = setup(quotas={"daily_tokens": 100, "monthly_tokens": None})
+    token, key = gov.keys.create("old")
+    gov.ledger.record(key.id, prompt_tokens=99, completion_tokens=0)
+    v = run(adm.admit(token, "10.0.0.1", "/v1/chat/completions", verify=verify))
+    assert v.allowed and v.reserved == 0 and adm.reserved(key.id) == 0

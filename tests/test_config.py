@@ -187,6 +187,19 @@ def test_bad_network_in_trusted_proxies_or_exempt_ips_fails_at_load():
         load_config(LOCAL, environ={"RAGRAPH__GOVERNOR__RATE_LIMITS__EXEMPT_IPS": "[localhost]"})
 
 
+def test_gpu_config_trusts_single_proxy_addresses_not_a_subnet():
+    """A trusted proxy may set X-Forwarded-For: trusting a whole subnet lets every host in it forge
+    any client's address (issue 16, row 11). The shipped address is a documented placeholder."""
+    import ipaddress
+
+    cfg = load_config(GPU, environ={})
+    nets = [ipaddress.ip_network(p, strict=False) for p in cfg.http.trusted_proxies]
+    assert nets, "gpu.yaml runs behind a load balancer: it must name its address in http.trusted_proxies"
+    wide = [str(n) for n in nets if n.num_addresses > 1]
+    assert not wide, f"http.trusted_proxies in gpu.yaml trusts whole networks {wide}; list exact addresses"
+    assert "PLACEHOLDER" in GPU.read_text()
+
+
 def _deployments(app) -> dict:
     """name -> bound Deployment, walking an Application's bound arguments (the graph's edges)."""
     from ray.serve.deployment import Application

@@ -485,3 +485,26 @@ def test_cache_stats_and_clear():
 def test_cache_rejects_bad_sizes():
     with pytest.raises(ValueError, match="max_entries must be an integer >= 1, got 0; ttl_s must be > 0, got -1"):
         ResponseCache(max_entries=0, ttl_s=-1)
+
+
+# ---------------------------------------------------------------- issue 16 row 11: IPv6 clients by /64
+
+
+def test_address_group():
+    from common.networks import address_group
+
+    assert address_group("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64" == address_group("2001:DB8:1:2::99")
+    assert address_group("2001:db8:1:2:3:4:5:6", 48) == "2001:db8:1::/48"
+    assert address_group("2001:db8::1", 128) == "2001:db8::1/128"
+    assert address_group("203.0.113.9") == "203.0.113.9" == address_group("::ffff:203.0.113.9")
+    assert address_group("testclient") == "testclient"
+    with pytest.raises(ValueError, match="ipv6_prefix must be between 0 and 128, got 129"):
+        address_group("::1", 129)
+
+
+def test_token_buckets_group_ipv6_clients_by_64():
+    rl = RateLimiter(per_key={}, per_ip={"chat": 2}, clock=Clock())
+    got = [rl.check(kind="chat", ip=f"2001:db8:7:7::{i}").allowed for i in range(1, 5)]
+    assert got == [True, True, False, False]  # rotating addresses inside one /64 does not refill
+    assert rl.check(kind="chat", ip="2001:db8:7:8::1").allowed  # the next /64 is another client
+    assert all(rl.check(kind="chat", ip=f"203.0.113.{i}").allowed for i in range(1, 5))  # IPv4: per address
