@@ -11,13 +11,20 @@ keeps :meth:`KeyStore.verify` at one indexed row lookup plus microseconds of has
 
 Both classes may share one file (separate tables); each holds its own connection and a lock, so
 one instance can be used from several threads.
+
+The file holds key hashes and who used how much: it is created 0600 (SQLite's -wal and -shm
+files take the same mode), and the folders made for it 0700; an existing file of ours that others
+could read is tightened to 0600 (:func:`private_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 import secrets
+import stat
 import sqlite3
 import threading
 import time
@@ -27,6 +34,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+log = logging.getLogger("ray.serve")
 
 Scope = Literal["user", "admin"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -94,10 +103,41 @@ class ApiKey:
         return {**asdict(self), "active": self.active}
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the auth database: WAL, synchronous=FULL, 5 s busy timeout."""
+def private_file(path: Path) -> None:
+    """Make sure ``path`` exists readable by its owner only: missing folders are created 0700, a
+    missing file 0600; an existing file (and its SQLite -wal/-shm files) owned by this user with
+    group or other bits is tightened to 0600. Folders that already exist are left as they are."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    missing = []
+    d = path.parent
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # made by someone else meanwhile: not ours to change
+            continue
+        os.chmod(d, 0o700)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            log.warning(f"{f}: was readable by others (mode {stat.filemode(st.st_mode)}); setting it to 0600")
+            os.chmod(f, 0o600)
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed, 0600 in 0700 folders: :func:`private_file`) the auth database:
+    WAL, synchronous=FULL, 5 s busy timeout."""
+    path = Path(path)
+    private_file(path)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx), nothing is left pending.
     conn = sqlite3.connect(path, check_same_thread=False, timeout=5.0, isolation_level=None)
     conn.execute("PRAGMA busy_timeout = 5000")

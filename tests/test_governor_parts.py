@@ -508,3 +508,46 @@ def test_token_buckets_group_ipv6_clients_by_64():
     assert got == [True, True, False, False]  # rotating addresses inside one /64 does not refill
     assert rl.check(kind="chat", ip="2001:db8:7:8::1").allowed  # the next /64 is another client
     assert all(rl.check(kind="chat", ip=f"203.0.113.{i}").allowed for i in range(1, 5))  # IPv4: per address
+
+
+# ---------------------------------------------------------------- issue 16 row 17: the database is private
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)  # the usual umask, under which files were created 0644
+    yield
+    os.umask(old)
+
+
+def mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+def test_the_governor_database_is_created_0600_in_0700_folders(tmp_path, umask_022):
+    db = tmp_path / "made" / "by-us" / "governor.sqlite3"
+    keys, ledger = KeyStore(db), UsageLedger(db)
+    keys.create("alice")
+    ledger.record("k", prompt_tokens=1, completion_tokens=2)
+    try:
+        assert oct(mode(db)) == oct(0o600)
+        for side in ("-wal", "-shm"):  # SQLite gives them the database's mode
+            f = db.with_name(db.name + side)
+            if f.exists():
+                assert oct(mode(f)) == oct(0o600), f.name
+        assert oct(mode(db.parent)) == oct(0o700) and oct(mode(db.parent.parent)) == oct(0o700)
+    finally:
+        keys.close()
+        ledger.close()
+
+
+def test_an_existing_folder_is_left_alone_and_an_open_file_tightened(tmp_path, umask_022):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    db = shared / "governor.sqlite3"
+    db.touch(mode=0o644)
+    store = KeyStore(db)
+    try:
+        assert oct(mode(db)) == oct(0o600) and oct(mode(shared)) == oct(0o755)
+    finally:
+        store.close()
