@@ -5,6 +5,11 @@ a Parquet file, or a folder of either.
 ``<domain>``; a file directly in ``SOURCE`` belongs to the source folder's own name (so the
 project's ``docs/`` is the domain ``docs``). JSONL and Parquet rows may carry their own ``domain``
 and ``updated_at`` (top level or in ``metadata``).
+
+A symbolic link in a source folder that leads outside it (to a file or a folder) is skipped, and
+named in the ``skipped`` list the caller passes (the index build's report lists them): otherwise a
+link to ``/etc/passwd`` or a home folder would be indexed and served. Links that stay inside the
+source are read like the files they point to (folders behind links are not descended into).
 """
 
 from __future__ import annotations
@@ -44,22 +49,52 @@ def _title_of(text: str, fallback: str) -> str:
     return fallback
 
 
-def read_source(source: Path) -> Iterator[Document]:
-    """Yield every document in ``source``; raise :class:`SourceError` on unreadable input."""
+def leaves(path: Path, root: Path) -> bool:
+    """``path``, with every link on the way followed, is outside ``root`` (an absolute, resolved
+    folder); a link loop counts as outside."""
+    try:
+        return not path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        return True
+
+
+def _target(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return "(a link loop)"
+
+
+def read_source(source: Path, *, skipped: list[str] | None = None) -> Iterator[Document]:
+    """Yield every document in ``source``; raise :class:`SourceError` on unreadable input.
+    ``skipped``: a list to which the path (relative to ``source``) of every link leading outside
+    ``source`` is appended, with where it leads; such links are not read."""
     source = Path(source).expanduser().resolve()  # one spelling per file, so metadata is stable
     if not source.exists():
         raise SourceError(f"source {source} does not exist")
     if source.is_file():
         yield from _read_file(source, domain=source.parent.name, root=source.parent)
         return
-    if (source / "corpus.jsonl").is_file():  # a BEIR dataset folder
-        yield from _read_jsonl(source / "corpus.jsonl", domain=source.name)
+    corpus = source / "corpus.jsonl"
+    if corpus.is_file() and not leaves(corpus, source):  # a BEIR dataset folder
+        yield from _read_jsonl(corpus, domain=source.name)
         return
-    files = sorted(p for p in source.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+    files, outside = [], []
+    for p in sorted(source.rglob("*")):
+        if any(s.startswith(".") for s in p.parts):
+            continue
+        if leaves(p, source):
+            outside.append(f"{p.relative_to(source).as_posix()} -> {_target(p)}")
+            continue
+        if p.is_file():
+            files.append(p)
+    if skipped is not None:
+        skipped.extend(outside)
     readable = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES | {".jsonl", ".parquet"}]
     if not readable:
         raise SourceError(
             f"source {source} holds no readable file (markdown/text {sorted(TEXT_SUFFIXES)}, .jsonl, .parquet)"
+            + (f"; links leading outside it are not followed: {outside[:5]}" if outside else "")
         )
     for p in readable:
         rel = p.relative_to(source)

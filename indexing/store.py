@@ -75,6 +75,7 @@ class BuildReport:
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     skipped: int = 0
+    outside_links: list[str] = field(default_factory=list)  # "path -> target": links leaving the source, not read
     chunks: int = 0
     embedded: int = 0
     reused: int = 0
@@ -88,6 +89,9 @@ class BuildReport:
             f"{self.skipped} skipped (unchanged); chunks: {self.chunks} total, {self.embedded} embedded, "
             f"{self.reused} reused"
         )
+        if self.outside_links:
+            shown = ", ".join(self.outside_links[:5]) + (", ..." if len(self.outside_links) > 5 else "")
+            s += f"; {len(self.outside_links)} links leading outside the source skipped (not indexed): {shown}"
         if self.published:
             return f"published {self.version} (previous: {self.previous or 'none'}); {s}"
         return f"nothing changed; {self.previous} stays live; {s}"
@@ -307,7 +311,10 @@ def build_index(
         for stale in versions.glob(".tmp-*"):  # left by an interrupted build; the lock says none runs now
             shutil.rmtree(stale, ignore_errors=True)
 
-        docs = list(read_source(source))
+        docs = list(read_source(source, skipped=report.outside_links))
+        if report.outside_links:
+            log(f"  skipped {len(report.outside_links)} links leading outside {source} (not indexed): "
+                f"{', '.join(report.outside_links[:5])}")
         if not docs:
             raise IndexBuildError(f"source {source} holds no documents")
         seen: set[str] = set()

@@ -96,3 +96,54 @@ def test_missing_and_empty_sources(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\0")
     with pytest.raises(SourceError, match="holds no readable file"):
         list(read_source(tmp_path))
+
+
+# ---------------------------------------------------------------- issue 16 row 14: links leaving the source
+
+
+def test_links_leaving_the_source_are_skipped_and_named(tmp_path):
+    src, secret_dir = tmp_path / "src", tmp_path / "private"
+    (src / "wine").mkdir(parents=True)
+    secret_dir.mkdir()
+    (secret_dir / "passwords.md").write_text("# Secrets\nroot:hunter2")
+    (secret_dir / "notes.txt").write_text("private notes")
+    (src / "wine" / "reds.md").write_text("# Reds\nPinot noir.")
+    (src / "wine" / "leak.md").symlink_to(secret_dir / "passwords.md")  # a file outside
+    (src / "home").symlink_to(secret_dir, target_is_directory=True)  # a folder outside
+    (src / "hop.md").symlink_to(src / "wine" / "leak.md")  # a link to a link that leaves
+    (src / "same.md").symlink_to(src / "wine" / "reds.md")  # stays inside: read
+    (src / "loop.md").symlink_to(src / "loop.md")
+    skipped: list[str] = []
+    docs = {d.id: d for d in read_source(src, skipped=skipped)}
+    assert sorted(docs) == ["same.md", "wine/reds.md"]
+    assert all("hunter2" not in d.text and "private notes" not in d.text for d in docs.values())
+    assert sorted(s.split(" -> ")[0] for s in skipped) == ["home", "hop.md", "loop.md", "wine/leak.md"]
+    assert f"wine/leak.md -> {secret_dir / 'passwords.md'}" in skipped
+
+
+def test_a_source_of_only_outside_links_says_so(tmp_path):
+    src, outside = tmp_path / "src", tmp_path / "elsewhere.md"
+    src.mkdir()
+    outside.write_text("x")
+    (src / "a.md").symlink_to(outside)
+    with pytest.raises(SourceError, match=r"holds no readable file.*links leading outside it are not followed: \['a.md -> "):
+        list(read_source(src))
+
+
+def test_a_beir_corpus_link_leaving_the_folder_is_not_read(tmp_path):
+    src, outside = tmp_path / "beir", tmp_path / "corpus.jsonl"
+    src.mkdir()
+    outside.write_text('{"_id": "1", "text": "outside"}\n')
+    (src / "corpus.jsonl").symlink_to(outside)
+    (src / "inside.md").write_text("inside")
+    skipped: list[str] = []
+    assert [d.id for d in read_source(src, skipped=skipped)] == ["inside.md"]
+    assert [s.split(" -> ")[0] for s in skipped] == ["corpus.jsonl"]
+
+
+def test_the_build_report_lists_skipped_links():
+    from indexing.store import BuildReport
+
+    r = BuildReport(outside_links=["wine/leak.md -> /etc/passwd"])
+    assert "1 links leading outside the source skipped (not indexed): wine/leak.md -> /etc/passwd" in r.summary()
+    assert "outside" not in BuildReport().summary()

@@ -188,3 +188,19 @@ def test_above_the_ann_threshold_faiss_uses_hnsw(tmp_path, local_cfg):
     r = HybridRetriever.from_config(cfg, index_dir=root)
     assert r.run(query="When is the tasting room open?", strategy="semantic")[0].document_id == "visiting/hours.md"
     assert r.index.dense.hnsw.efSearch == cfg.indexing.hnsw_ef_search
+
+
+def test_a_link_leaving_the_source_is_not_indexed_and_is_reported(tmp_path, local_cfg):
+    """Issue 16 row 14: a link in the source folder to a file outside it is neither indexed nor served."""
+    src = write_corpus(tmp_path / "src")
+    secret = tmp_path / "secret.md"
+    secret.write_text("# Secret\nthe root password is hunter2")
+    (src / "leak.md").symlink_to(secret)
+    lines: list[str] = []
+    report = index_source(local_cfg, src, tmp_path / "index", log=lines.append)
+    assert report.published and "leak.md" not in report.added
+    assert report.outside_links == [f"leak.md -> {secret}"]
+    assert "links leading outside the source skipped" in report.summary()
+    assert any("skipped 1 links leading outside" in line for line in lines)
+    index = load_current(tmp_path / "index")
+    assert not any("hunter2" in t for t in index.chunks["text"]) and len(index.chunks["text"]) == len(CORPUS)
