@@ -16,6 +16,14 @@ corpus) and runs one image: Ray's GPU image with this repository installed as ``
 (configs/kuberay/README.md). KubeRay creates the Service ``<name>-serve-svc`` on port
 ``http.port`` (8000), in front of every pod whose Serve proxy is up.
 
+Ray's token authentication is on (``rayClusterConfig.authOptions``: ``mode: token`` with the token
+from the Secret ``<name>-ray-auth``, key ``auth_token``, which the operator does not create); KubeRay
+sets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` in every Ray container and sends the token itself
+when it calls the dashboard. A ``NetworkPolicy`` (:func:`network_policy`) lets into the Ray pods only
+the Serve port from anywhere, everything from the pods of the same RayService, the dashboard from
+namespaces labelled ``ragraph.io/ray-operator=true`` (the KubeRay operator's) and the metrics port
+from namespaces labelled ``ragraph.io/metrics-scraper=true``.
+
 The worker groups' bounds are derived from the config (:func:`group_bounds`); the output is
 deterministic (no timestamps, no machine paths) so that the committed copy can be checked.
 """
@@ -43,7 +51,14 @@ PYTHON_TAG = "py311"  # requires-python in pyproject.toml
 ACCELERATOR = "L4"  # what the gpu group's nodes carry (Ray's accelerator type name)
 GPU_RESOURCE = "nvidia.com/gpu"
 ACCEL_PREFIX = "accelerator_type:"
-KUBERAY_MIN = "1.2"  # spec.upgradeStrategy
+KUBERAY_MIN = "1.6"  # spec.upgradeStrategy (1.2); authOptions (1.5.1) with secretName (1.6)
+# Ray's ports on the head (KubeRay's defaults) and the metrics agent's.
+GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, METRICS_PORT = 6379, 8265, 10001, 8080
+# The namespace labels that let the KubeRay operator (the dashboard: it deploys serveConfigV2 and polls
+# its status there) and a Prometheus (the metrics port) through the NetworkPolicy. Labels on namespaces
+# need cluster-level rights to set, unlike pod labels.
+OPERATOR_NS_LABEL = {"ragraph.io/ray-operator": "true"}
+SCRAPER_NS_LABEL = {"ragraph.io/metrics-scraper": "true"}
 # What an index job's driver (chunking, BM25 and FAISS builds) asks for, as cluster.yaml submits it:
 # `ray job submit --entrypoint-num-cpus 4 --entrypoint-resources '{"cpu_pool": 1}'`, on a cpu worker.
 INDEX_DRIVER = {"CPU": 4, "cpu_pool": 1}
@@ -350,7 +365,18 @@ def _container(name: str, image: str, g: NodeGroup, *, ports: list[dict[str, Any
     return c
 
 
-def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool) -> dict[str, Any]:
+def auth_secret(name: str) -> str:
+    """The Secret (key ``auth_token``) that holds the cluster's Ray token; created by the operator of
+    the service (``kubectl create secret``), never generated into the manifest."""
+    return f"{name}-ray-auth"
+
+
+def pod_labels(name: str) -> dict[str, str]:
+    """The labels of every Ray pod of the RayService ``name`` (the NetworkPolicy selects by them)."""
+    return {"app.kubernetes.io/name": "ragraph", "app.kubernetes.io/instance": name}
+
+
+def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool, name: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
@@ -358,7 +384,7 @@ def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool)
     }
     if gpu:
         spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    return {"metadata": {"labels": {"app.kubernetes.io/name": "ragraph"}}, "spec": spec}
+    return {"metadata": {"labels": pod_labels(name)}, "spec": spec}
 
 
 def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None,
@@ -383,8 +409,9 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
 
     head_container = _container(
         "ray-head", image, HEAD,
-        ports=[{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-               {"containerPort": 10001, "name": "client"}, {"containerPort": 8080, "name": "metrics"}, serve_port],
+        ports=[{"containerPort": GCS_PORT, "name": "gcs-server"}, {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
+               {"containerPort": CLIENT_PORT, "name": "client"}, {"containerPort": METRICS_PORT, "name": "metrics"},
+               serve_port],
         env=env,
         mounts=[shared, {"name": "state", "mountPath": str(PurePosixPath(cfg.governor.db).parent)}],
     )
@@ -393,9 +420,11 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
         "rayStartParams": {
             "num-cpus": str(HEAD.ray_cpus),
             "resources": _resources_param(HEAD.resources),
+            # The operator reaches the dashboard through the head Service (the pod's address), so it
+            # listens on all of the pod's addresses; the token and the NetworkPolicy guard it.
             "dashboard-host": "0.0.0.0",
         },
-        "template": _pod(head_container, head_volumes, gpu=False),
+        "template": _pod(head_container, head_volumes, gpu=False, name=name),
     }
     accel = _accelerators(stage_needs(cfg))
     workers = []
@@ -414,7 +443,7 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
             "minReplicas": b.min_replicas,
             "maxReplicas": b.max_replicas,
             "rayStartParams": params,
-            "template": _pod(container, volumes, gpu=bool(g.gpus)),
+            "template": _pod(container, volumes, gpu=bool(g.gpus), name=name),
         })
     metadata_: dict[str, Any] = {"name": name}
     if namespace:
@@ -434,9 +463,52 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
             "rayClusterConfig": {
                 "rayVersion": ray_version(),
                 "enableInTreeAutoscaling": True,
+                # Ray's token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN from the Secret, set
+                # by the operator in every Ray container): without it anyone reaching the head's GCS,
+                # dashboard or client port can run code on the cluster.
+                "authOptions": {"mode": "token", "secretName": auth_secret(name)},
                 "headGroupSpec": head,
                 "workerGroupSpecs": workers,
             },
+        },
+    }
+
+
+def network_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None) -> dict[str, Any]:
+    """The ``NetworkPolicy`` in front of the RayService's Ray pods (the head and the workers):
+
+    * the Serve port (``http.port``) from anywhere: the ingress controller or load balancer, through
+      ``<name>-serve-svc`` (the application checks API keys itself);
+    * every port from the pods of the same RayService (a worker's raylet and workers talk to the head's
+      GCS, raylet, object manager and worker ports, and the head to theirs);
+    * the dashboard port from namespaces labelled ``ragraph.io/ray-operator=true`` (KubeRay's operator
+      deploys ``serveConfigV2`` and polls the application there, with the token);
+    * the metrics port from namespaces labelled ``ragraph.io/metrics-scraper=true`` (Prometheus).
+
+    Nothing else gets in: the GCS (6379), the dashboard (8265) and the Ray client (10001) are closed to
+    every other pod. ``kubectl port-forward`` still reaches the dashboard (it enters through the pod's
+    own network namespace). Only enforced where the network plugin implements NetworkPolicy."""
+    meta: dict[str, Any] = {"name": f"{name}-ray-pods"}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = {"app.kubernetes.io/name": "ragraph"}
+
+    def tcp(*ports: int) -> list[dict[str, Any]]:
+        return [{"protocol": "TCP", "port": p} for p in ports]
+
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": pod_labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"ports": tcp(cfg.http.port)},
+                {"from": [{"podSelector": {"matchLabels": pod_labels(name)}}]},
+                {"from": [{"namespaceSelector": {"matchLabels": dict(OPERATOR_NS_LABEL)}}], "ports": tcp(DASHBOARD_PORT)},
+                {"from": [{"namespaceSelector": {"matchLabels": dict(SCRAPER_NS_LABEL)}}], "ports": tcp(METRICS_PORT)},
+            ],
         },
     }
 
@@ -481,6 +553,7 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
     """:func:`rayservice` as YAML, under a header naming the command that prints it (the same
     wherever the file is written, so that any copy can be checked) and the sizing."""
     doc = rayservice(cfg, name=name, namespace=namespace, image=image)
+    policy = network_policy(cfg, name=name, namespace=namespace)
     bounds = group_bounds(cfg)
 
     def need(d: Mapping[str, float]) -> str:
@@ -494,10 +567,14 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
         f"# an image built FROM {base_image()} with this repository installed as '.[gpu]' "
         "(configs/kuberay/README.md).",
         f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",
+        f"# Ray token authentication: create the Secret {auth_secret(name)} (key auth_token) first; the NetworkPolicy",
+        f"# {policy['metadata']['name']} (second document) admits the KubeRay operator's namespace only if it is labelled "
+        + ", ".join(f"{k}={v}" for k, v in OPERATOR_NS_LABEL.items()) + " (configs/kuberay/README.md).",
         "# Worker bounds from the config (cli/kuberay.py group_bounds; pods offer "
         + "; ".join(f"{g.name} {need(g.capacity())}" for g in (CPU_WORKERS, GPU_WORKERS)) + "):",
     ]
     for g, b in bounds.items():
         lines.append(f"#   {g}: min {b.min_replicas} (needs {need(b.min_need)} at min_replicas), "
                      f"max {b.max_replicas} (needs {need(b.max_need)} at max_replicas); {', '.join(b.stages)}")
-    return "\n".join(lines) + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
+    return ("\n".join(lines) + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
+            + "---\n" + yaml.dump(policy, Dumper=_Dumper, sort_keys=False, width=100))

@@ -167,6 +167,13 @@ def _serve(args: argparse.Namespace) -> int:
     if args.host or args.port:
         http = cfg.http.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v})
         cfg = cfg.model_copy(update={"http": http})
+    from serve.launch import LaunchError, check_exposure
+
+    try:
+        cfg = check_exposure(cfg, insecure=args.insecure)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.export is not None:
         from serve.launch import export_serve_config
 
@@ -337,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default: http.port, 8000)")
     s.add_argument("--export", type=Path, default=None, metavar="FILE",
                    help="write a Serve config for `serve deploy` and exit")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host with auth off (anyone who reaches the port may use the service)")
     s.add_argument("--no-block", action="store_true", help="return once ready (the app stays up only on a cluster)")
     s.add_argument("--verbose", action="store_true", help="stream every replica's log lines to the terminal")
     s.set_defaults(func=_serve)

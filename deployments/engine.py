@@ -28,6 +28,24 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # vLLM's sampling extensions and OpenAI's logprobs, logit_bias, response_format
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None: none; n: the chosen token's and the n most likely ones
+    json_object: bool = False  # the answer is one JSON object (structured decoding)
+    json_schema: dict[str, Any] | None = None  # ... that matches this schema
+
+
+EXTENSIONS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+              "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens", "logit_bias")
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,8 @@ class GenDelta:
     text: str = ""
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
+    tokens: int = 0  # tokens this delta carries (what a client that leaves early is charged for)
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI's ``logprobs.content`` entries, when asked
 
 
 class EngineGenerator:
@@ -65,16 +85,40 @@ class EngineGenerator:
 
     def _inputs(self, request: GenRequest) -> tuple[list[int], Any]:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
+        extra = {k: v for k in EXTENSIONS if (v := getattr(request, k)) is not None}
+        if request.json_schema is not None:
+            extra["structured_outputs"] = StructuredOutputsParams(json=request.json_schema)
+        elif request.json_object:
+            extra["structured_outputs"] = StructuredOutputsParams(json_object=True)
         params = SamplingParams(
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
             stop=request.stop, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, output_kind=RequestOutputKind.DELTA,
+            logprobs=request.logprobs, **extra,
         )
         return ids, params
+
+    def _logprobs(self, o: Any, top_n: int) -> list[dict[str, Any]] | None:
+        """vLLM's per-token logprobs of one delta in OpenAI's ``logprobs.content`` shape: each token
+        with its log probability and the ``top_n`` most likely tokens at that position."""
+        if o.logprobs is None:
+            return None
+
+        def entry(tid: int, lp: Any) -> dict[str, Any]:
+            tok = lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([tid])
+            return {"token": tok, "logprob": max(float(lp.logprob), -9999.0), "bytes": list(tok.encode())}
+
+        out = []
+        for token_id, alternatives in zip(o.token_ids, o.logprobs, strict=False):
+            chosen = entry(token_id, alternatives[token_id])
+            ranked = sorted((lp.rank, t, lp) for t, lp in alternatives.items() if lp.rank is not None and lp.rank <= top_n)
+            chosen["top_logprobs"] = [entry(t, lp) for _, t, lp in ranked]
+            out.append(chosen)
+        return out
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]:
         try:
@@ -85,13 +129,15 @@ class EngineGenerator:
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, request.request_id):
                 o = out.outputs[0]
-                produced += len(o.token_ids)
+                n = len(o.token_ids)
+                produced += n
+                lps = self._logprobs(o, params.logprobs) if params.logprobs is not None else None
                 if out.finished:
                     yield GenDelta(o.text, o.finish_reason or "stop",
-                                   {"prompt_tokens": len(ids), "completion_tokens": produced})
+                                   {"prompt_tokens": len(ids), "completion_tokens": produced}, n, lps)
                     return
-                if o.text:
-                    yield GenDelta(o.text)
+                if o.text or n:
+                    yield GenDelta(o.text, tokens=n, logprobs=lps)
         except (ValueError, TypeError, OverflowError) as e:
             raise StageError("generator", "invalid", str(e).splitlines()[0][:300]) from None
         except StageError:

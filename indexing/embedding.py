@@ -88,7 +88,8 @@ def ensure_ray(address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
+        # RAY_AUTH_MODE as the user set it (a local Ray gets token auth by default; a cluster's
+        # token comes from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, or RAY_AUTH_MODE is inherited in a job)
         ray.init(
             address=address or os.environ.get("RAY_ADDRESS"),
             include_dashboard=False,

@@ -1,8 +1,14 @@
 """HTTP request and response models, and errors in OpenAI's format.
 
 The chat endpoint accepts what OpenAI's ``/v1/chat/completions`` accepts (the parameters the
-``openai`` client sends), plus one extension body field, ``rag``. Unknown parameters are refused
-with a 400 that names them, as OpenAI does.
+``openai`` client and LangChain send), vLLM's sampling extensions (``top_k``, ``min_p``,
+``repetition_penalty``, ``ignore_eos``, ...: what ``vllm bench serve`` sends), and one extension
+body field, ``rag``. What the engine honours is passed on; what changes nothing here (``store``,
+``metadata``, ``service_tier``, ``reasoning_effort``, ``parallel_tool_calls``, ``tools`` that the
+model may leave uncalled) is accepted and ignored; what would change the answer and cannot be
+honoured (a tool call the client requires) is refused with a 400 that names the field. Unknown
+parameters are refused with a 400 that names them, as OpenAI does. Every number is bounded to what
+the engine accepts, so that no value reaches vLLM only to be refused there.
 """
 
 from __future__ import annotations
@@ -18,16 +24,35 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What the engine accepts (vLLM's own OpenAI server bounds seeds to a signed 64-bit integer).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 300
+TOKEN_ID_MAX = 2**31 - 1
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"] = Field(
-        description="'system' (or 'developer'), 'user' or 'assistant'."
+    role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
+        description="'system' (or 'developer'), 'user', 'assistant', or 'tool' (a tool's result, given to the model "
+        "as context)."
     )
-    content: str | list[dict[str, Any]] = Field(description="Text, or a list of {'type': 'text', 'text': ...} parts.")
+    content: str | list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Text, or a list of {'type': 'text', 'text': ...} parts. May be null on an assistant message "
+        "that made tool calls.",
+    )
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="An assistant's earlier tool calls.")
+    tool_call_id: str | None = Field(default=None, description="On a 'tool' message: the call it answers.")
+    refusal: str | None = None
 
     @field_validator("content")
     @classmethod
-    def _text_only(cls, v: str | list[dict[str, Any]]) -> str:
+    def _text_only(cls, v: str | list[dict[str, Any]] | None) -> str:
+        if v is None:
+            return ""
         if isinstance(v, str):
             return v
         texts = []
@@ -36,6 +61,14 @@ class ChatMessage(_Body):
                 raise ValueError(f"content part {i} has type {part.get('type')!r}; only 'text' parts are supported")
             texts.append(part["text"])
         return "\n".join(texts)
+
+    @model_validator(mode="after")
+    def _content_where_needed(self) -> ChatMessage:
+        if self.role in ("user", "system", "developer") and "content" not in self.model_fields_set:
+            raise ValueError(f"a {self.role!r} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs tool_call_id")
+        return self
 
     @property
     def text(self) -> str:
@@ -64,6 +97,26 @@ class RagOptions(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's extension; accepted, usage comes once at the end
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="'text' (default), 'json_object' (the answer is one JSON object) or 'json_schema' (it matches "
+        "`json_schema.schema`); the engine's structured decoding enforces it."
+    )
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            if not self.json_schema or not isinstance(self.json_schema.get("schema"), dict):
+                raise ValueError("response_format type 'json_schema' needs json_schema.schema (a JSON Schema object)")
+        return self
+
+    @property
+    def schema(self) -> dict[str, Any] | None:
+        return self.json_schema["schema"] if self.type == "json_schema" and self.json_schema else None
 
 
 class ChatRequest(_Body):
@@ -82,12 +135,88 @@ class ChatRequest(_Body):
     n: int | None = Field(default=None, ge=1, le=1, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(
+        default=None, description=f"Up to {MAX_STOP} sequences of at most {MAX_STOP_CHARS} characters."
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    user: str | None = None
+    logprobs: bool | None = Field(default=None, description="Return each answer token's log probability.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logit_bias: dict[str, float] | None = Field(
+        default=None, description="Token id (as a string) -> bias in [-100, 100] added to its logit."
+    )
+    response_format: ResponseFormat | None = None
+    user: str | None = Field(default=None, max_length=256)
+    # accepted, and change nothing here
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="Accepted; this service never calls a tool (tool_choice 'required' or a named "
+        "function is refused)."
+    )
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    service_tier: str | None = Field(default=None, max_length=32)
+    reasoning_effort: str | None = Field(default=None, max_length=32)
+    # vLLM's sampling extensions, as vLLM's own OpenAI server takes them
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000, description="-1 or 0: off.")
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP)
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
     rag: RagOptions = Field(default_factory=RagOptions)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"stop takes at most {MAX_STOP} sequences, got {len(stops)}")
+        for i, s in enumerate(stops):
+            if not s:
+                raise ValueError(f"stop sequence {i} is empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop sequence {i} has {len(s)} characters; the limit is {MAX_STOP_CHARS}")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(v)}")
+        for token, bias in v.items():
+            if not token.isdigit() or int(token) > TOKEN_ID_MAX:
+                raise ValueError(f"logit_bias keys are token ids (non-negative integers as strings), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token!r}] must be in [-100, 100], got {bias}")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, v: list[int] | None) -> list[int] | None:
+        for t in v or []:
+            if not 0 <= t <= TOKEN_ID_MAX:
+                raise ValueError(f"stop_token_ids holds {t}, not a token id")
+        return v
+
+    @model_validator(mode="after")
+    def _honourable(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        choice = self.tool_choice
+        if isinstance(choice, dict) or choice == "required":
+            raise ValueError("tool_choice: this service answers in text and never calls a tool; send tool_choice "
+                             "'none' or 'auto', or leave it out")
+        if choice not in (None, "none", "auto"):
+            raise ValueError(f"tool_choice must be 'none', 'auto' or 'required', got {choice!r}")
+        return self
 
     @model_validator(mode="after")
     def _last_is_user(self) -> ChatRequest:
@@ -98,6 +227,11 @@ class ChatRequest(_Body):
         if not self.messages[-1].text.strip():
             raise ValueError("the last user message is empty")
         return self
+
+    @property
+    def json_mode(self) -> bool:
+        """The answer must be JSON (``response_format``): no citation markers are added to it."""
+        return self.response_format is not None and self.response_format.type != "text"
 
     @property
     def answer_tokens(self) -> int | None:

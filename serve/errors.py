@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,29 @@ from deployments.errors import StageError
 from serve.ids import request_id
 
 log = logging.getLogger("ray.serve")
+
+
+# An absolute file path (two or more parts): never shown to a client, only its last part.
+_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.@+~-]+/)+([\w.@+~-]*)")
+_ROUTE_PREFIXES = ("/v1/", "/health", "/metrics", "/docs", "/openapi.json", "/redoc")
+
+
+def redact(text: str) -> str:
+    """``text`` with server paths cut to their last part (``/srv/x/index/manifest.json`` ->
+    ``…/manifest.json``); the service's own routes are left alone."""
+    def cut(m: re.Match[str]) -> str:
+        whole = m.group(0)
+        return whole if whole.startswith(_ROUTE_PREFIXES) else f"…/{m.group(1)}"
+
+    return _PATH.sub(cut, text)
+
+
+def public_detail(err: StageError) -> str:
+    """What a client is told about a stage's failure: the kind's own words, the exception's class
+    for an unexpected error (its text stays in the logs), and no server path."""
+    if err.kind == "error":
+        return f"it raised {err.detail.split(':', 1)[0].strip() or 'an error'}"
+    return redact(err.detail)
 
 
 class ApiError(Exception):
@@ -64,8 +88,8 @@ def stage_unavailable(what: str, err: StageError, *, code: str = "stage_unavaila
     """A stage the request cannot do without failed: 400 when it refused the request's values
     (``invalid``), else 503 with ``Retry-After``."""
     if err.kind == "invalid":
-        return ApiError(400, f"{what} refused the request: {err.detail}", code="invalid_value")
-    return ApiError(503, f"{what} is unavailable: {err.detail}", type="service_unavailable", code=code,
+        return ApiError(400, f"{what} refused the request: {public_detail(err)}", code="invalid_value")
+    return ApiError(503, f"{what} is unavailable: {public_detail(err)}", type="service_unavailable", code=code,
                     headers={"Retry-After": str(max(1, round(retry_after)))})
 
 
@@ -79,7 +103,9 @@ def status_of(e: BaseException) -> int:
 
 
 def error_response(err: ApiError, rid: str) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers={**err.headers, "X-Request-ID": rid})
+    body = err.body()
+    body["error"]["message"] = redact(body["error"]["message"])
+    return JSONResponse(body, status_code=err.status, headers={**err.headers, "X-Request-ID": rid})
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

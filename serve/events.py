@@ -10,14 +10,17 @@ from typing import Any
 
 from deployments.retriever import Passage
 from deployments.router import Route
+from serve.errors import redact
 from serve.prompt import Prompt
 
 
 @dataclass(frozen=True, slots=True)
 class Delta:
-    """Answer text to send on."""
+    """Answer text to send on (and, when the request asked for them, its tokens' log probabilities
+    in OpenAI's ``logprobs.content`` shape)."""
 
     text: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +50,7 @@ class Trace:
     def degrade(self, stage: str, why: str) -> None:
         if stage not in self.degraded:
             self.degraded.append(stage)
-        self.reasons[stage] = why
+        self.reasons[stage] = redact(why)  # shown to the client in rag.metadata: no server paths
 
 
 @dataclass

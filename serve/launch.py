@@ -50,7 +50,10 @@ FAST_PATHS = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local and loopback-only by default
+    # RAY_AUTH_MODE stays as the user set it. Unset, the local Ray started below gets Ray's token
+    # authentication (Ray 2.60's default for ray.init(); the token in ~/.ray/auth_token): its GCS
+    # answers on the node's address, not only on loopback. A cluster's token comes from
+    # RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH.
     if ray.is_initialized():
         return
     if address:
@@ -117,6 +120,26 @@ def _progress_line(body: dict[str, Any]) -> str:
     except Exception:
         pass
     return "starting Serve"
+
+
+def check_exposure(cfg, *, insecure: bool = False):
+    """Refuse to listen beyond loopback with auth off unless ``insecure`` (``ragraph serve
+    --insecure``): anyone on the network could use every endpoint. With ``insecure``, any Host header
+    is accepted (``http.allowed_hosts: ['*']`` unless set); admin endpoints still answer only
+    loopback callers. Returns the config to serve."""
+    from common.networks import LOCAL_HOSTS
+
+    if cfg.governor.auth.enabled or cfg.http.host in LOCAL_HOSTS or cfg.http.host.startswith("127."):
+        return cfg
+    if not insecure:
+        raise LaunchError(
+            f"refusing to listen on {cfg.http.host} with auth off (governor.auth.enabled: false): anyone who can "
+            "reach the port could use the service. Turn auth on and create a key (`ragraph keys create NAME`), "
+            "or pass --insecure to serve without keys on purpose"
+        )
+    if not cfg.http.allowed_hosts:
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"allowed_hosts": ["*"]})})
+    return cfg
 
 
 def auth_notice(cfg) -> str | None:

@@ -13,10 +13,13 @@ from serve.events import ChatEvent, Delta, Done
 
 async def completion(events: AsyncIterator[ChatEvent], *, request_id: str, model: str) -> dict[str, Any]:
     parts: list[str] = []
+    logprobs: list[dict[str, Any]] | None = None
     done: Done | None = None
     async for ev in events:
         if isinstance(ev, Delta):
             parts.append(ev.text)
+            if ev.logprobs is not None:
+                logprobs = (logprobs or []) + ev.logprobs
         else:
             done = ev
     assert done is not None, "a chat flow ends with Done"
@@ -26,7 +29,8 @@ async def completion(events: AsyncIterator[ChatEvent], *, request_id: str, model
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                     "finish_reason": done.finish_reason, "logprobs": None}],
+                     "finish_reason": done.finish_reason,
+                     "logprobs": {"content": logprobs} if logprobs is not None else None}],
         "usage": done.usage,
         "rag": done.rag,
     }
@@ -46,14 +50,15 @@ async def sse_stream(events: AsyncIterator[ChatEvent], *, request_id: str, model
     ``include_usage``, a final chunk with empty ``choices`` carries ``usage`` and ``rag``)."""
     cid, created = f"chatcmpl-{request_id}", int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+    def chunk(delta: dict, finish: str | None = None, logprobs: list | None = None, **extra: Any) -> str:
         return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                 "logprobs": {"content": logprobs} if logprobs is not None else None}], **extra})
 
     yield chunk({"role": "assistant", "content": ""})
     async for ev in events:
         if isinstance(ev, Delta):
-            yield chunk({"content": ev.text})
+            yield chunk({"content": ev.text}, logprobs=ev.logprobs)
             continue
         if include_usage:
             yield chunk({}, ev.finish_reason)

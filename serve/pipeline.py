@@ -29,8 +29,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from deployments.admission import Admission
-from deployments.cache import cache_key
+from deployments.cache import cache_key, hit_request_id
 from deployments.errors import StageError, from_exception
+from deployments.engine import EXTENSIONS
 from deployments.generator import GenDelta, GenRequest
 from deployments.retriever import Filters, Passage
 from deployments.router import Message, Route
@@ -190,17 +191,29 @@ class Pipeline(StageCalls):
         return n
 
     def sampling(self, req: ChatRequest) -> dict[str, Any]:
+        """Everything that decides the answer's tokens (the engine request's settings and the cache key)."""
         g = self.cfg.generator
-        return {
+        out = {
             "max_tokens": self.answer_tokens(req),
             "temperature": g.temperature if req.temperature is None else req.temperature,
-            **{k: getattr(req, k) for k in ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+            **{k: getattr(req, k) for k in ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty", *EXTENSIONS)
                if getattr(req, k) is not None},
         }
+        if req.min_tokens is not None and req.min_tokens > out["max_tokens"]:
+            raise ApiError(400, f"min_tokens ({req.min_tokens}) must be <= the answer's max_tokens ({out['max_tokens']})",
+                           param="min_tokens", code="invalid_value")
+        if "logit_bias" in out:
+            out["logit_bias"] = {int(t): float(b) for t, b in out["logit_bias"].items()}
+        if req.logprobs:
+            out["logprobs"] = req.top_logprobs or 0
+        if req.response_format is not None and req.response_format.type != "text":
+            out["json_schema" if req.response_format.schema is not None else "json_object"] = (
+                req.response_format.schema if req.response_format.schema is not None else True)
+        return out
 
     def cacheable(self, req: ChatRequest, sampling: dict[str, Any], bypass: bool) -> bool:
         """Only answers that would come out the same again: greedy decoding or a fixed seed."""
-        return self.cache_enabled and not bypass and req.rag.cache and (
+        return self.cache_enabled and not bypass and req.rag.cache and "logprobs" not in sampling and (
             sampling["temperature"] == 0 or sampling.get("seed") is not None
         )
 
@@ -212,7 +225,7 @@ class Pipeline(StageCalls):
         top_k = self._top_k(req.rag.top_k, "rag.top_k")
         rerank = self._use_rerank(req.rag.rerank)
         trace = Trace(request_id)
-        messages = [Message("system" if m.role == "developer" else m.role, m.text) for m in req.messages]
+        messages = [to_message(m) for m in req.messages if m.role != "assistant" or m.text]
         sources: list[Passage] = []
         rag = req.rag.enabled
         if rag:
@@ -241,6 +254,7 @@ class Pipeline(StageCalls):
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 rag=req.rag.model_dump(mode="json", exclude={"cache"}), model=self.model,
                 index_version=trace.version, sampling=sampling,
+                key_id=key_id, shared=self.cfg.governor.cache.shared_across_keys,
             )
         return Prepared(trace, prompt, rag, prompt.sources, key_id=key_id, cache_key=key)
 
@@ -327,7 +341,8 @@ class Pipeline(StageCalls):
                 yield Delta(hit["text"])
                 rag = {"sources": hit["sources"], "metadata": {
                     **self._meta(prep.trace, status="ok", usage=hit["usage"], prep=prep, cached=True),
-                    "citations": hit["citations"], "cached_request_id": hit["request_id"]}}
+                    "citations": hit["citations"],
+                    "cached_request_id": hit_request_id(hit, shared=self.cfg.governor.cache.shared_across_keys)}}
                 yield Done(hit["finish"], dict(hit["usage"]), rag)
                 return
         else:
@@ -336,9 +351,11 @@ class Pipeline(StageCalls):
         trace = prep.trace
         sent: list[str] = []
         cites = CitationFilter(len(prep.sources))
+        raw = req.json_mode  # a JSON answer goes out as the engine wrote it: no citation edits, no markers added
         citations = "model"
         usage = {"prompt_tokens": prep.prompt.prompt_tokens, "completion_tokens": 0}
         finish = "stop"
+        recorded = False
         if stream is None:
             text = self.sources_only_text(prep)
             cites.apply(text)
@@ -350,14 +367,16 @@ class Pipeline(StageCalls):
             t = time.perf_counter()
             chunk: GenDelta | None = first
             answer: list[str] = []
+            broke = False
             try:
                 while chunk is not None:
-                    if chunk.text:
-                        out = cites.feed(chunk.text)
-                        if out:
+                    usage["completion_tokens"] += chunk.tokens
+                    if chunk.text or chunk.logprobs:
+                        out = chunk.text if raw else cites.feed(chunk.text)
+                        if out or chunk.logprobs:
                             answer.append(out)
                             sent.append(out)
-                            yield Delta(out)
+                            yield Delta(out, chunk.logprobs)
                     if chunk.finish_reason:
                         finish = chunk.finish_reason
                     if chunk.usage:
@@ -369,12 +388,17 @@ class Pipeline(StageCalls):
             except Exception as e:  # mid-stream failure: keep what was sent, say so
                 self.metrics.errors.labels("generator", "error").inc()
                 trace.degrade("generator", f"stream broke after the first token: {type(e).__name__}: {e}")
-                finish = "error"
+                broke = True
+                finish = "stop"  # OpenAI's values only; rag.metadata says the answer is cut short
             finally:
                 await _close(stream)
-            tail = cites.flush()
+                if not recorded and (broke or chunk is not None):
+                    # the client went away (or the stream broke): charge the tokens made so far
+                    recorded = True
+                    self._count_usage(prep.key_id, usage)
+            tail = "" if raw else cites.flush()
             answer.append(tail)
-            if not cites.cited and finish != "error":
+            if not raw and not cites.cited and not broke:
                 found = attribute("".join(answer), prep.sources)
                 if found:
                     cites.cited = found
@@ -387,10 +411,9 @@ class Pipeline(StageCalls):
             self.metrics.generation_duration.observe(took)
             trace.timings_ms["generator"] = round(took * 1000 + trace.timings_ms.get("generator.first_token", 0), 2)
             status = "ok" if not trace.degraded else "degraded"
-        if stream is not None:  # a sources-only answer sent nothing through the generator
-            self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
-            self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
-            self.record_usage(prep.key_id, usage["prompt_tokens"], usage["completion_tokens"])
+        if stream is not None and not recorded:  # a sources-only answer sent nothing through the generator
+            recorded = True
+            self._count_usage(prep.key_id, usage)
         for stage in trace.degraded:
             if stage != "generator":
                 self.metrics.degraded.labels(stage).inc()
@@ -414,6 +437,11 @@ class Pipeline(StageCalls):
                 "citations": rag["metadata"]["citations"], "request_id": trace.request_id,
             })
         yield Done(finish, usage, rag)
+
+    def _count_usage(self, key_id: str | None, usage: dict[str, int]) -> None:
+        self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
+        self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
+        self.record_usage(key_id, usage["prompt_tokens"], usage["completion_tokens"])
 
     async def _cache(self, method: str, *args: Any) -> Any:
         """A cache call; the cache is an optimisation, so a failure is a miss (counted), not an error."""
@@ -455,6 +483,16 @@ class Pipeline(StageCalls):
         from serve.openai import completion
 
         return await completion(self.chat_events(req, prep), request_id=prep.trace.request_id, model=self.model)
+
+
+def to_message(m) -> Message:
+    """A request message as the router and prompt builder take it: 'developer' is 'system'; a tool's
+    result is context the user's side supplied."""
+    if m.role == "developer":
+        return Message("system", m.text)
+    if m.role == "tool":
+        return Message("user", f"Tool result ({m.tool_call_id}): {m.text}")
+    return Message(m.role, m.text)
 
 
 async def _close(stream: Any) -> None:

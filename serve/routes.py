@@ -27,7 +27,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 
-from common.networks import in_networks, parse_networks
+from common.networks import LOCAL_HOSTS, host_name, in_networks, is_loopback, parse_networks
 from deployments.errors import StageError
 from serve import openai
 from serve.api import ChatRequest, SearchRequest
@@ -80,25 +80,27 @@ async def admit(request: Request, endpoint: str) -> None:
     (``pipeline.admission``, :class:`deployments.admission.Admission`): the governor is asked only
     when a key is not in the key cache."""
     request.state.key_id = None
-    if endpoint in OPEN_ROUTES:
-        return
     pipeline: Pipeline = request.app.state.pipeline
     cfg = pipeline.cfg
+    if endpoint in OPEN_ROUTES:  # probes (a pod's own address as Host); /health/ready details are admins' only
+        return
+    if not cfg.governor.auth.enabled:
+        check_host(request, cfg.http.allowed_hosts)
     if request.method in ("POST", "PUT", "PATCH"):
-        limit = cfg.http.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        size = int(declared) if declared and declared.isdigit() else len(await request.body())
-        if size > limit:
-            METRICS.admission.labels("request_too_large").inc()
-            raise ApiError(413, f"body: the request body is {size} bytes; the limit is {limit} "
-                           "(http.limits.max_body_bytes)", param="body", code="request_too_large")
+        await read_body(request, cfg.http.limits.max_body_bytes)
     if endpoint == "/metrics" and cfg.governor.auth.metrics_open:
         return
     token = bearer(request)
+    ip = client_ip(request, cfg.http.trusted_proxies)
+    admin_route = (request.method, endpoint) in ADMIN_ROUTES
+    if not cfg.governor.auth.enabled and admin_route and not is_loopback(ip):
+        METRICS.admission.labels("insufficient_scope").inc()
+        raise ApiError(403, f"{request.method} {endpoint} is an admin endpoint: with auth off (governor.auth.enabled: "
+                       "false) only a caller on this machine (loopback) may use it", type="permission_error",
+                       code="insufficient_scope")
     try:
         verdict = await pipeline.admission.admit(
-            token, client_ip(request, cfg.http.trusted_proxies), endpoint,
-            (request.method, endpoint) in ADMIN_ROUTES, verify=functools.partial(pipeline.govern, "verify"),
+            token, ip, endpoint, admin_route, verify=functools.partial(pipeline.govern, "verify"),
         )
     except StageError as e:
         if cfg.governor.auth.enabled:  # fail closed: no key (or no limit) can be checked
@@ -118,7 +120,41 @@ async def admit(request: Request, endpoint: str) -> None:
             "insufficient_quota" if verdict.code == "insufficient_quota" else "rate_limit_error")}[verdict.status]
         raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers)
     request.state.key_id = verdict.key_id
-    request.state.scope = verdict.scope
+    # with auth off, the operator on this machine may do anything; anyone else is an ordinary caller
+    request.state.scope = verdict.scope if cfg.governor.auth.enabled or is_loopback(ip) else "user"
+
+
+def check_host(request: Request, allowed: list[str]) -> None:
+    """With auth off, only local Host names (and ``http.allowed_hosts``): a web page that rebinds its
+    own DNS name to 127.0.0.1 cannot read this service from a browser on this machine."""
+    if "*" in allowed:
+        return
+    name = host_name(request.headers.get("host", ""))
+    if name in LOCAL_HOSTS or name in {h.lower() for h in allowed}:
+        return
+    METRICS.admission.labels("invalid_host").inc()
+    raise ApiError(400, f"Host {name!r} is not accepted: with auth off this service answers only to localhost, "
+                   "127.0.0.1 and ::1 (add names to http.allowed_hosts, or turn auth on)", param="host",
+                   code="invalid_host")
+
+
+async def read_body(request: Request, limit: int) -> None:
+    """Read the body, stopping at ``limit`` bytes (413) whether or not Content-Length was sent; the
+    bytes read are kept for the route (Starlette's ``Request.body()`` returns them)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        METRICS.admission.labels("request_too_large").inc()
+        raise ApiError(413, f"body: the request body is {int(declared)} bytes; the limit is {limit} "
+                       "(http.limits.max_body_bytes)", param="body", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            METRICS.admission.labels("request_too_large").inc()
+            raise ApiError(413, f"body: the request body is over {limit} bytes, the limit (http.limits.max_body_bytes); "
+                           "reading stopped there", param="body", code="request_too_large")
+        chunks.append(chunk)
+    request._body = b"".join(chunks)  # what Request.body() returns from now on
 
 
 class ObservedRoute(APIRoute):
@@ -195,11 +231,40 @@ async def search_response(pipeline: Pipeline, body: SearchRequest, request: Requ
     return JSONResponse(await pipeline.search(body, rid), headers={"X-Request-ID": rid})
 
 
-async def ready_response(pipeline: Pipeline) -> JSONResponse:
-    problems = await pipeline.stages.readiness()
+async def ready_response(pipeline: Pipeline, request: Request) -> JSONResponse:
+    """Readiness: the verdict is reused for ``http.ready_cache_s`` (the endpoint is open to anyone,
+    and each check asks Serve's controller and the retriever); what is wrong, in detail, only for an
+    admin (auth on: an admin key; auth off: a caller on this machine). Others see each check's
+    ok / not ready."""
+    cache = getattr(request.app.state, "ready_cache", None)
+    now = time.monotonic()
+    if cache is not None and now - cache[0] < pipeline.cfg.http.ready_cache_s:
+        problems = cache[1]
+    else:
+        problems = await pipeline.stages.readiness()
+        request.app.state.ready_cache = (now, problems)
     missing = {k: v for k, v in problems.items() if v}
-    body = {"status": "ready" if not missing else "not_ready", "checks": {k: v or "ok" for k, v in problems.items()}}
+    detail = await _is_admin(pipeline, request)
+    checks = {k: (v or "ok") if detail else ("ok" if not v else "not ready") for k, v in problems.items()}
+    body = {"status": "ready" if not missing else "not_ready", "checks": checks}
     return JSONResponse(body, status_code=200 if not missing else 503, headers={} if not missing else {"Retry-After": "5"})
+
+
+async def _is_admin(pipeline: Pipeline, request: Request) -> bool:
+    """Whether the caller of an open route may see details (never raises: no key is no details)."""
+    cfg = pipeline.cfg
+    ip = client_ip(request, cfg.http.trusted_proxies)
+    if not cfg.governor.auth.enabled:
+        return is_loopback(ip)
+    token = bearer(request)
+    if not token:
+        return False
+    try:
+        verdict = await pipeline.admission.admit(token, ip, "/health/ready", True,
+                                                 verify=functools.partial(pipeline.govern, "verify"))
+    except StageError:
+        return False
+    return verdict.allowed and verdict.scope == "admin"
 
 
 async def usage_response(pipeline: Pipeline, request: Request, key_id: str | None, all_keys: bool) -> dict:
@@ -297,7 +362,7 @@ async def health() -> dict:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    return await ready_response(pipeline_of(request))
+    return await ready_response(pipeline_of(request), request)
 
 
 @router.get("/metrics")
@@ -305,8 +370,30 @@ async def metrics() -> Response:
     return Response(METRICS.render(), media_type="text/plain; version=0.0.4")
 
 
+# The API's own documentation, admitted like every other route: behind the key when auth is on.
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs_page(request: Request) -> Response:
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} API")
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc_page(request: Request) -> Response:
+    from fastapi.openapi.docs import get_redoc_html
+
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
+
+
 def make_app(**kw: Any) -> FastAPI:
-    """A FastAPI app with every route and error handler; set ``app.state.pipeline`` before serving."""
+    """A FastAPI app with every route and error handler; set ``app.state.pipeline`` before serving.
+    The documentation routes are :data:`router`'s own (admitted), not FastAPI's open ones."""
+    kw = {"docs_url": None, "redoc_url": None, "openapi_url": None, **kw}
     app = FastAPI(title=TITLE, version=VERSION, description=DESCRIPTION, **kw)
     install(app, on_unexpected=lambda: METRICS.errors.labels("ingress", "error").inc())
     app.include_router(router)

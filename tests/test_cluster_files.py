@@ -483,7 +483,8 @@ def test_image_matches_the_pinned_ray_and_python(cluster):
 
 
 def test_repo_sync_and_install(cluster):
-    assert cluster["file_mounts"] == {"~/ragraph": "."}
+    assert cluster["file_mounts"]["~/ragraph"] == "."
+    assert set(cluster["file_mounts"]) == {"~/ragraph", "~/ray-auth"}  # the repo and the Ray token's folder
     assert cluster["file_mounts_sync_continuously"] is False
     excluded = set(cluster["rsync_exclude"])
     assert {".venv", ".git", "__pycache__", "*.pyc", "load_tests/results"} <= excluded, excluded
@@ -553,6 +554,164 @@ def test_documented_job_submit(cluster, job):
     args = parse_ragraph(entry[1:])
     assert PurePosixPath(args.config).is_absolute(), f"{args.config}: the job's working directory is not ~/ragraph"
     assert repo_path(str(args.config)).is_file(), args.config
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray's token authentication (RAY_AUTH_MODE=token) on every node; the dashboard on loopback
+
+
+def docker_env(options: list[str]) -> dict[str, str]:
+    """``--env K=V`` / ``-e K=V`` docker options -> {K: V}."""
+    out = {}
+    for opt in options:
+        parts = shlex.split(opt)
+        for flag, value in zip(parts, parts[1:]):
+            if flag in ("-e", "--env") and "=" in value:
+                k, v = value.split("=", 1)
+                out[k] = v
+    return out
+
+
+def container_path(path: str) -> PurePosixPath:
+    """A file_mounts destination as the container sees it (the image's user `ray`, home /home/ray)."""
+    return PurePosixPath(path.replace("~/", "/home/ray/", 1) if path.startswith("~/") else path)
+
+
+def _strings(tree: Any) -> list[str]:
+    if isinstance(tree, dict):
+        return [s for k, v in tree.items() for s in _strings(k) + _strings(v)]
+    if isinstance(tree, list):
+        return [s for v in tree for s in _strings(v)]
+    return [tree] if isinstance(tree, str) else []
+
+
+def auth_problems(cluster: dict[str, Any]) -> list[str]:
+    """Why Ray's token authentication would not be on for every node and every process, or the
+    dashboard (job submission) would listen beyond the head's loopback."""
+    from ray.scripts.scripts import start
+
+    problems = []
+    docker = cluster.get("docker", {})
+    env = docker_env(docker.get("run_options", []))
+    if env.get("RAY_AUTH_MODE") != "token":
+        problems.append(f"docker.run_options (every node) sets RAY_AUTH_MODE={env.get('RAY_AUTH_MODE')!r}, not 'token'")
+    for text in _strings(cluster):
+        for mode in re.findall(r"RAY_AUTH_MODE=(\w+)", text):
+            if mode != "token":
+                problems.append(f"RAY_AUTH_MODE={mode} in {text!r}")
+        if re.search(r"RAY_AUTH_TOKEN=\S", text):
+            problems.append(f"a token written into the file: {text!r}")
+    token_file = env.get("RAY_AUTH_TOKEN_PATH")
+    mounts = {container_path(remote): local for remote, local in cluster.get("file_mounts", {}).items()}
+    if not token_file:
+        problems.append("no RAY_AUTH_TOKEN_PATH in docker.run_options: the nodes have no token")
+    elif not any(PurePosixPath(token_file).parent == m for m in mounts):
+        problems.append(f"RAY_AUTH_TOKEN_PATH={token_file} is in no file_mounts folder ({sorted(map(str, mounts))})")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in cluster.get(key, []):
+            for part in cmd.split(";"):
+                argv = shlex.split(part)
+                if "RAY_AUTH_MODE" in part and not re.search(r"RAY_AUTH_MODE=token\b", part):
+                    problems.append(f"{key}: {part.strip()!r} changes RAY_AUTH_MODE")
+                if argv[:2] != ["ray", "start"]:
+                    continue
+                params = start.make_context("start", argv[2:]).params
+                if params["head"] and params["dashboard_host"] not in ("127.0.0.1", "localhost"):
+                    problems.append(f"{key}: the dashboard listens on {params['dashboard_host']}, not the head's loopback")
+    return problems
+
+
+def test_token_auth_on_every_node_and_the_dashboard_on_loopback(cluster):
+    assert auth_problems(cluster) == []
+    # the token file sits in a folder synced from this machine, the path the comments tell to create
+    mounts = {container_path(r): l for r, l in cluster["file_mounts"].items()}
+    token = PurePosixPath(docker_env(cluster["docker"]["run_options"])["RAY_AUTH_TOKEN_PATH"])
+    local = f"{mounts[token.parent]}/{token.name}"
+    assert f"> {local})" in comment_text(), f"the FILL IN step does not create {local}"
+
+
+@pytest.mark.parametrize("breaker, problem", [
+    (_set("head_start_ray_commands", [
+        "ray stop", "ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 "
+        "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0"]), "the dashboard listens on 0.0.0.0"),
+    (lambda c: c["docker"].update(run_options=[o for o in c["docker"]["run_options"] if "RAY_AUTH" not in o]),
+     "not 'token'"),
+    (lambda c: c["worker_start_ray_commands"].__setitem__(-1, "RAY_AUTH_MODE=disabled " + c["worker_start_ray_commands"][-1]),
+     "RAY_AUTH_MODE=disabled"),
+    (lambda c: c["file_mounts"].pop("~/ray-auth"), "in no file_mounts folder"),
+    (lambda c: c["docker"]["run_options"].append("--env RAY_AUTH_TOKEN=abc123"), "a token written into the file"),
+], ids=["dashboard on 0.0.0.0 (the old file)", "no RAY_AUTH_MODE (the old file)", "auth forced off on workers",
+        "token file not mounted", "literal token"])
+def test_auth_check_rejects_the_old_and_broken_copies(cluster, breaker, problem):
+    bad = copy.deepcopy(cluster)
+    breaker(bad)
+    found = auth_problems(bad)
+    assert any(problem in p for p in found), found
+
+
+def test_the_documented_client_sends_the_clusters_token(cluster):
+    """The `ray job submit` recipe runs with RAY_AUTH_MODE=token and the token file that is synced to
+    the nodes: an explicit --address never turns token auth on by itself (Ray only does that for a
+    local ray.init() or address 'auto')."""
+    mounts = {container_path(r): l for r, l in cluster["file_mounts"].items()}
+    token = PurePosixPath(docker_env(cluster["docker"]["run_options"])["RAY_AUTH_TOKEN_PATH"])
+    exports = [shlex.split(line.strip()) for line in comment_text().splitlines() if line.strip().startswith("export ")]
+    env = dict(a.split("=", 1) for argv in exports for a in argv[1:])
+    assert env.get("RAY_AUTH_MODE") == "token", exports
+    assert env.get("RAY_AUTH_TOKEN_PATH") == f"{mounts[token.parent]}/{token.name}", exports
+    text = comment_text()
+    assert text.index("export RAY_AUTH_MODE=token") < text.index("ray job submit")
+
+
+# ---------------------------------------------------------------------------------------------
+# the local launchers leave RAY_AUTH_MODE to the user
+
+LAUNCHERS = ["serve.launch.start_ray", "indexing.embedding.ensure_ray"]
+
+
+def _launch(target: str, address: str | None) -> None:
+    if target == "serve.launch.start_ray":
+        from common.config import load_config
+        from serve.launch import start_ray
+
+        start_ray(load_config(GPU_CONFIG, environ={}), address=address)
+    else:
+        from indexing.embedding import ensure_ray
+
+        ensure_ray(address)
+
+
+@pytest.mark.parametrize("target", LAUNCHERS)
+@pytest.mark.parametrize("address", [None, "10.0.0.5:6379"], ids=["local head", "existing cluster"])
+@pytest.mark.parametrize("mode", [None, "token", "disabled"], ids=["unset", "token", "disabled"])
+def test_launchers_never_set_ray_auth_mode(monkeypatch, target, address, mode):
+    """ray.init sees RAY_AUTH_MODE exactly as the user left it: unset stays unset (Ray then turns
+    token auth on for a local head, and a cluster's token is required), a set value is kept. The code
+    before this check forced 'disabled' when it was unset. ray.init is replaced: nothing starts."""
+    import os
+
+    import ray
+
+    for var in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    if mode is not None:
+        monkeypatch.setenv("RAY_AUTH_MODE", mode)
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: seen.append((k.get("address"), os.environ.get("RAY_AUTH_MODE"))))
+    _launch(target, address)
+    assert seen == [(address, mode)]
+
+
+def test_no_code_sets_ray_auth_mode():
+    """Outside the tests, nothing assigns or defaults RAY_AUTH_MODE (cluster configs set it to token)."""
+    pattern = re.compile(r"""(setdefault\(\s*["']RAY_AUTH_MODE|\[\s*["']RAY_AUTH_MODE["']\s*\]\s*=[^=]|putenv\(\s*["']RAY_AUTH_MODE)""")
+    packages = [d for d in REPO.iterdir() if (d / "__init__.py").is_file() and d.name != "tests"]
+    files = [*REPO.glob("*.py"), *(p for d in packages for p in d.rglob("*.py"))]
+    assert any(p.match("serve/launch.py") for p in files) and any(p.match("indexing/embedding.py") for p in files)
+    hits = [f"{p.relative_to(REPO)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if pattern.search(line)]
+    assert hits == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_cli_writes_and_checks(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
     text = out.read_text()
-    gpu_max = worker(yaml.safe_load(text), "gpu")["maxReplicas"]
+    gpu_max = worker(next(yaml.safe_load_all(text)), "gpu")["maxReplicas"]
     before, line, after = text.rpartition(f"maxReplicas: {gpu_max}\n")  # the gpu group's, the last group
     out.write_text(f"{before}maxReplicas: {gpu_max + 1}\n{after}")
     assert main([*base, "--out", str(out), "--check"]) == 1
@@ -235,6 +235,144 @@ def test_cli_writes_and_checks(tmp_path, monkeypatch, capsys):
     assert main([*base, "--out", str(tmp_path / "missing.yaml"), "--check"]) == 1
     assert "the file is missing" in capsys.readouterr().err
     assert main([*base, "--check"]) == 2  # --check needs a file
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray token authentication and the NetworkPolicy in front of the Ray pods
+
+# Labels KubeRay itself puts on the pods it creates (besides the template's).
+KUBERAY_HEAD_LABELS = {"ray.io/node-type": "head", "ray.io/is-ray-node": "yes", "ray.io/cluster": "ragraph-raycluster-x1"}
+KUBERAY_WORKER_LABELS = {"ray.io/node-type": "worker", "ray.io/is-ray-node": "yes", "ray.io/cluster": "ragraph-raycluster-x1"}
+RAY_CONTROL_PORTS = {6379, 8265, 10001}  # GCS, dashboard (job submission), Ray client: code execution
+ALL = "all ports"
+
+
+def committed_docs() -> dict[str, dict]:
+    docs = [d for d in yaml.safe_load_all(COMMITTED.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels only: this module never writes matchExpressions)."""
+    assert set(selector) <= {"matchLabels"}, f"selector form not handled here: {selector}"
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def admitted(policy: dict, *, source: dict, namespace: dict, same_namespace: bool):
+    """The ports of a pod the policy selects that its ingress rules let ``source`` reach: ALL, or a
+    set. A source is a pod (its labels) in a namespace (its labels); ``ipBlock`` peers match anyone."""
+    ports: set[int] = set()
+    for rule in policy["spec"].get("ingress") or []:
+        peers = rule.get("from") or []
+        ok = not peers
+        for peer in peers:
+            if "ipBlock" in peer:
+                ok = True
+            elif "namespaceSelector" in peer:
+                ok |= selects(peer["namespaceSelector"], namespace) and selects(peer.get("podSelector", {}), source)
+            elif "podSelector" in peer:
+                ok |= same_namespace and selects(peer["podSelector"], source)
+        if ok:
+            if not rule.get("ports"):
+                return ALL
+            ports |= {p["port"] for p in rule["ports"]}
+    return ports
+
+
+def head_and_worker_labels(manifest: dict) -> tuple[dict, dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    head = {**cluster["headGroupSpec"]["template"]["metadata"]["labels"], **KUBERAY_HEAD_LABELS}
+    workers = [{**w["template"]["metadata"]["labels"], **KUBERAY_WORKER_LABELS} for w in cluster["workerGroupSpecs"]]
+    return head, workers
+
+
+def policy_problems(policy: dict | None, manifest: dict, serve_port: int) -> list[str]:
+    """What is wrong with the NetworkPolicy in front of the head: it must select the head pod, open
+    the Serve port to anyone, and the GCS, dashboard and client ports to nobody but this cluster's
+    pods and the operator's (labelled) namespace."""
+    if policy is None:
+        return ["no NetworkPolicy"]
+    problems = []
+    head, workers = head_and_worker_labels(manifest)
+    if "Ingress" not in policy["spec"].get("policyTypes", ["Ingress"]):
+        problems.append("the policy does not restrict ingress")
+    if not selects(policy["spec"]["podSelector"], head):
+        problems.append(f"the podSelector {policy['spec']['podSelector']} does not select the head pod ({head})")
+    strangers = {
+        "a pod in another namespace": dict(source={"app": "x"}, namespace={"kubernetes.io/metadata.name": "other"},
+                                           same_namespace=False),
+        "another app's pod in the namespace": dict(source={"app.kubernetes.io/name": "ragraph", "app": "x"},
+                                                   namespace={}, same_namespace=True),
+        "another RayService's pod": dict(source={**head, "app.kubernetes.io/instance": head.get(
+            "app.kubernetes.io/instance", "") + "-2"}, namespace={}, same_namespace=True),
+    }
+    for who, src in strangers.items():
+        got = admitted(policy, **src)
+        if got == ALL or got & RAY_CONTROL_PORTS:
+            problems.append(f"{who} reaches the head on {got}")
+        if got != ALL and serve_port not in got:
+            problems.append(f"{who} cannot reach the Serve port {serve_port}")
+    for w in workers:  # a worker's raylet and workers talk to the head on many ports (GCS, raylet, objects)
+        if admitted(policy, source=w, namespace={}, same_namespace=True) != ALL:
+            problems.append(f"a worker pod ({w}) cannot reach every port of the head")
+    return problems
+
+
+def test_token_auth_is_on_with_the_token_from_a_secret(manifest, cfg):
+    """KubeRay's authOptions: the operator sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from the Secret)
+    in every Ray container and sends the token when it calls the dashboard. Fails on a manifest
+    without authOptions (the one before this check)."""
+    for m in (manifest, committed_docs()["RayService"]):
+        cluster = m["spec"]["rayClusterConfig"]
+        assert cluster.get("authOptions") == {"mode": "token", "secretName": "ragraph-ray-auth"}, cluster.get("authOptions")
+        pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for env in (e for p in pods for c in p["template"]["spec"]["containers"] for e in c.get("env", [])):
+            assert not env["name"].startswith("RAY_AUTH"), f"{env}: authOptions sets these (a value here would conflict)"
+    other = kuberay.rayservice(cfg, name="other")["spec"]["rayClusterConfig"]["authOptions"]
+    assert other == {"mode": "token", "secretName": "other-ray-auth"}
+    assert "Secret ragraph-ray-auth (key auth_token)" in COMMITTED.read_text()
+
+
+def test_network_policy_closes_the_head_to_all_but_its_cluster(manifest, cfg):
+    """The NetworkPolicy (second document of the manifest) selects the head pod; from other pods only
+    the Serve port gets through; the cluster's own pods reach every port; the dashboard only from the
+    operator's labelled namespace, the metrics port only from the scrapers'."""
+    docs = committed_docs()
+    assert set(docs) == {"RayService", "NetworkPolicy"}, set(docs)
+    policy = docs["NetworkPolicy"]
+    assert policy == kuberay.network_policy(cfg)
+    assert policy_problems(policy, manifest, cfg.http.port) == []
+    head, workers = head_and_worker_labels(manifest)
+    assert selects(policy["spec"]["podSelector"], workers[0])  # the workers' ports are guarded as well
+    operator_ns = {"kubernetes.io/metadata.name": "ray-system", "ragraph.io/ray-operator": "true"}
+    assert admitted(policy, source={}, namespace=operator_ns, same_namespace=False) == {cfg.http.port, 8265}
+    scraper_ns = {"ragraph.io/metrics-scraper": "true"}
+    assert admitted(policy, source={}, namespace=scraper_ns, same_namespace=False) == {cfg.http.port, 8080}
+    # namespaced with the RayService; another name selects only its own pods
+    other = kuberay.network_policy(cfg, name="other", namespace="ns")
+    assert other["metadata"]["namespace"] == "ns"
+    assert not selects(other["spec"]["podSelector"], head)
+    assert policy_problems(other, kuberay.rayservice(cfg, name="other", namespace="ns"), cfg.http.port) == []
+
+
+@pytest.mark.parametrize("breaker, problem", [
+    (lambda p: p["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": 8265}]}), "reaches the head"),
+    (lambda p: p["spec"]["ingress"].append({"from": [{"namespaceSelector": {}}]}), "reaches the head"),
+    (lambda p: p["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}), "reaches the head"),
+    (lambda p: p["spec"]["ingress"][1]["from"][0]["podSelector"]["matchLabels"].update(x="y"), "worker pod"),
+    (lambda p: p["spec"]["podSelector"]["matchLabels"].update({"ray.io/node-type": "worker"}), "does not select the head"),
+    (lambda p: p["spec"]["ingress"].pop(0), "cannot reach the Serve port"),
+])
+def test_policy_check_rejects_open_or_broken_policies(manifest, cfg, breaker, problem):
+    """The check above can fail: a policy that opens the dashboard or everything to all, keeps the
+    workers out, or misses the head is caught."""
+    import copy
+
+    policy = copy.deepcopy(kuberay.network_policy(cfg))
+    breaker(policy)
+    assert any(problem in p for p in policy_problems(policy, manifest, cfg.http.port)), policy_problems(
+        policy, manifest, cfg.http.port)
+    assert policy_problems(None, manifest, cfg.http.port) == ["no NetworkPolicy"]
 
 
 def test_no_ray_was_started():
