@@ -420,6 +420,17 @@ class HttpConfig(_Strict):
     """The ingress: where it listens, how it is admitted, and the local Ray it starts."""
 
     host: str = Field(default="127.0.0.1", description="Bind address; 0.0.0.0 exposes the service on the network.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="With auth off: Host header names accepted besides localhost, 127.0.0.1 and ::1 (a web page's "
+        "DNS-rebinding request names another host and is refused); '*' accepts any (`ragraph serve --insecure`). "
+        "With auth on, every Host is accepted (the key is the protection).",
+    )
+    ready_cache_s: float = Field(
+        default=1.5, ge=0, le=30,
+        description="Seconds /health/ready reuses its last verdict (each check asks Serve's controller and the "
+        "retriever; the endpoint is open to anyone).",
+    )
     port: int = Field(default=8000, ge=1, le=65535)
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         default="EveryNode",

@@ -46,3 +46,25 @@ def address_group(ip: str, ipv6_prefix: int = 64) -> str:
             return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, ipv6_prefix), strict=False))
     return str(addr)
+
+
+def is_loopback(ip: str) -> bool:
+    """``ip`` is a loopback address (127.0.0.0/8, ::1, or IPv4-mapped loopback); a name is not."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port (``[::1]:8000`` -> ``::1``), lowercased."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
