@@ -295,16 +295,26 @@ class IndexingConfig(_Strict):
 
 
 class RetrieverConfig(_Strict):
-    """Hybrid retrieval: BM25 + dense candidates, weighted score fusion, pseudo-relevance feedback."""
+    """Hybrid retrieval: BM25 + dense candidates, weighted score fusion calibrated per corpus,
+    pseudo-relevance feedback."""
 
     top_k: int = Field(default=10, gt=0, description="Passages returned by default.")
     candidates: int = Field(default=100, gt=0, description="Candidates taken from each retriever before fusion.")
     strategy: Literal["hybrid", "lexical", "semantic"] = "hybrid"
-    dense_weight: float = Field(
-        default=0.75, ge=0, le=1, description="Weight of the dense score in fusion; BM25 gets 1 - dense_weight."
+    dense_weight: float | Literal["auto"] = Field(
+        default="auto",
+        description="Weight of the dense score in fusion; BM25 gets 1 - dense_weight. 'auto': the weight the "
+        "index's label-free calibration chose for its corpus (docs/retrieval.md).",
+    )
+    normalization: Literal["max", "z"] = Field(
+        default="z", description="How each retriever's candidate scores are scaled before mixing: z-scores or / max."
     )
     feedback_docs: int = Field(
         default=5, ge=0, description="Fused top passages used as pseudo-relevance feedback (0: off)."
+    )
+    feedback_min_balance: float = Field(
+        default=0.5, ge=0, description="Feedback only on a corpus where the calibration's weaker retriever scores at "
+        "least this share of the stronger one (both carry signal); 0: always, above 1: never.",
     )
     feedback_dense: float = Field(default=0.5, ge=0, description="Rocchio weight of the feedback centroid.")
     feedback_terms: int = Field(default=5, ge=0, description="Expansion terms added to the BM25 query.")
@@ -317,6 +327,13 @@ class RetrieverConfig(_Strict):
     )
     batch: BatchOptions = Field(default_factory=BatchOptions, description="Query-embedding batching.")
     deployment: DeploymentOptions = _deployment(num_cpus=0.5, max_ongoing_requests=16, max_queued_requests=128)
+
+    @field_validator("dense_weight")
+    @classmethod
+    def _weight_in_range(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"dense_weight must be in [0, 1] or 'auto', got {v}")
+        return v
 
 
 class RerankerConfig(_Strict):

@@ -1,15 +1,17 @@
-"""The hybrid retriever: BM25 + dense candidates, weighted score fusion, pseudo-relevance feedback,
-metadata filters. A plain class; its Serve deployment is a thin wrapper (serving graph).
+"""The hybrid retriever: BM25 + dense candidates, weighted score fusion calibrated per corpus,
+pseudo-relevance feedback, metadata filters. A plain class; its Serve deployment is a thin wrapper
+(serving graph).
 
-Fusion (tuned on the msmarco-5k dev set only; see docs/retrieval.md):
+Fusion (see docs/retrieval.md; chosen with leave-one-dataset-out runs, load_tests/README.md):
 
 1. take ``candidates`` rows from BM25 and from FAISS; score every candidate with both;
-2. divide each retriever's scores by their maximum over the candidates and mix them,
-   ``w * dense + (1 - w) * bm25``;
-3. feedback: the fused top ``feedback_docs`` rows move the query vector towards their centroid
-   (Rocchio) and add their most distinctive terms to the BM25 query (RM3-style); fuse again.
-
-Naive reciprocal-rank fusion scored *below* dense alone on the dev set; this does not.
+2. put each retriever's candidate scores on a common scale (``normalization``: z-scores by
+   default) and mix them, ``w * dense + (1 - w) * bm25``. ``w`` is ``dense_weight``, or with
+   ``"auto"`` the weight the index's label-free calibration chose for this corpus
+   (:mod:`indexing.calibrate`: an inverse-cloze test on the corpus itself, stored in the manifest);
+3. feedback, only on a corpus where both retrievers carry signal (calibration balance at least
+   ``feedback_min_balance``): the fused top ``feedback_docs`` rows move the query vector towards
+   their centroid (Rocchio) and add their most distinctive terms to the BM25 query; fuse again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Literal
 
 import numpy as np
 
+from indexing.calibrate import NORMALIZATIONS, choose, normalize
+from indexing.calibrate import top as _top
 from indexing.embedding import Embedder
 from indexing.store import IndexLoadError, IndexVersion, current_name, current_path
 
@@ -67,18 +71,24 @@ class Filters:
         return bool(self.domains or self.updated_after or self.updated_before)
 
 
+FALLBACK_DENSE_WEIGHT = 0.5  # "auto" on an index too small or too sentence-poor to calibrate
+
+
 @dataclass(frozen=True, slots=True)
 class _Loaded:
-    """One index version with its filter columns. Swapped as a whole: a request holds the one it
-    started with, so a live swap never mixes two versions in one answer."""
+    """One index version with its filter columns and its fusion settings. Swapped as a whole: a
+    request holds the one it started with, so a live swap never mixes two versions in one answer."""
 
     index: IndexVersion
     domains: np.ndarray
     updated: np.ndarray
+    dense_weight: float = FALLBACK_DENSE_WEIGHT
+    feedback: bool = True
 
     @classmethod
-    def of(cls, index: IndexVersion) -> _Loaded:
-        return cls(index, np.asarray(index.chunks["domain"]), np.asarray(index.chunks["updated_at"]))
+    def of(cls, index: IndexVersion, dense_weight: float = FALLBACK_DENSE_WEIGHT, feedback: bool = True) -> _Loaded:
+        return cls(index, np.asarray(index.chunks["domain"]), np.asarray(index.chunks["updated_at"]),
+                   dense_weight, feedback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +106,10 @@ class HybridRetriever:
         top_k: int = 10,
         candidates: int = 100,
         strategy: Strategy = "hybrid",
-        dense_weight: float = 0.75,
+        dense_weight: float | Literal["auto"] = "auto",
+        normalization: Literal["max", "z"] = "z",
         feedback_docs: int = 5,
+        feedback_min_balance: float = 0.5,
         feedback_dense: float = 0.5,
         feedback_terms: int = 5,
         ef_search: int = 128,
@@ -110,10 +122,13 @@ class HybridRetriever:
             raise ValueError(f"candidates must be >= top_k={top_k}, got {candidates}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-        if not 0.0 <= dense_weight <= 1.0:
-            raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
+        if dense_weight != "auto" and not (isinstance(dense_weight, int | float) and 0.0 <= dense_weight <= 1.0):
+            raise ValueError(f"dense_weight must be in [0, 1] or 'auto', got {dense_weight}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
         self.index_dir, self.embedder = Path(index_dir), embedder
         self.top_k, self.candidates, self.strategy, self.dense_weight = top_k, candidates, strategy, dense_weight
+        self.normalization, self.feedback_min_balance = normalization, feedback_min_balance
         self.feedback_docs, self.feedback_dense, self.feedback_terms = feedback_docs, feedback_dense, feedback_terms
         self.ef_search, self.faiss_device, self.model_checksum = ef_search, faiss_device, model_checksum
         self._state: _Loaded | None = None
@@ -132,7 +147,9 @@ class HybridRetriever:
             candidates=r.candidates,
             strategy=r.strategy,
             dense_weight=r.dense_weight,
+            normalization=r.normalization,
             feedback_docs=r.feedback_docs,
+            feedback_min_balance=r.feedback_min_balance,
             feedback_dense=r.feedback_dense,
             feedback_terms=r.feedback_terms,
             ef_search=cfg.indexing.hnsw_ef_search,
@@ -154,7 +171,30 @@ class HybridRetriever:
                 f"embedder {self.embedder.model} has {self.model_checksum[:12]}...; its vectors would not match "
                 "the queries. Re-index with `ragraph index --full`"
             )
-        return _Loaded.of(idx)
+        return self._calibrated(idx)
+
+    def _calibrated(self, idx: IndexVersion) -> _Loaded:
+        """The index with its fusion weight and feedback decision (from the manifest's calibration;
+        an index built before calibration existed is calibrated now, in memory)."""
+        cal = idx.manifest.get("calibration")
+        if cal is None and self.dense_weight == "auto" and "settings" in idx.manifest:
+            from indexing.store import calibrate_chunks, settings_of
+
+            chunks = [idx.chunk(i) for i in range(len(idx))]
+            cal = calibrate_chunks(chunks, idx.vectors, self.embedder.embed, settings_of(idx.manifest))
+        chosen = choose(cal, self.normalization)
+        weight, balance = chosen if chosen else (FALLBACK_DENSE_WEIGHT, 1.0)
+        if self.dense_weight != "auto":
+            weight = float(self.dense_weight)
+        return _Loaded.of(idx, weight, balance >= self.feedback_min_balance)
+
+    @property
+    def fusion(self) -> dict[str, float | bool | str]:
+        """The fusion settings of the loaded version: dense weight, normalisation, feedback on/off."""
+        self.warm_up()
+        assert self._state is not None
+        return {"dense_weight": self._state.dense_weight, "normalization": self.normalization,
+                "feedback": self._state.feedback and self.feedback_docs > 0}
 
     def warm_up(self) -> None:
         self.embedder.warm_up()
@@ -261,7 +301,7 @@ class HybridRetriever:
         mask = _mask(st, filters) if filters is not None and filters.active else None
         if mask is not None and not mask.any():
             return empty, np.zeros(0, dtype=np.float32), {}
-        rows, fused, parts = self._rank(st.index, query, n, mask, strategy, qv)
+        rows, fused, parts = self._rank(st, query, n, mask, strategy, qv)
         return rows[:n], fused, parts
 
     def _dense(self, idx: IndexVersion, qv: np.ndarray, n: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -287,10 +327,11 @@ class HybridRetriever:
         return s
 
     def _rank(
-        self, idx: IndexVersion, query: str, n: int, mask: np.ndarray | None, strategy: Strategy,
+        self, st: _Loaded, query: str, n: int, mask: np.ndarray | None, strategy: Strategy,
         qv: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Rows in final order, and full-length score arrays (fused and per retriever)."""
+        idx, w, how = st.index, st.dense_weight, self.normalization
         size = len(idx)
         tokens = idx.bm25.tokenize([query])[0]
         if strategy == "lexical":
@@ -314,11 +355,11 @@ class HybridRetriever:
             d = np.zeros(size, dtype=np.float32)
             d[cand] = np.asarray(idx.vectors[cand], dtype=np.float32) @ qv
             fused = np.full(size, -np.inf, dtype=np.float32)
-            fused[cand] = self.dense_weight * _by_max(d[cand]) + (1 - self.dense_weight) * _by_max(b[cand])
+            fused[cand] = w * normalize(d[cand], how) + (1 - w) * normalize(b[cand], how)
             return cand[np.argsort(-fused[cand], kind="stable")], fused, d, b
 
         order, fused, d, b = fuse(qv, tokens)
-        if self.feedback_docs > 0 and len(order):
+        if st.feedback and self.feedback_docs > 0 and len(order):
             top = order[: self.feedback_docs]
             qv2 = qv + self.feedback_dense * np.asarray(idx.vectors[top], dtype=np.float32).mean(axis=0)
             qv2 /= np.linalg.norm(qv2) or 1.0
@@ -336,20 +377,6 @@ def _mask(st: _Loaded, f: Filters) -> np.ndarray:
     if f.updated_before:
         m &= st.updated <= f.updated_before
     return m
-
-
-def _top(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` highest scores, best first, without sorting the whole array."""
-    n = min(n, len(scores))
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    part = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
-    return part[np.argsort(-scores[part], kind="stable")]
-
-
-def _by_max(x: np.ndarray) -> np.ndarray:
-    m = float(x.max()) if len(x) else 0.0
-    return x / m if m > 0 else x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from indexing.calibrate import VERSION as CALIBRATION_VERSION
 from indexing.chunking import Chunk, chunk_document
 from indexing.documents import read_source
 from common.manifest import first_bad_file, tree_checksums
@@ -331,7 +332,8 @@ def build_index(
         report.previous = prev_name
         _diff_documents(report, chunks, prev_chunks)
         if prev_name and not full and not report.added and not report.changed and not report.removed and prev_vecs:
-            if prev_manifest.get("settings") == asdict(settings) and _same_rows(chunks, prev_chunks):
+            if (prev_manifest.get("settings") == asdict(settings) and _same_rows(chunks, prev_chunks)
+                    and prev_manifest.get("calibration", {}).get("version") == CALIBRATION_VERSION):
                 report.chunks, report.reused = len(chunks), len(chunks)
                 report.seconds["total"] = time.perf_counter() - t0
                 return report
@@ -363,6 +365,10 @@ def build_index(
         BM25Index.build(texts, k1=settings.bm25_k1, b=settings.bm25_b, stemmer=settings.stemmer).save(tmp / "bm25")
         report.seconds["build_indexes"] = time.perf_counter() - t2
         log(f"  built FAISS ({index_kind(dense)}) and BM25 over {len(chunks)} chunks ({report.seconds['build_indexes']:.1f} s)")
+        t3 = time.perf_counter()
+        calibration = calibrate_chunks(chunks, vectors, lambda t: embed(t)[0], settings)
+        report.seconds["calibrate"] = time.perf_counter() - t3
+        log(f"  calibrated fusion on {calibration['queries']} pseudo-queries ({report.seconds['calibrate']:.1f} s)")
 
         files = tree_checksums(tmp)
         manifest = {
@@ -378,6 +384,7 @@ def build_index(
             "chunks": len(chunks),
             "files": files,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "calibration": calibration,
         }
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
         _fsync_dir(tmp)
@@ -388,6 +395,28 @@ def build_index(
         _prune(versions, keep=keep_versions, live=name)
         report.seconds["total"] = time.perf_counter() - t0
         return report
+
+
+def settings_of(manifest: dict[str, Any]) -> BuildSettings:
+    """The build settings a version's manifest recorded."""
+    return BuildSettings(**manifest["settings"])
+
+
+def calibrate_chunks(
+    chunks: list[Chunk], vectors: np.ndarray, embed: Callable[[list[str]], np.ndarray], settings: BuildSettings
+) -> dict[str, Any]:
+    """The fusion calibration of :mod:`indexing.calibrate` for these chunks (stored in the manifest)."""
+    from indexing.calibrate import calibrate
+    from indexing.lexical import BM25Index
+
+    return calibrate(
+        texts=[c.text for c in chunks],
+        heads=["\n".join(p for p in (c.title, c.heading_path) if p) for c in chunks],
+        embed_texts=[c.embed_text for c in chunks],
+        vectors=vectors,
+        embed=embed,
+        build_bm25=lambda t: BM25Index.build(t, k1=settings.bm25_k1, b=settings.bm25_b, stemmer=settings.stemmer),
+    )
 
 
 def _diff_documents(report: BuildReport, chunks: list[Chunk], prev: dict[str, list]) -> None:

@@ -67,7 +67,8 @@ def test_unknown_strategy_lists_the_known(retriever):
     [
         ({"top_k": 0}, "top_k must be > 0, got 0"),
         ({"top_k": 10, "candidates": 5}, "candidates must be >= top_k=10, got 5"),
-        ({"dense_weight": 1.5}, r"dense_weight must be in \[0, 1\], got 1.5"),
+        ({"dense_weight": 1.5}, r"dense_weight must be in \[0, 1\] or 'auto', got 1.5"),
+        ({"normalization": "rank"}, r"normalization must be one of \['max', 'z'\], got 'rank'"),
     ],
 )
 def test_bad_settings_fail_at_construction(tmp_path, kw, msg):
