@@ -194,8 +194,9 @@ class QuotaDecision:
         if self.request > left:
             return (
                 f"{adjective} token quota too small for this request: it may use up to {self.request} tokens "
-                f"(prompt and max_tokens) but {left} of {self.limit} are left {span} (UTC); ask for fewer "
-                f"tokens (max_tokens) or retry after the reset in {_duration(self.retry_after)}"
+                f"(its prompt with the retrieved passages, and max_tokens) but {left} of {self.limit} are left "
+                f"{span} (UTC); a shorter conversation, a smaller rag.top_k or max_tokens asks for fewer, or "
+                f"retry after the reset in {_duration(self.retry_after)}"
             )
         return (
             f"{adjective} token quota held by requests in progress: {self.used} of {self.limit} tokens used "

@@ -54,6 +54,16 @@ class Trace:
 
 
 @dataclass
+class Reservation:
+    """Tokens a chat's admission held against its key's quota (``deployments.admission``); released
+    exactly once, by the usage that settles it, or with nothing used when the request ends early."""
+
+    key_id: str | None
+    tokens: int
+    settled: bool = False
+
+
+@dataclass
 class Prepared:
     trace: Trace
     prompt: Prompt
@@ -61,6 +71,7 @@ class Prepared:
     sources: list[Passage]
     key_id: str | None = None  # the API key that asked (None: auth off), for the usage ledger
     cache_key: str | None = None  # None: this answer is neither looked up nor stored
+    reservation: Reservation | None = None  # quota held at admission, released once
 
 
 def excerpt(text: str, n: int = 240) -> str:

@@ -34,6 +34,12 @@ def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
             out[name] = generator_options(cfg, name=name, llm=llm)
         elif name != "reranker" or cfg.reranker.enabled:
             out[name] = {"name": name, "logging_config": LOGGING, **sections[name].deployment.serve_options()}
+    # The ingress keeps its own limit (serve.routes.Gate) so that a refusal is OpenAI's JSON, not
+    # Serve's plain text: Serve lets every request within running + queued through to it.
+    ing, d = out["ingress"], cfg.http.deployment
+    if d.max_queued_requests != -1:
+        ing["max_ongoing_requests"] = d.max_ongoing_requests + d.max_queued_requests
+    ing["max_queued_requests"] = -1
     return out
 
 

@@ -39,7 +39,7 @@ from serve.api import ChatRequest, SearchRequest
 from serve.breaker import OPEN
 from serve.calls import StageCalls, Stages
 from serve.errors import ApiError, stage_unavailable
-from serve.events import ChatEvent, Delta, Done, Prepared, Trace, excerpt
+from serve.events import ChatEvent, Delta, Done, Prepared, Reservation, Trace, excerpt
 from serve.metrics import Metrics
 from serve.prompt import CitationFilter, PromptBuilder, PromptTooLong, attribute
 
@@ -217,7 +217,17 @@ class Pipeline(StageCalls):
             sampling["temperature"] == 0 or sampling.get("seed") is not None
         )
 
+    def settle(self, reservation: Reservation | None, used: int = 0) -> bool:
+        """Release a quota reservation made at admission (once), counting ``used`` tokens. False when
+        there was none to release."""
+        if reservation is None or reservation.settled:
+            return False
+        reservation.settled = True
+        self.admission.settle(reservation.key_id, reservation.tokens, used)
+        return True
+
     async def prepare(self, req: ChatRequest, request_id: str, *, key_id: str | None = None,
+                      reservation: Reservation | None = None,
                       bypass_cache: bool = False) -> Prepared:
         self.check_model(req)
         self.check_input(req)
@@ -256,7 +266,7 @@ class Pipeline(StageCalls):
                 index_version=trace.version, sampling=sampling,
                 key_id=key_id, shared=self.cfg.governor.cache.shared_across_keys,
             )
-        return Prepared(trace, prompt, rag, prompt.sources, key_id=key_id, cache_key=key)
+        return Prepared(trace, prompt, rag, prompt.sources, key_id=key_id, cache_key=key, reservation=reservation)
 
     def engine_request(self, req: ChatRequest, prep: Prepared) -> GenRequest:
         sampling = self.sampling(req)
@@ -395,7 +405,7 @@ class Pipeline(StageCalls):
                 if not recorded and (broke or chunk is not None):
                     # the client went away (or the stream broke): charge the tokens made so far
                     recorded = True
-                    self._count_usage(prep.key_id, usage)
+                    self._count_usage(prep, usage)
             tail = "" if raw else cites.flush()
             answer.append(tail)
             if not raw and not cites.cited and not broke:
@@ -413,7 +423,7 @@ class Pipeline(StageCalls):
             status = "ok" if not trace.degraded else "degraded"
         if stream is not None and not recorded:  # a sources-only answer sent nothing through the generator
             recorded = True
-            self._count_usage(prep.key_id, usage)
+            self._count_usage(prep, usage)
         for stage in trace.degraded:
             if stage != "generator":
                 self.metrics.degraded.labels(stage).inc()
@@ -438,10 +448,14 @@ class Pipeline(StageCalls):
             })
         yield Done(finish, usage, rag)
 
-    def _count_usage(self, key_id: str | None, usage: dict[str, int]) -> None:
+    def _count_usage(self, prep: Prepared, usage: dict[str, int]) -> None:
         self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
         self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
-        self.record_usage(key_id, usage["prompt_tokens"], usage["completion_tokens"])
+        if self.settle(prep.reservation, usage["prompt_tokens"] + usage["completion_tokens"]):
+            # the reservation turned into the usage it covered (settle noted it): only the ledger is left
+            StageCalls.record_usage(self, prep.key_id, usage["prompt_tokens"], usage["completion_tokens"])
+        else:
+            self.record_usage(prep.key_id, usage["prompt_tokens"], usage["completion_tokens"])
 
     async def _cache(self, method: str, *args: Any) -> Any:
         """A cache call; the cache is an optimisation, so a failure is a miss (counted), not an error."""

@@ -16,7 +16,10 @@ governor call.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import json
 import logging
 import math
 import time
@@ -32,7 +35,7 @@ from deployments.errors import StageError
 from serve import openai
 from serve.api import ChatRequest, SearchRequest
 from serve.errors import ApiError, install, stage_unavailable, status_of
-from serve.events import ChatEvent
+from serve.events import ChatEvent, Reservation
 from serve.ids import request_id
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
@@ -44,6 +47,7 @@ DESCRIPTION = "Retrieval-augmented chat on a Ray Serve graph: router -> hybrid r
 
 
 OPEN_ROUTES = ("/health", "/health/ready")
+CHAT = "/v1/chat/completions"
 ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
 
 
@@ -101,6 +105,7 @@ async def admit(request: Request, endpoint: str) -> None:
     try:
         verdict = await pipeline.admission.admit(
             token, ip, endpoint, admin_route, verify=functools.partial(pipeline.govern, "verify"),
+            reserve_tokens=quota_hold(request, cfg) if endpoint == CHAT and token else 0,
         )
     except StageError as e:
         if cfg.governor.auth.enabled:  # fail closed: no key (or no limit) can be checked
@@ -120,8 +125,28 @@ async def admit(request: Request, endpoint: str) -> None:
             "insufficient_quota" if verdict.code == "insufficient_quota" else "rate_limit_error")}[verdict.status]
         raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers)
     request.state.key_id = verdict.key_id
+    if verdict.reserved:
+        request.state.reservation = Reservation(verdict.key_id, verdict.reserved)
     # with auth off, the operator on this machine may do anything; anyone else is an ordinary caller
     request.state.scope = verdict.scope if cfg.governor.auth.enabled or is_loopback(ip) else "user"
+
+
+def quota_hold(request: Request, cfg) -> int:
+    """Tokens a chat is held to against its key's quota until it ends: the answer it may ask for
+    plus its prompt (the request's text at about 3 characters a token, and the retrieved passages),
+    never more than the context window. Read from the raw body: admission runs before validation."""
+    g = cfg.generator
+    answer = g.max_tokens
+    raw = getattr(request, "_body", b"") or b""
+    try:
+        body = json.loads(raw) if raw else {}
+        asked = body.get("max_completion_tokens") or body.get("max_tokens") if isinstance(body, dict) else None
+        if isinstance(asked, int) and asked > 0:
+            answer = min(asked, g.max_tokens_limit)
+    except ValueError:  # not JSON: validation will refuse it, and the hold is released then
+        pass
+    passages = cfg.retriever.top_k * cfg.indexing.chunk_size * 4 // 3  # words at ~4/3 tokens each
+    return min(g.max_model_len, answer + len(raw) // 3 + passages)
 
 
 def check_host(request: Request, allowed: list[str]) -> None:
@@ -157,6 +182,46 @@ async def read_body(request: Request, limit: int) -> None:
     request._body = b"".join(chunks)  # what Request.body() returns from now on
 
 
+class Gate:
+    """The ingress replica's own admission queue: at most ``max_ongoing`` requests run, at most
+    ``max_queued`` wait, and the rest get OpenAI's 503 JSON with ``Retry-After``. Serve's own
+    refusal is plain text, so the ingress deployment is given room for all of them
+    (:func:`serve.graph.deployment_options`) and the limit is kept here."""
+
+    def __init__(self, max_ongoing: int, max_queued: int) -> None:
+        self.max_ongoing, self.max_queued = max_ongoing, max_queued
+        self._slots = asyncio.Semaphore(max_ongoing)
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._slots.locked():
+            if self.max_queued != -1 and self.waiting >= self.max_queued:
+                METRICS.admission.labels("ingress_overloaded").inc()
+                raise ApiError(503, f"the service is at capacity ({self.max_ongoing} requests running and "
+                               f"{self.waiting} waiting in this replica); retry shortly", type="service_unavailable",
+                               code="overloaded", headers={"Retry-After": "1"})
+            self.waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
+def gate_of(request: Request) -> Gate:
+    gate = getattr(request.app.state, "gate", None)
+    if gate is None:
+        d = request.app.state.pipeline.cfg.http.deployment
+        gate = request.app.state.gate = Gate(d.max_ongoing_requests, d.max_queued_requests)
+    return gate
+
+
 class ObservedRoute(APIRoute):
     """Admits (:func:`admit`), counts and times every routed request (``rag_http_requests_total``,
     ``..._duration_seconds``).
@@ -171,12 +236,20 @@ class ObservedRoute(APIRoute):
 
         async def handler(request: Request) -> Response:
             t = time.perf_counter()
+            response = None
             try:
                 await admit(request, endpoint)
-                response = await inner(request)
+                if endpoint in OPEN_ROUTES or endpoint == "/metrics":
+                    response = await inner(request)
+                else:
+                    async with gate_of(request).slot():
+                        response = await inner(request)
             except Exception as e:
                 METRICS.http_requests.labels(request.method, endpoint, str(status_of(e))).inc()
                 raise
+            finally:
+                if not isinstance(response, StreamingResponse):  # a stream releases its quota hold at its end
+                    request.app.state.pipeline.settle(getattr(request.state, "reservation", None))
             METRICS.http_requests.labels(request.method, endpoint, str(response.status_code)).inc()
             if not isinstance(response, StreamingResponse):  # a stream is observed at its last byte
                 METRICS.http_duration.labels(endpoint).observe(time.perf_counter() - t)
@@ -197,6 +270,7 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
     rid = request_id(request)
     t = time.perf_counter()
     prep = await pipeline.prepare(body, rid, key_id=getattr(request.state, "key_id", None),
+                                  reservation=getattr(request.state, "reservation", None),
                                   bypass_cache=no_cache(request))
     if not body.stream:
         result = await openai.completion(pipeline.chat_events(body, prep), request_id=rid, model=pipeline.model)
@@ -218,6 +292,7 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
                 yield line
         finally:
             await events.aclose()
+            pipeline.settle(prep.reservation)  # if nothing was generated (a cache hit, sources only)
             METRICS.http_duration.labels("/v1/chat/completions").observe(time.perf_counter() - t)
 
     return StreamingResponse(

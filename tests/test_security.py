@@ -310,3 +310,74 @@ def test_the_response_cache_is_per_key(local_cfg, built_index, tmp_path):
     assert again["rag"]["metadata"].get("cached") and again["rag"]["metadata"]["cached_request_id"] == "alice-1"
     assert not other["rag"]["metadata"].get("cached") and "alice-1" not in str(other)
     assert engine.calls == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI compatibility: the ingress's own overload refusal is OpenAI's JSON (Serve's is plain text)
+
+
+def test_the_ingress_gate_refuses_in_openai_json_beyond_its_queue():
+    from serve.graph import deployment_options
+    from serve.routes import Gate
+    from common.config import load_config
+
+    async def go():
+        gate = Gate(1, 1)
+        release = asyncio.Event()
+
+        async def hold():
+            async with gate.slot():
+                await release.wait()
+
+        running = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(hold())
+        await asyncio.sleep(0)
+        assert gate.waiting == 1
+        with pytest.raises(ApiError) as e:
+            async with gate.slot():
+                pass
+        release.set()
+        await asyncio.gather(running, waiting)
+        async with gate.slot():  # free again
+            pass
+        return e.value
+
+    err = asyncio.run(go())
+    assert err.status == 503 and err.code == "overloaded" and err.headers["Retry-After"]
+    cfg = load_config()
+    ingress = deployment_options(cfg)["ingress"]
+    d = cfg.http.deployment
+    assert ingress["max_queued_requests"] == -1  # Serve never answers for the ingress in plain text
+    assert ingress["max_ongoing_requests"] == d.max_ongoing_requests + d.max_queued_requests
+
+
+# ---------------------------------------------------------------------------------------------
+# row 5 (wiring): the quota reservation a chat's admission makes is released however it ends (the
+# reservation arithmetic itself is in test_admission.py)
+
+
+def test_a_chats_quota_reservation_is_released_however_it_ends(app):
+    client, api, cfg = app(auth=True)
+    token, key = KeyStore(cfg.governor.db).create("reserver")
+    adm = api.state.pipeline.admission
+    held = {}
+    real_admit = adm.admit
+
+    async def spy(*a, **kw):
+        v = await real_admit(*a, **kw)
+        held["reserved"] = v.reserved
+        held["during"] = adm.reserved(key.id)
+        return v
+
+    adm.admit = spy
+    auth = {"Authorization": f"Bearer {token}"}
+    assert client.post("/v1/chat/completions", json=chat_body(seed=2**64), headers=auth).status_code == 400
+    assert 0 < held["reserved"] <= cfg.generator.max_model_len and held["during"] == held["reserved"]
+    assert adm.reserved(key.id) == 0  # refused by validation after admission: released
+    r = client.post("/v1/chat/completions", json=chat_body(), headers=auth)  # no engine here: sources only or 503
+    assert r.status_code in (200, 503), r.text
+    assert adm.reserved(key.id) == 0
+    r = client.post("/v1/chat/completions", json=chat_body(stream=True), headers=auth)
+    assert r.status_code in (200, 503), r.text
+    assert adm.reserved(key.id) == 0
