@@ -129,6 +129,14 @@ class WindowLimiter:
         ok = await self._call(self.strategy.hit(item, scope, kind, who))
         return Decision(True, kind=kind) if ok else await self._refusal(item, scope, kind, who, limit)
 
+    async def headers(self, kind: str, who: str, limit: float) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*-requests`` headers for the ``who`` key's ``kind`` bucket."""
+        item = self.item(limit)
+        stats = await self._call(self.strategy.get_window_stats(item, "key", kind, who))
+        reset = max(0.0, stats.reset_time - time.time())
+        return {"x-ratelimit-limit-requests": str(item.amount), "x-ratelimit-remaining-requests": str(stats.remaining),
+                "x-ratelimit-reset-requests": openai_duration(reset)}
+
     async def _refusal(self, item: RateLimitItem, scope: str, kind: str, who: str, limit: float) -> Decision:
         stats = await self._call(self.strategy.get_window_stats(item, scope, kind, who))
         wait = max(stats.reset_time - time.time(), 1e-3)  # when the oldest request leaves the window
@@ -255,11 +263,13 @@ class Admission:
                 if ip_limit and not ip_taken:  # a refused request still came from this address
                     await lim.hit("ip", kind, who, ip_limit)
                 return refusal
+        headers: dict[str, str] = {}
         if lim is not None:
             if kv is not None and (key_limit := lim.key_limit(kind, kv.rate_overrides)) > 0:
                 d = await lim.hit("key", kind, kv.key_id, key_limit)
                 if not d.allowed:
                     return _too_many(d, kv)
+                headers = await lim.headers(kind, kv.key_id, key_limit)
             if ip_limit and not ip_taken:
                 d = await lim.hit("ip", kind, who, ip_limit)
                 if not d.allowed:
@@ -277,8 +287,13 @@ class Admission:
                 return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, kv.key_id, kv.scope)
             if reserve_tokens:
                 self._reserved[kv.key_id] = reserved + reserve_tokens
-                return Verdict(True, key_id=kv.key_id, scope=kv.scope, reserved=reserve_tokens)
-        return Verdict(True, key_id=kv.key_id, scope=kv.scope)
+            if kv.daily_tokens:
+                left = kv.daily_tokens - day_used - reserved - reserve_tokens
+                headers |= {"x-ratelimit-limit-tokens": str(kv.daily_tokens),
+                            "x-ratelimit-remaining-tokens": str(max(0, left)),
+                            "x-ratelimit-reset-tokens": openai_duration(next_utc_midnight(now) - now)}
+            return Verdict(True, key_id=kv.key_id, scope=kv.scope, reserved=reserve_tokens, headers=headers or None)
+        return Verdict(True, key_id=kv.key_id, scope=kv.scope, headers=headers or None)
 
     def settle(self, key_id: str | None, reserved: int, used: int) -> None:
         """A request admitted with ``reserved`` tokens (its ``Verdict.reserved``) is over, having
@@ -375,6 +390,22 @@ class Admission:
         return entry
 
 
+def openai_duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``"1s"``, ``"6m0s"``, ``"1h2m3s"``, ``"250ms"``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    s = round(seconds)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{sec}s"
+
+
+def next_utc_midnight(now: float) -> float:
+    return (now // 86400 + 1) * 86400
+
+
 def _too_many(d: Decision, kv: KeyVerdict | None = None) -> Verdict:
+    headers = {"x-ratelimit-limit-requests": f"{d.limit_per_min:g}", "x-ratelimit-remaining-requests": "0",
+               "x-ratelimit-reset-requests": openai_duration(d.retry_after)} if d.scope == "key" else None
     return Verdict(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
-                   kv.key_id if kv else None, kv.scope if kv else None)
+                   kv.key_id if kv else None, kv.scope if kv else None, headers=headers)

@@ -44,6 +44,7 @@ class Verdict:
     key_id: str | None = None
     scope: str | None = None
     reserved: int = 0  # tokens reserved for this request (Admission.admit's reserve_tokens): settle them after
+    headers: dict[str, str] | None = None  # OpenAI's x-ratelimit-* headers for the key's limits, when it has any
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,13 +118,15 @@ async def admit(request: Request, endpoint: str) -> None:
         return
     if not verdict.allowed:
         METRICS.admission.labels(verdict.code).inc()
-        headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after)))} if verdict.status == 429 else {}
+        headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after))), **(verdict.headers or {})} \
+            if verdict.status == 429 else {}
         if verdict.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         kind = {401: "invalid_request_error", 403: "permission_error", 429: (
             "insufficient_quota" if verdict.code == "insufficient_quota" else "rate_limit_error")}[verdict.status]
         raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers)
     request.state.key_id = verdict.key_id
+    request.state.rate_headers = verdict.headers
     if verdict.reserved:
         request.state.reservation = Reservation(verdict.key_id, verdict.reserved)
     # with auth off, the operator on this machine may do anything; anyone else is an ordinary caller
@@ -250,6 +252,8 @@ class ObservedRoute(APIRoute):
             finally:
                 if not isinstance(response, StreamingResponse):  # a stream releases its quota hold at its end
                     request.app.state.pipeline.settle(getattr(request.state, "reservation", None))
+            if getattr(request.state, "rate_headers", None):  # OpenAI's x-ratelimit-* for the key's limits
+                response.headers.update(request.state.rate_headers)
             METRICS.http_requests.labels(request.method, endpoint, str(response.status_code)).inc()
             if not isinstance(response, StreamingResponse):  # a stream is observed at its last byte
                 METRICS.http_duration.labels(endpoint).observe(time.perf_counter() - t)

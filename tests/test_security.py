@@ -375,9 +375,39 @@ def test_a_chats_quota_reservation_is_released_however_it_ends(app):
     assert client.post("/v1/chat/completions", json=chat_body(seed=2**64), headers=auth).status_code == 400
     assert 0 < held["reserved"] <= cfg.generator.max_model_len and held["during"] == held["reserved"]
     assert adm.reserved(key.id) == 0  # refused by validation after admission: released
-    r = client.post("/v1/chat/completions", json=chat_body(), headers=auth)  # no engine here: sources only or 503
-    assert r.status_code in (200, 503), r.text
+    r = client.post("/v1/chat/completions", json=chat_body(), headers=auth)
     assert adm.reserved(key.id) == 0
+    assert r.status_code == 200, r.text  # sources only: the engine is not started here
+    # the key's daily token quota, as OpenAI's token headers
+    assert int(r.headers["x-ratelimit-limit-tokens"]) == cfg.governor.quotas.daily_tokens
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) < int(r.headers["x-ratelimit-limit-tokens"])
     r = client.post("/v1/chat/completions", json=chat_body(stream=True), headers=auth)
     assert r.status_code in (200, 503), r.text
     assert adm.reserved(key.id) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI compatibility: x-ratelimit-* headers, as OpenAI sends them
+
+
+def test_rate_limit_headers_count_down_and_come_with_the_429(app):
+    client, _, cfg = app(auth=True)
+    token, _ = KeyStore(cfg.governor.db).create("counted", search_per_min=3)
+    auth = {"Authorization": f"Bearer {token}"}
+    seen = []
+    for _ in range(3):
+        r = client.post("/v1/search", json={"query": "tasting room hours"}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-limit-requests"] == "3"
+        assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+        seen.append(int(r.headers["x-ratelimit-remaining-requests"]))
+    assert seen == [2, 1, 0]
+    r = client.post("/v1/search", json={"query": "tasting room hours"}, headers=auth)
+    assert error_of(r, 429)["code"] == "rate_limit_exceeded"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0" and int(r.headers["Retry-After"]) >= 1
+
+
+def test_openai_durations():
+    from deployments.admission import openai_duration
+
+    assert [openai_duration(x) for x in (0.25, 1, 59.6, 360, 3723)] == ["250ms", "1s", "1m0s", "6m0s", "1h2m3s"]
