@@ -13,6 +13,7 @@ the engine accepts, so that no value reaches vLLM only to be refused there.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,6 +32,7 @@ MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300
 TOKEN_ID_MAX = 2**31 - 1
+MAX_SCHEMA_CHARS = 8_000  # a structured-output grammar is compiled per request
 
 
 class ChatMessage(_Body):
@@ -112,6 +114,10 @@ class ResponseFormat(_Body):
         if self.type == "json_schema":
             if not self.json_schema or not isinstance(self.json_schema.get("schema"), dict):
                 raise ValueError("response_format type 'json_schema' needs json_schema.schema (a JSON Schema object)")
+            size = len(json.dumps(self.json_schema["schema"]))
+            if size > MAX_SCHEMA_CHARS:
+                raise ValueError(f"response_format.json_schema.schema is {size} characters as JSON; the limit is "
+                                 f"{MAX_SCHEMA_CHARS}")
         return self
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import re
 import threading
 import time
@@ -188,6 +189,86 @@ def test_plain_chat_without_rag(client):
     )
     assert "Paris" in r.choices[0].message.content
     assert r.model_extra["rag"]["sources"] == []
+
+
+def test_openai_sdk_json_mode_logprobs_and_the_fields_clients_send(client):
+    """What the openai SDK sends beyond model and messages is accepted, and honoured where the engine can."""
+    r = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "Give the capital of France as JSON with the key city."}],
+        max_tokens=40, temperature=0, response_format={"type": "json_object"}, user="u-1", metadata={"team": "a"},
+        store=False, service_tier="auto", seed=7, extra_body={"rag": {"enabled": False}},
+    )
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason in ("stop", "length")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict), text
+    assert "[" not in text.split("}")[-1]  # no citation marker appended to a JSON answer
+    r = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "What is the capital of France? Answer briefly."}],
+        max_tokens=8, temperature=0, logprobs=True, top_logprobs=2, extra_body={"rag": {"enabled": False}},
+    )
+    content = r.choices[0].logprobs.content
+    assert content and all(t.logprob <= 0 and 1 <= len(t.top_logprobs) <= 2 for t in content)
+    stream = client.chat.completions.create(
+        model="ragraph", messages=[{"role": "user", "content": "What is the capital of France? Answer briefly."}],
+        max_tokens=8, temperature=0, logprobs=True, stream=True, extra_body={"rag": {"enabled": False}},
+    )
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed and all(t.logprob <= 0 for t in streamed)
+    r = client.chat.completions.create(  # a tool-using client's history: assistant content null, a tool message
+        model="ragraph", max_tokens=16, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        tool_choice="auto", parallel_tool_calls=False,
+        messages=[{"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": None,
+                   "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                  {"role": "user", "content": "What did the tool say?"}],
+        extra_body={"rag": {"enabled": False}},
+    )
+    assert r.choices[0].finish_reason in ("stop", "length")
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:  # would change the answer and cannot be honoured
+        client.chat.completions.create(model="ragraph", messages=[{"role": "user", "content": "hi"}],
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                                       tool_choice="required")
+    assert "tool_choice" in e.value.body["message"]
+
+
+def test_langchain_chat_openai_invoke_and_stream(service):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{service.url}/v1", api_key=KEYS["admin"], model="ragraph", max_tokens=60,
+                     temperature=0, max_retries=0, extra_body={"rag": {"rerank": False}})
+    answer = llm.invoke("Who is the head winemaker of the estate?")
+    assert "Okonkwo" in answer.content, answer.content
+    chunks = list(llm.stream("Who is the head winemaker of the estate?"))
+    assert len([c for c in chunks if c.content]) > 3
+    assert "Okonkwo" in "".join(c.content for c in chunks)
+    plain = ChatOpenAI(base_url=f"{service.url}/v1", api_key=KEYS["admin"], model="ragraph", max_tokens=8,
+                       logprobs=False, max_retries=0)  # some LangChain versions send logprobs: false on every call
+    assert plain.invoke("hello").content is not None
+
+
+def test_vllm_bench_serve_runs_against_the_endpoint(service, provisioned, tmp_path):
+    """vLLM's own serving benchmark (openai-chat backend, ignore_eos) gets no 400 from us."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "load_tests/vllm_bench.py", "--backend", "openai-chat",
+         "--base-url", service.url, "--endpoint", "/v1/chat/completions", "--model", "ragraph",
+         "--tokenizer", str(provisioned["generator"]), "--dataset-name", "random", "--random-input-len", "32",
+         "--random-output-len", "8", "--num-prompts", "4", "--max-concurrency", "2", "--ignore-eos",
+         "--save-result", "--result-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OPENAI_API_KEY": KEYS["admin"]},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [result] = list(tmp_path.glob("*.json"))
+    data = json.loads(result.read_text())
+    assert data["completed"] == 4 and data.get("failed", 0) == 0, data
+    assert data["total_output_tokens"] == 4 * 8  # ignore_eos honoured: every answer ran to its length
 
 
 def test_unknown_model_is_404_in_openai_format(client):
