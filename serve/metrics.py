@@ -27,7 +27,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 if os.environ.get(MULTIPROC_ENV):  # prometheus_client writes there from the first metric on
     os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
 
-MAX_GAUGES = {"rag_generator_breaker_state", "rag_index_version_info"}  # states: the worst replica, not a sum
+MAX_GAUGES = {"rag_generator_breaker_state", "rag_index_version_info", "rag_index_published_info",
+              "rag_key_quota_used_ratio"}  # states: the worst replica, not a sum
 
 
 class Family:
@@ -172,13 +173,58 @@ class Metrics:
         self.usage_lost = self._make(Counter, "rag_usage_records_lost_total", "Usage records the governor never took", registry=r)
         self.index_version = self._make(Gauge, "rag_index_version_info", "Index version that answered last", ["version"], registry=r)
         self._version: str | None = None
+        self.index_published = self._make(Gauge,
+            "rag_index_published_info", "Index version published in indexing.dir (its `current` pointer), read at each scrape",
+            ["version"], registry=r,
+        )
+        self._published: str | None = None
+        self.key_quota_used = self._make(Gauge,
+            "rag_key_quota_used_ratio", "Share of a key's daily token quota used or held, as of its last chat admission "
+            "(keys with a daily quota only)", ["key_id"], registry=r,
+        )
 
     def saw_version(self, version: str | None) -> None:
         if version and version != self._version:
-            if self._version is not None:
+            if self._version is not None:  # 0 first: a multiprocess file keeps a removed child's last value
+                self.index_version.labels(self._version).set(0)
                 self.index_version.remove(self._version)
             self.index_version.labels(version).set(1)
             self._version = version
+
+    def saw_published(self, root: Any) -> None:
+        """The version published in ``root`` (``indexing.dir``), for the alert on an index that is
+        published but not yet answering (configs/monitoring/rules.yml)."""
+        from pathlib import Path
+
+        from indexing.store import current_name
+
+        try:
+            name = current_name(Path(root))
+        except OSError:
+            name = None
+        if name != self._published:
+            if self._published is not None:
+                self.index_published.labels(self._published).set(0)
+                self.index_published.remove(self._published)
+            if name is not None:
+                self.index_published.labels(name).set(1)
+            self._published = name
+
+    def saw_quota(self, key_id: str | None, headers: dict[str, str] | None, *, spent: bool = False) -> None:
+        """A key's daily token quota as its admission left it: from the ``x-ratelimit-*-tokens``
+        headers of an admitted chat, or 1.0 when the quota refused it (``spent``)."""
+        if not key_id:
+            return
+        if spent:
+            self.key_quota_used.labels(key_id).set(1.0)
+            return
+        try:
+            limit = int((headers or {})["x-ratelimit-limit-tokens"])
+            left = int((headers or {})["x-ratelimit-remaining-tokens"])
+        except (KeyError, ValueError):
+            return
+        if limit > 0:
+            self.key_quota_used.labels(key_id).set(min(1.0, max(0.0, 1 - left / limit)))
 
     def _make(self, cls: type, name: str, doc: str, labels: list[str] | tuple[str, ...] = (), *,
               buckets: tuple[float, ...] = (), registry: CollectorRegistry) -> Family:

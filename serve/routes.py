@@ -118,6 +118,8 @@ async def admit(request: Request, endpoint: str) -> None:
         return
     if not verdict.allowed:
         METRICS.admission.labels(verdict.code).inc()
+        if verdict.code == "insufficient_quota":
+            METRICS.saw_quota(verdict.key_id, None, spent=True)
         headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after))), **(verdict.headers or {})} \
             if verdict.status == 429 else {}
         if verdict.status == 401:
@@ -127,6 +129,7 @@ async def admit(request: Request, endpoint: str) -> None:
         raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers)
     request.state.key_id = verdict.key_id
     request.state.rate_headers = verdict.headers
+    METRICS.saw_quota(verdict.key_id, verdict.headers)
     if verdict.reserved:
         request.state.reservation = Reservation(verdict.key_id, verdict.reserved)
     # with auth off, the operator on this machine may do anything; anyone else is an ordinary caller
@@ -445,7 +448,8 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    METRICS.saw_published(pipeline_of(request).cfg.indexing.dir)  # for the IndexNotReloaded alert
     return Response(METRICS.render(), media_type="text/plain; version=0.0.4")
 
 
