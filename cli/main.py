@@ -281,6 +281,12 @@ def _kuberay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_answers(args: argparse.Namespace) -> int:
+    from cli.eval_answers import main as eval_answers
+
+    return eval_answers(args)
+
+
 def _loadtest_args(p: argparse.ArgumentParser) -> None:
     from load_tests.cli import add_arguments
 
@@ -325,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where dataset indexes are cached, keyed by corpus checksum and settings",
     )
     e.set_defaults(func=_eval)
+
+    ea = sub.add_parser("eval-answers", help="score a running service's answers on a QA set (docs/evaluation.md)")
+    from cli.eval_answers import add_arguments as _ea_args
+
+    _ea_args(ea)
+    ea.set_defaults(func=_eval_answers)
 
     r = sub.add_parser("reranker", help="reranker tools")
     rsub = r.add_subparsers(dest="reranker_command", required=True, metavar="COMMAND")
