@@ -275,11 +275,25 @@ class IndexingConfig(_Strict):
         default=512, ge=1, description="HNSW search breadth: 512 keeps recall@100 >= 0.95 of exact at 1M chunks (load_tests/README.md)."
     )
     faiss_device: Literal["cpu", "cuda"] = Field(default="cpu", description="'cuda' needs faiss-gpu.")
+    keep_versions: int = Field(
+        default=3, ge=1, description="Published versions kept on disk (the live one always): what a rollback can reach."
+    )
+    reindex_schedule: str | None = Field(
+        default=None, description="Cron schedule (5 fields, UTC) of a scheduled `ragraph index` of `source`; the KubeRay "
+        "manifest gets a CronJob that submits it as a Ray job. None: no schedule.",
+    )
 
     @field_validator("dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("reindex_schedule")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None and len(v.split()) != 5:
+            raise ValueError(f"reindex_schedule must be a 5-field cron schedule like '0 3 * * *', got {v!r}")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -607,6 +621,56 @@ class GovernorConfig(_Strict):
         return self
 
 
+class DocumentsConfig(_Strict):
+    """The documents API (``POST /v1/documents``, ``DELETE /v1/documents/{id}``, ``/v1/jobs``): its
+    limits and how ingest jobs run. Jobs are kept in SQLite and run one at a time by the governor
+    (in-process in ``serve.local``), each applying its changes to the live index version."""
+
+    jobs_db: Path | None = Field(
+        default=None, description="SQLite file (WAL, 0600) of ingest jobs; None: jobs.sqlite3 beside governor.db.",
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="Folder (0700) holding each queued job's uploaded files until it ends; None: "
+        "ingest/ beside governor.db.",
+    )
+    max_upload_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Largest POST /v1/documents body, JSON or multipart (413 above).",
+    )
+    max_files: int = Field(default=100, ge=1, description="Most files in one multipart upload (413 above).")
+    max_documents: int = Field(default=10_000, ge=1, description="Most documents in one JSON upload (413 above).")
+    max_document_chars: int = Field(
+        default=2_000_000, ge=1, description="Longest text of one document, as sent or as read from a file.",
+    )
+    max_extracted_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest uncompressed content of one DOCX (a zip bomb fails alone).",
+    )
+    max_pdf_pages: int = Field(default=2_000, ge=1, description="Most pages read from one PDF (a longer one fails).")
+    default_domain: str = Field(default="uploads", min_length=1, description="Domain of uploaded documents that name none.")
+    runner: Literal["auto", "thread", "ray"] = Field(
+        default="auto", description="Where a job's build runs: 'ray': a Ray task (num_cpus, resources below) off the "
+        "governor's process; 'thread': a thread of the process that holds the jobs; 'auto': ray when Ray is running.",
+    )
+    build_num_cpus: float = Field(default=1, ge=0, description="CPUs of the Ray task that builds a job's version.")
+    build_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources of that task, e.g. {'cpu_pool': 1} for the cpu workers.",
+    )
+    max_attempts: int = Field(
+        default=2, ge=1, description="Runs of one job: one interrupted by a restart is run again until this many, then failed.",
+    )
+    stale_after_s: float = Field(
+        default=120, gt=0, description="A running job whose runner has not reported for this long is taken as "
+        "interrupted (its runner's process is gone).",
+    )
+    poll_interval_s: float = Field(default=1.0, gt=0, description="How often the job runner looks for queued jobs.")
+    keep_jobs: int = Field(default=1000, ge=10, description="Finished jobs kept in the jobs database (oldest dropped).")
+    max_page_size: int = Field(default=1000, ge=1, description="Most rows in one page of GET /v1/documents or /v1/jobs.")
+
+    @field_validator("jobs_db", "spool_dir")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
+
+
 class AppConfig(_Strict):
     models: ModelsConfig
     embedder: EmbedderConfig = EmbedderConfig()
@@ -617,6 +681,7 @@ class AppConfig(_Strict):
     router: RouterConfig = RouterConfig()
     http: HttpConfig = HttpConfig()
     governor: GovernorConfig = GovernorConfig()
+    documents: DocumentsConfig = DocumentsConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> AppConfig:

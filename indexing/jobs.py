@@ -68,7 +68,8 @@ def index_source(cfg, source: Path, root: Path, *, full: bool = False, log: Log 
     embedder = embedder_from_config(cfg)
     nodes: dict[str, int] = {}
     report = build_index(
-        source, root, settings_from_config(cfg), embed=embed_fn(cfg, embedder, log=log, nodes=nodes), full=full, log=log
+        source, root, settings_from_config(cfg), embed=embed_fn(cfg, embedder, log=log, nodes=nodes), full=full,
+        keep_versions=cfg.indexing.keep_versions, log=log,
     )
     report.embed_nodes = nodes
     return report

@@ -35,7 +35,7 @@ import numpy as np
 
 from indexing.calibrate import VERSION as CALIBRATION_VERSION
 from indexing.chunking import Chunk, chunk_document
-from indexing.documents import read_source
+from indexing.documents import Document, read_source
 from common.manifest import first_bad_file, tree_checksums
 
 FORMAT_VERSION = 1
@@ -299,19 +299,14 @@ def build_index(
     """Read ``source``, chunk, embed what is new, build BM25 + FAISS, publish a new version.
 
     ``embed(texts) -> (vectors, engine_name)`` does the embedding (in-process or Ray Data).
+    Documents uploaded over the API (the live manifest's ``uploaded`` list) that ``source`` does not
+    hold are kept, with their chunks as they are; a source document with the same id replaces one.
     """
-    from indexing.dense import build_faiss, index_kind, save_faiss
-    from indexing.lexical import BM25Index
-
     root = Path(root)
     report = BuildReport()
     t0 = time.perf_counter()
     with _build_lock(root):
-        versions = root / "versions"
-        versions.mkdir(parents=True, exist_ok=True)
-        for stale in versions.glob(".tmp-*"):  # left by an interrupted build; the lock says none runs now
-            shutil.rmtree(stale, ignore_errors=True)
-
+        _clear_tmp(root)
         docs = list(read_source(source, skipped=report.outside_links))
         if report.outside_links:
             log(f"  skipped {len(report.outside_links)} links leading outside {source} (not indexed): "
@@ -323,78 +318,268 @@ def build_index(
         if dup:
             raise IndexBuildError(f"source {source}: duplicate document ids {sorted(dup)[:5]}")
         chunks = [c for d in docs for c in chunk_document(d, size=settings.chunk_size, overlap=settings.chunk_overlap)]
+        try:
+            live_manifest, live_chunks = _live(root)
+        except IndexBuildError:
+            if not full:
+                raise
+            log("  the live version cannot be read: a full rebuild keeps no uploaded document")
+            live_manifest, live_chunks = {}, {}
+        uploaded = set(live_manifest.get("uploaded", [])) - seen
+        kept = [c for c in _rows(live_chunks) if c.document_id in uploaded]
+        if kept:
+            log(f"  keeping {len(uploaded)} documents uploaded over the API ({len(kept)} chunks)")
         report.seconds["read_and_chunk"] = time.perf_counter() - t0
         log(f"  read {len(docs)} documents into {len(chunks)} chunks ({report.seconds['read_and_chunk']:.1f} s)")
+        return _build_version(root, settings, chunks + kept, uploaded=uploaded, source=str(source), embed=embed,
+                              full=full, keep_versions=keep_versions, log=log, report=report, t0=t0)
 
-        prev_name, prev_manifest, prev_vecs, prev_chunks = (
-            _previous_vectors(root, settings) if not full else (current_name(root), {}, {}, {})
-        )
-        report.previous = prev_name
-        _diff_documents(report, chunks, prev_chunks)
-        if prev_name and not full and not report.added and not report.changed and not report.removed and prev_vecs:
-            if (prev_manifest.get("settings") == asdict(settings) and _same_rows(chunks, prev_chunks)
-                    and prev_manifest.get("calibration", {}).get("version") == CALIBRATION_VERSION):
-                report.chunks, report.reused = len(chunks), len(chunks)
-                report.seconds["total"] = time.perf_counter() - t0
-                return report
 
-        t1 = time.perf_counter()
-        texts = [c.embed_text for c in chunks]
-        todo = [i for i, c in enumerate(chunks) if c.checksum not in prev_vecs]
-        report.embedded, report.reused, report.chunks = len(todo), len(chunks) - len(todo), len(chunks)
-        log(f"  embedding {len(todo)} chunks, reusing {report.reused}")
-        new_vecs, report.engine = embed([texts[i] for i in todo]) if todo else (None, "none")
-        dim = new_vecs.shape[1] if new_vecs is not None else len(next(iter(prev_vecs.values())))
-        vectors = np.zeros((len(chunks), dim), dtype=np.float32)
-        if todo:
-            vectors[todo] = new_vecs
-        for i, c in enumerate(chunks):
-            if c.checksum in prev_vecs:
-                vectors[i] = prev_vecs[c.checksum]
-        report.seconds["embed"] = time.perf_counter() - t1
+def apply_changes(
+    root: Path,
+    settings: BuildSettings,
+    *,
+    upserts: list[Document],
+    deletes: list[str],
+    embed: Callable[[list[str]], tuple[np.ndarray, str]],
+    keep_versions: int = 3,
+    log: Log = print,
+) -> BuildReport:
+    """The live version with ``upserts`` added or replaced and ``deletes`` removed, published as a
+    new version (what the documents API runs). Every other document keeps its chunks as they are;
+    only new or changed chunks are embedded. Idempotent: applying the same changes again publishes
+    nothing. Raises :class:`IndexBuildError` when the result would hold no document."""
+    root = Path(root)
+    report = BuildReport()
+    t0 = time.perf_counter()
+    ids = [d.id for d in upserts]
+    if len(set(ids)) != len(ids):
+        raise IndexBuildError(f"duplicate document ids {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
+    with _build_lock(root):
+        _clear_tmp(root)
+        live_manifest, live_chunks = _live(root)
+        replaced = set(ids) | set(deletes)
+        kept = [c for c in _rows(live_chunks) if c.document_id not in replaced]
+        new = [c for d in upserts for c in chunk_document(d, size=settings.chunk_size, overlap=settings.chunk_overlap)]
+        if not kept and not new:
+            raise IndexBuildError("these changes would leave the index without any document; nothing was published "
+                                  "(upload documents first, or index a source with `ragraph index`)")
+        uploaded = (set(live_manifest.get("uploaded", [])) | set(ids)) - set(deletes)
+        report.seconds["read_and_chunk"] = time.perf_counter() - t0
+        log(f"  {len(upserts)} documents in {len(new)} chunks, {len(set(deletes))} to delete, "
+            f"{len(kept)} chunks kept from {live_manifest.get('name') or 'no live version'}")
+        return _build_version(root, settings, kept + new, uploaded=uploaded,
+                              source=str(live_manifest.get("source") or "api"), embed=embed, full=False,
+                              keep_versions=keep_versions, log=log, report=report, t0=t0)
 
-        name = datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        tmp = versions / f".tmp-{name}"
-        tmp.mkdir()
-        t2 = time.perf_counter()
-        _write_chunks(tmp / "chunks.parquet", chunks)
-        np.save(tmp / "vectors.npy", vectors)
-        dense = build_faiss(vectors, ann_threshold=settings.ann_threshold, hnsw_m=settings.hnsw_m)
-        save_faiss(dense, tmp / "dense.faiss")
-        (tmp / "bm25").mkdir()
-        BM25Index.build(texts, k1=settings.bm25_k1, b=settings.bm25_b, stemmer=settings.stemmer).save(tmp / "bm25")
-        report.seconds["build_indexes"] = time.perf_counter() - t2
-        log(f"  built FAISS ({index_kind(dense)}) and BM25 over {len(chunks)} chunks ({report.seconds['build_indexes']:.1f} s)")
-        t3 = time.perf_counter()
-        calibration = calibrate_chunks(chunks, vectors, lambda t: embed(t)[0], settings)
-        report.seconds["calibrate"] = time.perf_counter() - t3
-        log(f"  calibrated fusion on {calibration['queries']} pseudo-queries ({report.seconds['calibrate']:.1f} s)")
 
-        files = tree_checksums(tmp)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "model": {"name": settings.model, "checksum": settings.model_checksum, "dtype": settings.embedder_dtype},
-            "dim": dim,
-            "chunking": {"size": settings.chunk_size, "overlap": settings.chunk_overlap},
-            "settings": asdict(settings),
-            "dense_index": index_kind(dense),
-            "source": str(source),
-            "documents": len(docs),
-            "chunks": len(chunks),
-            "files": files,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "calibration": calibration,
-        }
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
-        _fsync_dir(tmp)
-        tmp.rename(versions / name)
-        _fsync_dir(versions)
-        _write_atomic(root / "current", name + "\n")
-        report.version, report.published = name, True
-        _prune(versions, keep=keep_versions, live=name)
-        report.seconds["total"] = time.perf_counter() - t0
-        return report
+def _clear_tmp(root: Path) -> None:
+    versions = root / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    for stale in versions.glob(".tmp-*"):  # left by an interrupted build; the lock says none runs now
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _live(root: Path) -> tuple[dict[str, Any], dict[str, list]]:
+    """The live version's manifest and chunk columns ({}, {} when none is published)."""
+    name = current_name(root)
+    if name is None:
+        return {}, {}
+    folder = root / "versions" / name
+    try:
+        import pyarrow.parquet as pq
+
+        return read_manifest(folder), pq.read_table(folder / "chunks.parquet").to_pydict()
+    except (IndexLoadError, OSError, ValueError) as e:
+        raise IndexBuildError(f"the live version {folder} cannot be read ({e}); rebuild with --full") from None
+
+
+def _rows(columns: dict[str, list]) -> list[Chunk]:
+    if not columns:
+        return []
+    return [Chunk(**dict(zip(CHUNK_COLUMNS, row, strict=True)))
+            for row in zip(*(columns[k] for k in CHUNK_COLUMNS), strict=True)]
+
+
+def _build_version(
+    root: Path,
+    settings: BuildSettings,
+    chunks: list[Chunk],
+    *,
+    uploaded: set[str],
+    source: str,
+    embed: Callable[[list[str]], tuple[np.ndarray, str]],
+    full: bool,
+    keep_versions: int,
+    log: Log,
+    report: BuildReport,
+    t0: float,
+) -> BuildReport:
+    """Embed what is new in ``chunks``, build the indexes and publish them (the build lock is held)."""
+    from indexing.dense import build_faiss, index_kind, save_faiss
+    from indexing.lexical import BM25Index
+
+    versions = root / "versions"
+    n_docs = len({c.document_id for c in chunks})
+    prev_name, prev_manifest, prev_vecs, prev_chunks = (
+        _previous_vectors(root, settings) if not full else (current_name(root), {}, {}, {})
+    )
+    report.previous = prev_name
+    _diff_documents(report, chunks, prev_chunks)
+    if prev_name and not full and not report.added and not report.changed and not report.removed and prev_vecs:
+        if (prev_manifest.get("settings") == asdict(settings) and _same_rows(chunks, prev_chunks)
+                and prev_manifest.get("calibration", {}).get("version") == CALIBRATION_VERSION
+                and sorted(prev_manifest.get("uploaded", [])) == sorted(uploaded)):
+            report.chunks, report.reused = len(chunks), len(chunks)
+            report.seconds["total"] = time.perf_counter() - t0
+            return report
+
+    t1 = time.perf_counter()
+    texts = [c.embed_text for c in chunks]
+    todo = [i for i, c in enumerate(chunks) if c.checksum not in prev_vecs]
+    report.embedded, report.reused, report.chunks = len(todo), len(chunks) - len(todo), len(chunks)
+    log(f"  embedding {len(todo)} chunks, reusing {report.reused}")
+    new_vecs, report.engine = embed([texts[i] for i in todo]) if todo else (None, "none")
+    dim = new_vecs.shape[1] if new_vecs is not None else len(next(iter(prev_vecs.values())))
+    vectors = np.zeros((len(chunks), dim), dtype=np.float32)
+    if todo:
+        vectors[todo] = new_vecs
+    for i, c in enumerate(chunks):
+        if c.checksum in prev_vecs:
+            vectors[i] = prev_vecs[c.checksum]
+    report.seconds["embed"] = time.perf_counter() - t1
+
+    name = datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    tmp = versions / f".tmp-{name}"
+    tmp.mkdir()
+    t2 = time.perf_counter()
+    _write_chunks(tmp / "chunks.parquet", chunks)
+    np.save(tmp / "vectors.npy", vectors)
+    dense = build_faiss(vectors, ann_threshold=settings.ann_threshold, hnsw_m=settings.hnsw_m)
+    save_faiss(dense, tmp / "dense.faiss")
+    (tmp / "bm25").mkdir()
+    BM25Index.build(texts, k1=settings.bm25_k1, b=settings.bm25_b, stemmer=settings.stemmer).save(tmp / "bm25")
+    report.seconds["build_indexes"] = time.perf_counter() - t2
+    log(f"  built FAISS ({index_kind(dense)}) and BM25 over {len(chunks)} chunks ({report.seconds['build_indexes']:.1f} s)")
+    t3 = time.perf_counter()
+    calibration = calibrate_chunks(chunks, vectors, lambda t: embed(t)[0], settings)
+    report.seconds["calibrate"] = time.perf_counter() - t3
+    log(f"  calibrated fusion on {calibration['queries']} pseudo-queries ({report.seconds['calibrate']:.1f} s)")
+
+    files = tree_checksums(tmp)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "model": {"name": settings.model, "checksum": settings.model_checksum, "dtype": settings.embedder_dtype},
+        "dim": dim,
+        "chunking": {"size": settings.chunk_size, "overlap": settings.chunk_overlap},
+        "settings": asdict(settings),
+        "dense_index": index_kind(dense),
+        "source": source,
+        "documents": n_docs,
+        "chunks": len(chunks),
+        "files": files,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "calibration": calibration,
+        "uploaded": sorted(uploaded),
+    }
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    _fsync_dir(tmp)
+    tmp.rename(versions / name)
+    _fsync_dir(versions)
+    _write_atomic(root / "current", name + "\n")
+    report.version, report.published = name, True
+    _prune(versions, keep=keep_versions, live=name)
+    report.seconds["total"] = time.perf_counter() - t0
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# operations: versions, rollback, what the live version holds
+
+
+class RollbackError(ValueError):
+    """A rollback was refused; ``code`` says why (``version_not_found``, ``embedder_mismatch``,
+    ``version_corrupt``) and the message names the version and what exists."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def list_versions(root: Path) -> tuple[str | None, list[dict[str, Any]]]:
+    """(the live version's name, every complete version kept, newest first: name, created_at,
+    documents, chunks, model, dim, source, live). A folder without a readable manifest is listed
+    with ``error``."""
+    root = Path(root)
+    live = current_name(root)
+    out = []
+    folder = root / "versions"
+    names = sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True) \
+        if folder.is_dir() else []
+    for name in names:
+        try:
+            m = read_manifest(folder / name)
+        except IndexLoadError as e:
+            out.append({"name": name, "live": name == live, "error": str(e).replace(str(root), "<index>")})
+            continue
+        out.append({"name": name, "live": name == live, "created_at": m["created_at"], "documents": m["documents"],
+                    "chunks": m["chunks"], "model": m["model"], "dim": m["dim"], "source": m.get("source", ""),
+                    "uploaded": len(m.get("uploaded", []))})
+    return live, out
+
+
+def same_embedder(manifest: dict[str, Any], settings: BuildSettings) -> bool:
+    m = manifest.get("model") or {}
+    return (m.get("name"), m.get("checksum"), m.get("dtype")) == (
+        settings.model, settings.model_checksum, settings.embedder_dtype)
+
+
+def rollback(root: Path, name: str, settings: BuildSettings) -> tuple[str | None, str]:
+    """Make the kept version ``name`` live, as atomically as a publish (one rename of ``current``),
+    after checking its files against its manifest. Refuses a version embedded by another model or
+    precision than ``settings`` (its vectors would not match the queries'). Returns (previous, name).
+    Raises :class:`RollbackError`, or :class:`IndexBuildError` while a build holds the index."""
+    root = Path(root)
+    with _build_lock(root):
+        folder = root / "versions" / name
+        if "/" in name or name.startswith(".") or not folder.is_dir():
+            _, kept = list_versions(root)
+            raise RollbackError(f"no index version {name!r} is kept; kept: {[v['name'] for v in kept]}",
+                                "version_not_found")
+        try:
+            m = read_manifest(folder)
+            verify_files(folder, m)
+        except IndexLoadError as e:
+            raise RollbackError(f"version {name} cannot be loaded: {str(e).replace(str(root), '<index>')}",
+                                "version_corrupt") from None
+        if not same_embedder(m, settings):
+            raise RollbackError(
+                f"version {name} was embedded by {m['model'].get('name')!r} ({m['model'].get('dtype')}, checksum "
+                f"{str(m['model'].get('checksum'))[:12]}), the service embeds queries with {settings.model!r} "
+                f"({settings.embedder_dtype}, checksum {settings.model_checksum[:12]}); its vectors would not match",
+                "embedder_mismatch")
+        previous = current_name(root)
+        if previous != name:
+            _write_atomic(root / "current", name + "\n")
+            _fsync_dir(root)
+        return previous, name
+
+
+def live_documents(root: Path) -> tuple[str | None, list[dict[str, Any]]]:
+    """(the live version's name, its documents in id order: id, title, chunks, source, domain, updated_at,
+    uploaded)."""
+    manifest, cols = _live(Path(root))
+    uploaded = set(manifest.get("uploaded", []))
+    docs: dict[str, dict[str, Any]] = {}
+    for i, d in enumerate(cols.get("document_id", [])):
+        row = docs.get(d)
+        if row is None:
+            docs[d] = {"id": d, "title": cols["title"][i], "chunks": 1, "source": cols["source"][i],
+                       "domain": cols["domain"][i], "updated_at": cols["updated_at"][i], "uploaded": d in uploaded}
+        else:
+            row["chunks"] += 1
+    return manifest.get("name"), [docs[k] for k in sorted(docs)]
 
 
 def settings_of(manifest: dict[str, Any]) -> BuildSettings:
