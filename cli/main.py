@@ -68,6 +68,13 @@ def _index(args: argparse.Namespace) -> int:
 
     _offline()
     cfg = load_config(args.config)
+    if args.source is not None and str(args.source) in ("versions", "rollback"):  # `./versions` for a folder
+        from cli.index_ops import index_op
+
+        return index_op(cfg, args)
+    if args.version is not None:
+        print(f"error: `ragraph index` takes one SOURCE; got also {args.version!r}", file=sys.stderr)
+        return 2
     source = args.source or cfg.indexing.source
     root = (args.index_dir or cfg.indexing.dir).expanduser()
     print(f"ragraph index: {source} -> {root}{' (full rebuild)' if args.full else ''}")
@@ -316,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_models)
 
     i = sub.add_parser("index", help="index a source (folder, .jsonl, .parquet) into a new index version")
-    i.add_argument("source", type=Path, nargs="?", default=None, help="what to index (default: indexing.source)")
+    i.add_argument("source", type=Path, nargs="?", default=None,
+                   help="what to index (default: indexing.source); or `versions` (list the kept versions) or "
+                   "`rollback VERSION` (make a kept version live)")
+    i.add_argument("version", nargs="?", default=None, help=argparse.SUPPRESS)  # of `ragraph index rollback VERSION`
     i.add_argument("--full", action="store_true", help="re-embed everything, reusing no vector")
     i.add_argument("--index-dir", type=Path, default=None, help="index root (default: indexing.dir)")
     i.add_argument("--json", action="store_true", help="print the build report as one JSON object on the last line")

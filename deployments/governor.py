@@ -25,6 +25,7 @@ from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
 from deployments.cache import ResponseCache
 from deployments.limits import KINDS, RateLimiter, check_quota, kind_of
 
+INGEST_CALLS = frozenset({"submit", "job", "jobs", "pending_document_ids"})  # GovernorDeployment.ingest
 ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
 MISSING_KEY = (("no API key was sent; send the header `Authorization: Bearer <key>` "
                 "(`ragraph keys create` makes one)"), "missing_api_key")
@@ -201,6 +202,12 @@ class GovernorDeployment:
 
         self._gov = Governor.from_config(cfg)
         self._replica = serve.get_replica_context().replica_id.unique_id
+        from deployments.ingest import IngestService
+
+        # The documents API's jobs (deployments/ingest.py): kept here, beside the database, in the one
+        # replica; started at once so that a job a restart interrupted is run again (or failed) now.
+        self._ingest = IngestService(cfg)
+        self._ingest.start()
 
     async def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
         return self._gov.admit(token, ip, path, need_admin)
@@ -228,6 +235,15 @@ class GovernorDeployment:
 
     async def cache_clear(self) -> int:
         return self._gov.cache_clear()
+
+    async def ingest(self, method: str, *args: Any) -> Any:
+        """A call of the documents API on :class:`deployments.ingest.IngestService` (in a thread: a
+        submit writes and fsyncs the uploaded files)."""
+        import asyncio
+
+        if method not in INGEST_CALLS:
+            raise ValueError(f"unknown ingest call {method!r}; known: {sorted(INGEST_CALLS)}")
+        return await asyncio.to_thread(getattr(self._ingest, method), *args)
 
     async def check_health(self) -> None:
         self._gov.keys.count_active()  # the database answers

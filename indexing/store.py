@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -359,8 +359,18 @@ def apply_changes(
         _clear_tmp(root)
         live_manifest, live_chunks = _live(root)
         replaced = set(ids) | set(deletes)
-        kept = [c for c in _rows(live_chunks) if c.document_id not in replaced]
-        new = [c for d in upserts for c in chunk_document(d, size=settings.chunk_size, overlap=settings.chunk_overlap)]
+        rows = _rows(live_chunks)
+        kept = [c for c in rows if c.document_id not in replaced]
+        before: dict[str, list[Chunk]] = {}
+        for c in rows:
+            before.setdefault(c.document_id, []).append(c)
+        new = []
+        for d in upserts:
+            chunks = chunk_document(d, size=settings.chunk_size, overlap=settings.chunk_overlap)
+            old = before.get(d.id, [])
+            # the same document sent again keeps its rows (and its updated_at): nothing to publish
+            new += old if [replace(c, updated_at="") for c in old] == [replace(c, updated_at="") for c in chunks] \
+                else chunks
         if not kept and not new:
             raise IndexBuildError("these changes would leave the index without any document; nothing was published "
                                   "(upload documents first, or index a source with `ragraph index`)")

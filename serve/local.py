@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from serve.documents import router as documents_router
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
 from serve.routes import make_app
@@ -34,8 +35,11 @@ def create_app(cfg) -> FastAPI:
             yield
         finally:
             stages.stop()
+            if getattr(api.state, "ingest", None) is not None:
+                api.state.ingest.stop()
 
     api = make_app(lifespan=lifespan)
+    api.include_router(documents_router)  # the documents API and index operations (serve/documents.py)
     api.state.pipeline = pipeline
     return api
 

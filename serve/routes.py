@@ -49,6 +49,9 @@ DESCRIPTION = "Retrieval-augmented chat on a Ray Serve graph: router -> hybrid r
 OPEN_ROUTES = ("/health", "/health/ready")
 CHAT = "/v1/chat/completions"
 ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
+ADMIN_ROUTES |= {("POST", "/v1/documents"), ("GET", "/v1/documents"), ("DELETE", "/v1/documents/{document_id:path}"),
+                 ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/index"), ("POST", "/v1/index/rollback")}
+UPLOADS = "/v1/documents"  # its body limit is documents.max_upload_bytes (serve/documents.py)
 
 
 def bearer(request: Request) -> str | None:
@@ -91,7 +94,10 @@ async def admit(request: Request, endpoint: str) -> None:
     if not cfg.governor.auth.enabled:
         check_host(request, cfg.http.allowed_hosts)
     if request.method in ("POST", "PUT", "PATCH"):
-        await read_body(request, cfg.http.limits.max_body_bytes)
+        if endpoint == UPLOADS:
+            await read_body(request, cfg.documents.max_upload_bytes, "documents.max_upload_bytes")
+        else:
+            await read_body(request, cfg.http.limits.max_body_bytes)
     if endpoint == "/metrics" and cfg.governor.auth.metrics_open:
         return
     token = bearer(request)
@@ -168,20 +174,20 @@ def check_host(request: Request, allowed: list[str]) -> None:
                    code="invalid_host")
 
 
-async def read_body(request: Request, limit: int) -> None:
+async def read_body(request: Request, limit: int, name: str = "http.limits.max_body_bytes") -> None:
     """Read the body, stopping at ``limit`` bytes (413) whether or not Content-Length was sent; the
     bytes read are kept for the route (Starlette's ``Request.body()`` returns them)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         METRICS.admission.labels("request_too_large").inc()
         raise ApiError(413, f"body: the request body is {int(declared)} bytes; the limit is {limit} "
-                       "(http.limits.max_body_bytes)", param="body", code="request_too_large")
+                       f"({name})", param="body", code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             METRICS.admission.labels("request_too_large").inc()
-            raise ApiError(413, f"body: the request body is over {limit} bytes, the limit (http.limits.max_body_bytes); "
+            raise ApiError(413, f"body: the request body is over {limit} bytes, the limit ({name}); "
                            "reading stopped there", param="body", code="request_too_large")
         chunks.append(chunk)
     request._body = b"".join(chunks)  # what Request.body() returns from now on
