@@ -513,6 +513,56 @@ def network_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | No
     }
 
 
+APP_DIR = POD_HOME / "ragraph"  # where the image holds this repository (configs/kuberay/README.md)
+
+
+def reindex_cronjob(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "ragraph",
+                    namespace: str | None = None, image: str | None = None) -> dict[str, Any] | None:
+    """The ``CronJob`` that re-indexes ``indexing.source`` on ``indexing.reindex_schedule`` (None when
+    no schedule is set): a small pod that submits ``ragraph index`` to the cluster as a Ray job (the
+    driver on a cpu worker, as :data:`INDEX_DRIVER` asks; Ray Data's embedder actors where the config
+    puts them) and waits for it. Incremental like any ``ragraph index``: only new or changed chunks
+    are embedded, documents uploaded over the API are kept, and the new version goes live with the
+    atomic swap. The pod carries the service's pod labels, which the NetworkPolicy lets reach the
+    head's dashboard (job submission), and the Ray token from the Secret."""
+    schedule = cfg.indexing.reindex_schedule
+    if schedule is None:
+        return None
+    meta: dict[str, Any] = {"name": f"{name}-reindex"}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = {"app.kubernetes.io/name": "ragraph"}
+    entry = ["ragraph", "--config", str(APP_DIR / source), "index", str(cfg.indexing.source)]
+    submit = ["ray", "job", "submit", "--address", f"http://{name}-head-svc:{DASHBOARD_PORT}",
+              "--entrypoint-num-cpus", f"{INDEX_DRIVER['CPU']:g}",
+              "--entrypoint-resources", json.dumps({k: v for k, v in INDEX_DRIVER.items() if k != "CPU"}), "--", *entry]
+    container = {
+        "name": "reindex",
+        "image": image or default_image(),
+        "command": submit,
+        "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
+                {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": auth_secret(name), "key": "auth_token"}}}],
+        "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": meta,
+        "spec": {
+            "schedule": schedule,
+            "timeZone": "Etc/UTC",
+            "concurrencyPolicy": "Forbid",  # one re-index at a time (index builds of a root are serialised anyway)
+            "startingDeadlineSeconds": 3600,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"spec": {"backoffLimit": 1, "template": {
+                "metadata": {"labels": pod_labels(name)},
+                "spec": {"restartPolicy": "Never", "containers": [container]},
+            }}},
+        },
+    }
+
+
 def command(*, source: str, out: str | None = None, name: str = "ragraph", namespace: str | None = None,
             image: str | None = None) -> str:
     """The ``ragraph`` command line that writes this manifest."""
@@ -576,5 +626,10 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
     for g, b in bounds.items():
         lines.append(f"#   {g}: min {b.min_replicas} (needs {need(b.min_need)} at min_replicas), "
                      f"max {b.max_replicas} (needs {need(b.max_need)} at max_replicas); {', '.join(b.stages)}")
+    cron = reindex_cronjob(cfg, source=source, name=name, namespace=namespace, image=image)
+    if cron is not None:
+        lines.append(f"# Scheduled re-index: the CronJob {cron['metadata']['name']} (third document) submits "
+                     f"`ragraph index {cfg.indexing.source}` as a Ray job at '{cron['spec']['schedule']}' UTC.")
     return ("\n".join(lines) + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
-            + "---\n" + yaml.dump(policy, Dumper=_Dumper, sort_keys=False, width=100))
+            + "---\n" + yaml.dump(policy, Dumper=_Dumper, sort_keys=False, width=100)
+            + ("---\n" + yaml.dump(cron, Dumper=_Dumper, sort_keys=False, width=100) if cron is not None else ""))

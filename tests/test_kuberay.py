@@ -338,7 +338,7 @@ def test_network_policy_closes_the_head_to_all_but_its_cluster(manifest, cfg):
     the Serve port gets through; the cluster's own pods reach every port; the dashboard only from the
     operator's labelled namespace, the metrics port only from the scrapers'."""
     docs = committed_docs()
-    assert set(docs) == {"RayService", "NetworkPolicy"}, set(docs)
+    assert set(docs) == {"RayService", "NetworkPolicy", "CronJob"}, set(docs)  # CronJob: test_reindex_cronjob_...
     policy = docs["NetworkPolicy"]
     assert policy == kuberay.network_policy(cfg)
     assert policy_problems(policy, manifest, cfg.http.port) == []
@@ -379,3 +379,24 @@ def test_no_ray_was_started():
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_reindex_cronjob_submits_ragraph_index_as_a_ray_job(cfg):
+    """The scheduled re-index (indexing.reindex_schedule) is the committed manifest's third document: a
+    CronJob whose pod submits `ragraph index SOURCE` to the head's dashboard with the Ray token, one
+    run at a time; its pod carries the service's labels (the NetworkPolicy lets those reach the head).
+    Without a schedule there is none."""
+    cron = committed_docs()["CronJob"]
+    assert cron == kuberay.reindex_cronjob(cfg)
+    assert cron["spec"]["schedule"] == cfg.indexing.reindex_schedule and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    assert pod["metadata"]["labels"] == kuberay.pod_labels("ragraph")
+    (c,) = pod["spec"]["containers"]
+    cmd = c["command"]
+    assert cmd[:5] == ["ray", "job", "submit", "--address", "http://ragraph-head-svc:8265"]
+    assert cmd[cmd.index("--") + 1:] == ["ragraph", "--config", "/home/ray/ragraph/configs/gpu.yaml", "index",
+                                         str(cfg.indexing.source)]
+    token = next(e for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "ragraph-ray-auth", "key": "auth_token"}
+    off = cfg.model_copy(update={"indexing": cfg.indexing.model_copy(update={"reindex_schedule": None})})
+    assert kuberay.reindex_cronjob(off) is None and "CronJob" not in kuberay.render(off)
