@@ -8,7 +8,6 @@ from __future__ import annotations
 from fastapi import FastAPI
 from ray import serve as ray_serve
 
-from serve.documents import router as documents_router
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
 from serve.routes import make_app
@@ -28,6 +27,5 @@ class RagIngress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve asks for the app once the constructor has run: this replica's own, with its pipeline."""
         app = make_app()
-        app.include_router(documents_router)  # the documents API and index operations (serve/documents.py)
         app.state.pipeline = self.pipeline
         return app

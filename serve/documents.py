@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,10 +30,19 @@ from deployments.ingest import STATUSES, IngestService
 from indexing.formats import SUFFIXES, supported
 from indexing.store import IndexBuildError, RollbackError, list_versions, live_documents, rollback
 from serve.errors import ApiError, stage_unavailable
-from serve.routes import ObservedRoute
 from serve.stages import InProcessStages
 
-router = APIRouter(route_class=ObservedRoute)
+# (path, methods, endpoint, options): serve.routes adds them to its router, so that they are admitted
+# (ObservedRoute) and served by every app make_app builds, like the routes declared there.
+ROUTES: list[tuple[str, list[str], Any, dict[str, Any]]] = []
+
+
+def _route(method: str, path: str, **options: Any):
+    def add(endpoint):
+        ROUTES.append((path, [method], endpoint, options))
+        return endpoint
+
+    return add
 
 DOCUMENTS = "/v1/documents"
 ADMIN = {("POST", DOCUMENTS), ("GET", DOCUMENTS), ("DELETE", DOCUMENTS + "/{document_id:path}"),
@@ -212,7 +221,7 @@ def _accepted(job: dict[str, Any]) -> JSONResponse:
                         headers={"Location": f"/v1/jobs/{job['id']}"})
 
 
-@router.post(DOCUMENTS, status_code=202)
+@_route("POST", DOCUMENTS, status_code=202)
 async def upload(request: Request) -> JSONResponse:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     documents, files = None, None
@@ -230,7 +239,7 @@ async def upload(request: Request) -> JSONResponse:
     return _accepted(job)
 
 
-@router.delete(DOCUMENTS + "/{document_id:path}", status_code=202)
+@_route("DELETE", DOCUMENTS + "/{document_id:path}", status_code=202)
 async def delete(document_id: str, request: Request) -> JSONResponse:
     root = Path(_cfg(request).indexing.dir)
     _, docs = await asyncio.to_thread(_documents_of, request, root)
@@ -261,7 +270,7 @@ def _documents_of(request: Request, root: Path) -> tuple[str | None, list[dict[s
     return version, docs
 
 
-@router.get(DOCUMENTS)
+@_route("GET", DOCUMENTS)
 async def documents(request: Request, limit: int = Query(100, ge=1), after: str | None = None) -> dict:
     cap = _cfg(request).documents.max_page_size
     if limit > cap:
@@ -283,7 +292,7 @@ async def documents(request: Request, limit: int = Query(100, ge=1), after: str 
 # jobs
 
 
-@router.get("/v1/jobs")
+@_route("GET", "/v1/jobs")
 async def jobs(request: Request, limit: int = Query(20, ge=1), status: str | None = None,
                before: int | None = Query(None, ge=1)) -> dict:
     cap = _cfg(request).documents.max_page_size
@@ -296,7 +305,7 @@ async def jobs(request: Request, limit: int = Query(20, ge=1), status: str | Non
     return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
 
 
-@router.get("/v1/jobs/{job_id}")
+@_route("GET", "/v1/jobs/{job_id}")
 async def job(job_id: str, request: Request) -> dict:
     row = await ingest_call(request, "job", job_id)
     if row is None:
@@ -321,7 +330,7 @@ def _model(m: dict[str, Any]) -> dict[str, Any]:
             "checksum": m.get("checksum")}
 
 
-@router.get("/v1/index")
+@_route("GET", "/v1/index")
 async def index(request: Request) -> dict:
     from indexing.store import same_embedder
 
@@ -342,7 +351,7 @@ async def index(request: Request) -> dict:
             "chunks": next((v["chunks"] for v in out if v.get("live")), 0)}
 
 
-@router.post("/v1/index/rollback")
+@_route("POST", "/v1/index/rollback")
 async def index_rollback(body: RollbackIn, request: Request) -> dict:
     cfg = _cfg(request)
     settings = await asyncio.to_thread(_settings, request)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from serve.documents import router as documents_router
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
 from serve.routes import make_app
@@ -39,7 +38,6 @@ def create_app(cfg) -> FastAPI:
                 api.state.ingest.stop()
 
     api = make_app(lifespan=lifespan)
-    api.include_router(documents_router)  # the documents API and index operations (serve/documents.py)
     api.state.pipeline = pipeline
     return api
 

@@ -34,6 +34,7 @@ from common.networks import LOCAL_HOSTS, host_name, in_networks, is_loopback, pa
 from deployments.errors import StageError
 from serve import openai
 from serve.api import ChatRequest, SearchRequest
+from serve.documents import ADMIN as DOCUMENT_ADMIN_ROUTES, ROUTES as DOCUMENT_ROUTES
 from serve.errors import ApiError, install, stage_unavailable, status_of
 from serve.events import ChatEvent, Reservation
 from serve.ids import request_id
@@ -49,8 +50,7 @@ DESCRIPTION = "Retrieval-augmented chat on a Ray Serve graph: router -> hybrid r
 OPEN_ROUTES = ("/health", "/health/ready")
 CHAT = "/v1/chat/completions"
 ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
-ADMIN_ROUTES |= {("POST", "/v1/documents"), ("GET", "/v1/documents"), ("DELETE", "/v1/documents/{document_id:path}"),
-                 ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/index"), ("POST", "/v1/index/rollback")}
+ADMIN_ROUTES |= DOCUMENT_ADMIN_ROUTES  # every route of serve/documents.py
 UPLOADS = "/v1/documents"  # its body limit is documents.max_upload_bytes (serve/documents.py)
 
 
@@ -477,6 +477,10 @@ async def redoc_page(request: Request) -> Response:
     from fastapi.openapi.docs import get_redoc_html
 
     return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
+
+
+for _path, _methods, _endpoint, _options in DOCUMENT_ROUTES:  # the documents API and index operations
+    router.add_api_route(_path, _endpoint, methods=_methods, **_options)
 
 
 def make_app(**kw: Any) -> FastAPI:
