@@ -41,7 +41,7 @@ def promtool() -> str:
 
 
 def run(*args: str, cwd: Path = MON) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
 
 
 # ---------------------------------------------------------------------------------------------
