@@ -242,7 +242,8 @@ def test_langchain_chat_openai_invoke_and_stream(service):
                      temperature=0, max_retries=0, extra_body={"rag": {"rerank": False}})
     answer = llm.invoke("Who is the head winemaker of the estate?")
     assert "Okonkwo" in answer.content, answer.content
-    chunks = list(llm.stream("Who is the head winemaker of the estate?"))
+    fresh = llm.model_copy(update={"extra_body": {"rag": {"rerank": False, "cache": False}}})  # not from the cache
+    chunks = list(fresh.stream("Who is the head winemaker of the estate?"))
     assert len([c for c in chunks if c.content]) > 3
     assert "Okonkwo" in "".join(c.content for c in chunks)
     plain = ChatOpenAI(base_url=f"{service.url}/v1", api_key=KEYS["admin"], model="ragraph", max_tokens=8,
@@ -426,7 +427,12 @@ def test_graph_publishes_the_shared_openapi_schema(service):
     from serve.routes import make_app
 
     code, _, raw = http("GET", f"{service.url}/openapi.json")
-    assert code == 200 and json.loads(raw) == json.loads(json.dumps(make_app().openapi()))
+    got, want = json.loads(raw), json.loads(json.dumps(make_app().openapi()))
+    assert code == 200
+    assert sorted(got["paths"]) == sorted(want["paths"])
+    differ = [p for p in want["paths"] if got["paths"][p] != want["paths"][p]]
+    assert not differ, [(p, got["paths"][p], want["paths"][p]) for p in differ][:1]
+    assert got == want
 
 
 def test_chat_cli_prints_answer_and_sources(service, monkeypatch):
@@ -516,7 +522,7 @@ def test_cache_hit_and_usage_through_the_graph(service):
     before = json.loads(http("GET", f"{service.url}/v1/usage")[2])["day"]
     code, _, first = http("POST", f"{service.url}/v1/chat/completions", body)
     code2, _, again = http("POST", f"{service.url}/v1/chat/completions",
-                           {**body, "messages": [{"role": "user", "content": "what do CLUB members receive"}]})
+                           {**body, "messages": [{"role": "user", "content": "What do club  members receive"}]})
     first, again = json.loads(first), json.loads(again)
     assert code == code2 == 200 and not first["rag"]["metadata"]["cached"] and again["rag"]["metadata"]["cached"]
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
@@ -583,8 +589,8 @@ def test_schemathesis_finds_no_server_error(service):
     import schemathesis
     from schemathesis import GenerationMode
 
-    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
     auth = {"Authorization": f"Bearer {KEYS['admin']}"}
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json", headers=auth)  # the docs need a key too
     seen: dict[str, int] = {}
     problems: list[str] = []
     for result in schema.get_all_operations():
