@@ -50,6 +50,12 @@ class Family:
             self.ray = rm.Counter(self.name, self.doc, tag_keys=self.labelnames)
         elif self.kind == "gauge":
             self.ray = rm.Gauge(self.name, self.doc, tag_keys=self.labelnames)
+            # a gauge set before the export began (the breaker's 0 at start-up) reaches Ray's agent too
+            for family in self.metric.collect():
+                for sample in family.samples:
+                    key = tuple(sample.labels.get(k, "") for k in self.labelnames)
+                    self._gauges[key] = sample.value
+                    self.ray.set(sample.value, tags=dict(zip(self.labelnames, key, strict=True)) or None)
         else:
             self.ray = rm.Histogram(self.name, self.doc, boundaries=list(self.buckets), tag_keys=self.labelnames)
 

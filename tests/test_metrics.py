@@ -29,3 +29,30 @@ def test_queries_without_positive_judgment_are_skipped():
 def test_no_positive_judgment_at_all_is_an_error():
     with pytest.raises(ValueError, match="no positive judgment"):
         evaluate_run({}, {"q": {"a": 0}})
+
+
+def test_a_gauge_set_before_the_ray_export_reaches_ray(monkeypatch):
+    """The breaker's state is set to 0 when the ingress starts, before the replica exports to Ray's
+    agent: the agent must still get it (the dashboard's ray_rag_ breaker panel was empty)."""
+    from ray.util import metrics as rm
+
+    from serve.metrics import Metrics
+
+    sets = []
+
+    class FakeGauge:
+        def __init__(self, name, doc, tag_keys=()):
+            self.name = name
+
+        def set(self, value, tags=None):
+            sets.append((self.name, value, tags))
+
+    monkeypatch.setattr(rm, "Gauge", FakeGauge)
+    monkeypatch.setattr(rm, "Counter", lambda *a, **k: None)
+    monkeypatch.setattr(rm, "Histogram", lambda *a, **k: None)
+    m = Metrics()
+    m.breaker_state.set(2)
+    m.stage_inflight.labels("retriever").set(3)
+    m.export_to_ray()
+    assert ("rag_generator_breaker_state", 2.0, None) in sets
+    assert ("rag_stage_inflight", 3.0, {"stage": "retriever"}) in sets
