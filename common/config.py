@@ -210,6 +210,48 @@ class GeneratorConfig(_Strict):
         "Cite the blocks you use as [1], [2]. If the context does not contain the answer, say you do not know.",
         description="Instructions put before the context blocks.",
     )
+    answer_mode: Literal["generate", "extractive"] = Field(
+        default="generate",
+        description="'generate': the model writes the answer; 'extractive': the best-supported sentences of the top "
+        "passages, cited, without the model (also the answer when the generator is down). docs/evaluation.md.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0, ge=1, le=2,
+        description="vLLM's repetition_penalty when the request gives none (1: off); above 1 discourages repeating "
+        "prompt and answer tokens.",
+    )
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2, le=2, description="OpenAI's frequency_penalty when the request gives none (0: off).",
+    )
+    loop_stop: bool = Field(
+        default=True,
+        description="Stop generating once the answer degenerates: the same loop_ngram words loop_repeats times, or a "
+        "short piece repeated six times in a row.",
+    )
+    loop_ngram: int = Field(default=4, ge=1, description="Words in the phrase the loop stop counts.")
+    loop_repeats: int = Field(default=3, ge=2, description="Times a phrase may occur before the loop stop ends the answer.")
+    context_sentences: int = Field(
+        default=0, ge=0,
+        description="Quote each passage in the prompt by its best N sentences for the question (0: whole passages).",
+    )
+    extractive_sentences: int = Field(
+        default=2, ge=1, description="Most sentences in an extractive answer (the next best count if half as good).",
+    )
+    extractive_passages: int = Field(default=3, ge=1, description="Top passages an extractive answer picks from.")
+    abstain_min_similarity: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Answer \"I don't know\" without generating when the best dense (cosine) score of the passages is "
+        "below this (0: off). Depends on the embedder: all-MiniLM-L6-v2 scores on-topic questions above ~0.5.",
+    )
+    abstain_min_coverage: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Answer \"I don't know\" when less than this share of the question's content words occur in the "
+        "retrieved passages: an off-corpus question (0: off).",
+    )
+    abstain_text: str = Field(
+        default="I don't know: the indexed documents do not answer this question.",
+        description="The answer when the service declines (rag.metadata.answer.mode: abstain).",
+    )
     deployment: DeploymentOptions = _deployment(
         num_cpus=1, max_ongoing_requests=32, target_ongoing_requests=16, max_queued_requests=64
     )

@@ -41,6 +41,7 @@ from serve.calls import StageCalls, Stages
 from serve.errors import ApiError, stage_unavailable
 from serve.events import ChatEvent, Delta, Done, Prepared, Reservation, Trace, excerpt
 from serve.metrics import Metrics
+from serve.extractive import LoopGuard, abstain_reason, extract, quote
 from serve.prompt import CitationFilter, PromptBuilder, PromptTooLong, attribute
 
 log = logging.getLogger("ray.serve")
@@ -199,6 +200,10 @@ class Pipeline(StageCalls):
             **{k: getattr(req, k) for k in ("top_p", "stop", "seed", "presence_penalty", "frequency_penalty", *EXTENSIONS)
                if getattr(req, k) is not None},
         }
+        if "repetition_penalty" not in out and g.repetition_penalty != 1.0:  # repetition control for small models
+            out["repetition_penalty"] = g.repetition_penalty
+        if "frequency_penalty" not in out and g.frequency_penalty:
+            out["frequency_penalty"] = g.frequency_penalty
         if req.min_tokens is not None and req.min_tokens > out["max_tokens"]:
             raise ApiError(400, f"min_tokens ({req.min_tokens}) must be <= the answer's max_tokens ({out['max_tokens']})",
                            param="min_tokens", code="invalid_value")
@@ -252,8 +257,10 @@ class Pipeline(StageCalls):
                     trace, query=route.query, top_k=top_k, filters=filters, strategy=strategy, rerank=rerank
                 )
         t = time.perf_counter()
+        n_quote = self.cfg.generator.context_sentences
+        given = [quote(trace.route.query, p, sentences_max=n_quote) for p in sources] if n_quote and sources else sources
         try:
-            prompt = self.prompt.build(messages=messages, passages=sources, max_tokens=max_tokens)
+            prompt = self.prompt.build(messages=messages, passages=given, max_tokens=max_tokens)
         except PromptTooLong as e:
             raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
         trace.timings_ms["prompt"] = round((time.perf_counter() - t) * 1000, 2)
@@ -266,7 +273,9 @@ class Pipeline(StageCalls):
                 index_version=trace.version, sampling=sampling,
                 key_id=key_id, shared=self.cfg.governor.cache.shared_across_keys,
             )
-        return Prepared(trace, prompt, rag, prompt.sources, key_id=key_id, cache_key=key, reservation=reservation)
+        # the sources are the passages as retrieved (the prompt may quote them): a prefix of ``sources``
+        return Prepared(trace, prompt, rag, sources[: len(prompt.sources)], key_id=key_id, cache_key=key,
+                        reservation=reservation)
 
     def engine_request(self, req: ChatRequest, prep: Prepared) -> GenRequest:
         sampling = self.sampling(req)
@@ -332,6 +341,36 @@ class Pipeline(StageCalls):
         self.metrics.degraded.labels("generator").inc()
         return None, None
 
+    def direct_answer(self, req: ChatRequest, prep: Prepared) -> tuple[str, list[int], str, str | None] | None:
+        """An answer that needs no generator: ``(text, cited source numbers, mode, why)``, or None to
+        generate. "abstain" when retrieval is weak or the question is off-corpus
+        (``generator.abstain_*``); "extractive" with ``generator.answer_mode: extractive``."""
+        g = self.cfg.generator
+        route = prep.trace.route
+        if req.json_mode or not prep.rag or route is None or route.kind != "rag" or not prep.sources:
+            return None
+        why = abstain_reason(route.query, prep.sources, min_similarity=g.abstain_min_similarity,
+                             min_coverage=g.abstain_min_coverage)
+        if why is not None:
+            return g.abstain_text, [], "abstain", why
+        if g.answer_mode == "extractive":
+            text, cited = extract(route.query, prep.sources, sentences_max=g.extractive_sentences,
+                                  top_passages=g.extractive_passages)
+            return (text, cited, "extractive", None) if text else (g.abstain_text, [], "abstain", "no sentence matches")
+        return None
+
+    def degraded_answer(self, prep: Prepared) -> tuple[str, list[int], str, str | None]:
+        """The generator is down: the extractive answer from the top passages, said to be one, or
+        the sources list when no sentence fits."""
+        g = self.cfg.generator
+        route = prep.trace.route
+        text, cited = extract(route.query if route is not None else "", prep.sources,
+                              sentences_max=g.extractive_sentences, top_passages=g.extractive_passages)
+        if not text:
+            return self.sources_only_text(prep), list(range(1, len(prep.sources) + 1)), "sources_only", None
+        return ("The answer generator is unavailable right now; these sentences from the sources answer "
+                f"best:\n{text}"), cited, "extractive", None
+
     def sources_only_text(self, prep: Prepared) -> str:
         lines = [
             "The answer generator is unavailable right now, so no answer was written. "
@@ -357,8 +396,12 @@ class Pipeline(StageCalls):
                 return
         else:
             self.metrics.cache_requests.labels("skip").inc()
-        stream, first = await self.start_generation(req, prep)
+        direct = self.direct_answer(req, prep)
+        stream, first = (None, None) if direct is not None else await self.start_generation(req, prep)
         trace = prep.trace
+        mode, note = "generate", None
+        guard = (LoopGuard(ngram=self.cfg.generator.loop_ngram, repeats=self.cfg.generator.loop_repeats)
+                 if self.cfg.generator.loop_stop and not req.json_mode else None)
         sent: list[str] = []
         cites = CitationFilter(len(prep.sources))
         raw = req.json_mode  # a JSON answer goes out as the engine wrote it: no citation edits, no markers added
@@ -367,12 +410,13 @@ class Pipeline(StageCalls):
         finish = "stop"
         recorded = False
         if stream is None:
-            text = self.sources_only_text(prep)
+            text, cited, mode, note = direct or self.degraded_answer(prep)
             cites.apply(text)
-            citations = "listed"
+            cites.cited = cited
+            citations = "extracted" if mode == "extractive" else "listed"
             sent.append(text)
             yield Delta(text)
-            status = "sources_only"
+            status = "sources_only" if direct is None else "ok" if not trace.degraded else "degraded"
         else:
             t = time.perf_counter()
             chunk: GenDelta | None = first
@@ -391,6 +435,9 @@ class Pipeline(StageCalls):
                         finish = chunk.finish_reason
                     if chunk.usage:
                         usage = {k: int(chunk.usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens")}
+                    if guard is not None and guard.feed(chunk.text) and not chunk.finish_reason:
+                        finish = "stop"  # degenerate output (a loop): stop here, the engine request is closed
+                        break
                     try:
                         chunk = await anext(stream)
                     except StopAsyncIteration:
@@ -439,7 +486,9 @@ class Pipeline(StageCalls):
                 for i, p in enumerate(prep.sources, 1)
             ],
             "metadata": {**self._meta(trace, status=status, usage=usage, prep=prep),
-                         "citations": citations if cites.cited else "none"},
+                         "citations": citations if cites.cited else "none",
+                         "answer": {"mode": mode, "loop_stopped": bool(guard is not None and guard.tripped),
+                                    "note": note}},
         }
         if prep.cache_key is not None and status == "ok" and finish in ("stop", "length"):
             await self._cache("cache_put", prep.cache_key, {

@@ -68,6 +68,10 @@ def local_cfg(app_config, provisioned, tmp_path_factory):
     return app_config.model_copy(update={
         "indexing": app_config.indexing.model_copy(update={"engine": "local"}),
         "governor": app_config.governor.model_copy(update={"db": db}),
+        # the service tests exercise the generator: the local default answers extractively and declines
+        # weak retrievals (docs/evaluation.md); tests of those set them on their own copy
+        "generator": app_config.generator.model_copy(update={
+            "answer_mode": "generate", "abstain_min_similarity": 0.0, "abstain_min_coverage": 0.0}),
     })
 
 

@@ -224,3 +224,80 @@ def test_request_limits(local_cfg, retriever, change, status, param):
     with pytest.raises(ApiError) as e:
         run(p.prepare(ChatRequest(**body), "rid"))
     assert e.value.status == status and e.value.param == param and e.value.message
+
+
+def _with_generator(cfg, **update):
+    return cfg.model_copy(update={"generator": cfg.generator.model_copy(update=update)})
+
+
+def test_generator_down_answers_extractively(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever, Engine("down"))
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    out = run(go())
+    meta, text = out["rag"]["metadata"], out["choices"][0]["message"]["content"]
+    assert meta["status"] == "sources_only" and meta["answer"]["mode"] == "extractive"
+    assert "10" in text and "[1]" in text  # the tasting room's opening hour, cited
+    assert out["rag"]["sources"][0]["cited"] and meta["citations"] == "extracted"
+
+
+def test_extractive_mode_answers_without_the_generator(local_cfg, retriever):
+    engine = Engine()
+    p = pipeline(_with_generator(local_cfg, answer_mode="extractive"), retriever, engine)
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    out = run(go())
+    meta = out["rag"]["metadata"]
+    assert meta["status"] == "ok" and meta["answer"]["mode"] == "extractive" and engine.requests == []
+    assert "[1]" in out["choices"][0]["message"]["content"]
+
+
+def test_off_corpus_question_is_declined_without_generating(local_cfg, retriever):
+    engine = Engine()
+    cfg = _with_generator(local_cfg, abstain_min_similarity=0.45, abstain_min_coverage=0.7)
+    p = pipeline(cfg, retriever, engine)
+
+    async def go(text):
+        req = chat(text)
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    out = run(go("Who won the 1998 football World Cup?"))
+    meta = out["rag"]["metadata"]
+    assert meta["answer"]["mode"] == "abstain" and meta["answer"]["note"] and engine.requests == []
+    assert out["choices"][0]["message"]["content"] == cfg.generator.abstain_text
+    assert not any(s["cited"] for s in out["rag"]["sources"])
+    out = run(go("When does the tasting room open?"))
+    assert out["rag"]["metadata"]["answer"]["mode"] == "generate" and len(engine.requests) == 1
+
+
+def test_repetition_defaults_reach_the_engine_unless_the_request_sets_them(local_cfg, retriever):
+    p = pipeline(_with_generator(local_cfg, repetition_penalty=1.2, frequency_penalty=0.3), retriever)
+    assert p.sampling(chat())["repetition_penalty"] == 1.2 and p.sampling(chat())["frequency_penalty"] == 0.3
+    assert p.sampling(chat(repetition_penalty=1.0, frequency_penalty=0.0))["repetition_penalty"] == 1.0
+
+
+class LoopingEngine(Engine):
+    async def generate(self, request):
+        self.requests.append(request)
+        for _ in range(50):
+            yield GenChunk("the hybrid score computed by ", tokens=5)
+        yield GenChunk("", "length", {"prompt_tokens": 50, "completion_tokens": 250})
+
+
+def test_loop_stop_ends_a_degenerate_answer(local_cfg, retriever):
+    p = pipeline(local_cfg, retriever, LoopingEngine())
+
+    async def go():
+        req = chat()
+        return await p.chat_completion(req, await p.prepare(req, "rid"))
+
+    out = run(go())
+    meta = out["rag"]["metadata"]
+    assert meta["answer"]["loop_stopped"] and out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["message"]["content"].count("hybrid score computed") <= 4
