@@ -81,7 +81,7 @@ def read_source(source: Path, *, skipped: list[str] | None = None) -> Iterator[D
         return
     files, outside = [], []
     for p in sorted(source.rglob("*")):
-        if any(s.startswith(".") for s in p.parts):
+        if any(s.startswith(".") for s in p.relative_to(source).parts):  # hidden inside the source only
             continue
         if leaves(p, source):
             outside.append(f"{p.relative_to(source).as_posix()} -> {_target(p)}")

@@ -1,4 +1,5 @@
 import pytest
+from pathlib import Path
 
 from indexing.chunking import chunk_document
 from indexing.documents import Document, SourceError, read_source
@@ -147,3 +148,15 @@ def test_the_build_report_lists_skipped_links():
     r = BuildReport(outside_links=["wine/leak.md -> /etc/passwd"])
     assert "1 links leading outside the source skipped (not indexed): wine/leak.md -> /etc/passwd" in r.summary()
     assert "outside" not in BuildReport().summary()
+
+
+def test_a_source_inside_a_hidden_folder_is_read_but_hidden_files_in_it_are_not(tmp_path):
+    from indexing.documents import read_source
+
+    source = tmp_path / ".cache" / "docs"
+    (source / ".git").mkdir(parents=True)
+    (source / "guide.md").write_text("# Guide\n\nThe tasting room opens at ten.")
+    (source / ".git" / "notes.md").write_text("# Secret\n\nnot for the index")
+    (source / ".draft.md").write_text("# Draft\n\nnot for the index either")
+    names = sorted(Path(d.source).name for d in read_source(source))
+    assert names == ["guide.md"], names
