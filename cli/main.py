@@ -220,6 +220,7 @@ def _keys(args: argparse.Namespace) -> int:
             token, key = store.create(
                 args.name, args.scope, chat_per_min=args.chat_per_min, search_per_min=args.search_per_min,
                 other_per_min=args.other_per_min, daily_tokens=args.daily_tokens, monthly_tokens=args.monthly_tokens,
+                daily_budget=args.daily_budget,
             )
             if args.json:
                 print(json.dumps({**key.public(), "key": token}))
@@ -396,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         kc.add_argument(f"--{kind}-per-min", type=float, default=None, help=f"this key's {kind} rate limit (default: config)")
     kc.add_argument("--daily-tokens", type=int, default=None, help="this key's daily token quota (default: config)")
     kc.add_argument("--monthly-tokens", type=int, default=None, help="this key's monthly token quota (default: config)")
+    kc.add_argument("--daily-budget", type=float, default=None,
+                    help="this key's daily spend limit in governor.pricing's currency (default: governor.quotas.daily_budget)")
     kl = ksub.add_parser("list", help="list keys (never their secrets)")
     kl.add_argument("--all", action="store_true", help="include revoked keys")
     kr = ksub.add_parser("revoke", help="revoke a key by its id (the part after rg- and before the dot)")

@@ -617,6 +617,19 @@ class RateLimitConfig(_Strict):
 class QuotaConfig(_Strict):
     daily_tokens: int | None = Field(default=200_000, ge=1, description="Tokens (prompt + completion) per key per UTC day; null: none.")
     monthly_tokens: int | None = Field(default=3_000_000, ge=1, description="Tokens per key per UTC month; null: none.")
+    daily_budget: float | None = Field(
+        default=None, gt=0,
+        description="Cost (governor.pricing's currency) per key per UTC day; once spent, chats get 429 "
+        "insufficient_quota until midnight UTC. null: none. A key's own (`ragraph keys create --daily-budget`) wins.",
+    )
+
+
+class PricingConfig(_Strict):
+    """What a generation costs, summed per key per day in the usage ledger (``GET /v1/usage``)."""
+
+    input_per_1k: float = Field(default=0.0, ge=0, description="Price of 1000 prompt tokens.")
+    output_per_1k: float = Field(default=0.0, ge=0, description="Price of 1000 completion tokens.")
+    currency: str = Field(default="USD", min_length=1, max_length=12, description="Shown beside every cost.")
 
 
 class CacheConfig(_Strict):
@@ -643,6 +656,7 @@ class GovernorConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     deployment: DeploymentOptions = _deployment(
         num_cpus=0.1, max_ongoing_requests=256, max_queued_requests=512, min_replicas=1, max_replicas=1
@@ -713,6 +727,36 @@ class DocumentsConfig(_Strict):
         return v.expanduser() if v is not None else None
 
 
+class QueryLogConfig(_Strict):
+    """One JSON line per request (``serve/querylog.py``), each ingress process writing its own file."""
+
+    enabled: bool = Field(default=True, description="Write the query log.")
+    path: Path = Field(
+        default=Path("~/.cache/ragraph/logs/queries.jsonl"),
+        description="Base name of the log; each ingress process writes `<stem>.<host>.<pid><suffix>` beside it "
+        "(replicas never share a file).",
+    )
+    max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="Size at which a file is rotated.")
+    backups: int = Field(default=5, ge=1, description="Rotated files kept per process (.1 ... .N).")
+    include_question: bool = Field(
+        default=False, description="Log the question (and the router's search query); false leaves the text out.",
+    )
+    slow_ms: float | None = Field(
+        default=3000, ge=0,
+        description="A request that took at least this long logs its whole trace (rag.metadata, sources with "
+        "scores); 0: every request; null: never.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+
+class ObservabilityConfig(_Strict):
+    query_log: QueryLogConfig = Field(default_factory=QueryLogConfig)
+
+
 class AppConfig(_Strict):
     models: ModelsConfig
     embedder: EmbedderConfig = EmbedderConfig()
@@ -724,6 +768,7 @@ class AppConfig(_Strict):
     http: HttpConfig = HttpConfig()
     governor: GovernorConfig = GovernorConfig()
     documents: DocumentsConfig = DocumentsConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
 
     @model_validator(mode="after")
     def _cross_section(self) -> AppConfig:

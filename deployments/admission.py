@@ -28,6 +28,10 @@ limits in a shared counter store, quotas checked against a cached usage snapshot
    is admitted only if its own reservation fits too, and holds it until :meth:`Admission.settle`.
    Other replicas' usage is seen at the next verification, so N replicas can overshoot a quota by
    at most what the others admit within ``key_cache_s``.
+5. **Daily budget** (chats): the key's cost today (``governor.pricing``) from the same snapshot,
+   plus the cost of what this replica has recorded since; refused (429 ``insufficient_quota``)
+   once it reaches the key's ``daily_budget``. A cost is known only after the answer, so the
+   request that crosses the budget is answered and the next one refused.
 
 Failures: the governor unreachable on a cache miss raises :class:`StageError` (stage
 ``governor``), the counter store unreachable raises one with stage ``rate_limits``; the ingress
@@ -51,7 +55,7 @@ from common.networks import address_group, in_networks, parse_networks
 from deployments.auth import periods, token_hash, well_formed
 from deployments.errors import StageError
 from deployments.governor import INVALID_KEY, MISSING_KEY, KeyVerdict, Verdict
-from deployments.limits import KINDS, Decision, check_quota, check_rates, kind_of
+from deployments.limits import KINDS, Decision, check_budget, check_quota, check_rates, cost_of, kind_of
 
 log = logging.getLogger("ray.serve")
 
@@ -153,17 +157,18 @@ class WindowLimiter:
 class _Entry:
     """A cached key verdict and, for a valid key, its usage as this replica knows it."""
 
-    __slots__ = ("day", "day_used", "month", "month_used", "verdict")
+    __slots__ = ("day", "day_cost", "day_used", "month", "month_used", "verdict")
 
     def __init__(self, verdict: KeyVerdict) -> None:
         self.verdict = verdict
         self.day, self.month = verdict.day, verdict.month
         self.day_used, self.month_used = verdict.day_used, verdict.month_used
+        self.day_cost = verdict.day_cost
 
     def _roll(self, now: float) -> None:
         day, month = periods(now)
         if day != self.day:
-            self.day, self.day_used = day, 0
+            self.day, self.day_used, self.day_cost = day, 0, 0.0
         if month != self.month:
             self.month, self.month_used = month, 0
 
@@ -171,10 +176,15 @@ class _Entry:
         self._roll(now)
         return self.day_used, self.month_used
 
-    def add(self, tokens: int, now: float) -> None:
+    def add(self, tokens: int, now: float, cost: float = 0.0) -> None:
         self._roll(now)
         self.day_used += tokens
         self.month_used += tokens
+        self.day_cost += cost
+
+    def spent(self, now: float) -> float:
+        self._roll(now)
+        return self.day_cost
 
 
 class Admission:
@@ -285,6 +295,9 @@ class Admission:
                              monthly_limit=kv.monthly_tokens, now=now, reserved=reserved, request=reserve_tokens)
             if not qd.allowed:
                 return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, kv.key_id, kv.scope)
+            bd = check_budget(spent=entry.spent(now), budget=kv.daily_budget, currency=self.cfg.pricing.currency, now=now)
+            if not bd.allowed:
+                return Verdict(False, 429, bd.message(), "insufficient_quota", bd.retry_after, kv.key_id, kv.scope)
             if reserve_tokens:
                 self._reserved[kv.key_id] = reserved + reserve_tokens
             if kv.daily_tokens:
@@ -295,11 +308,16 @@ class Admission:
             return Verdict(True, key_id=kv.key_id, scope=kv.scope, reserved=reserve_tokens, headers=headers or None)
         return Verdict(True, key_id=kv.key_id, scope=kv.scope, headers=headers or None)
 
-    def settle(self, key_id: str | None, reserved: int, used: int) -> None:
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """What a generation costs at ``governor.pricing``."""
+        return cost_of(self.cfg.pricing, prompt_tokens, completion_tokens)
+
+    def settle(self, key_id: str | None, reserved: int, used: int, cost: float = 0.0) -> None:
         """A request admitted with ``reserved`` tokens (its ``Verdict.reserved``) is over, having
         spent ``used``: release the reservation and count the usage (what :meth:`note_usage` does,
         so do not also call that for this request). Call it exactly once per admitted request,
-        also when it failed or was cancelled (``used`` = what was generated so far, 0 if nothing)."""
+        also when it failed or was cancelled (``used`` = what was generated so far, 0 if nothing;
+        ``cost``: what they cost, :meth:`cost`)."""
         errors = [f"{name} must be an integer >= 0, got {v!r}" for name, v in (("reserved", reserved), ("used", used))
                   if not (isinstance(v, int) and v >= 0)]
         if errors:
@@ -311,21 +329,21 @@ class Admission:
             self._reserved[key_id] = left
         else:
             self._reserved.pop(key_id, None)
-        if used:
-            self.note_usage(key_id, used)
+        if used or cost:
+            self.note_usage(key_id, used, cost)
 
     def reserved(self, key_id: str) -> int:
         """Tokens reserved by ``key_id``'s requests in progress on this replica."""
         return self._reserved.get(key_id, 0)
 
-    def note_usage(self, key_id: str | None, tokens: int) -> None:
-        """Add tokens this replica recorded for ``key_id`` to its cached usage (the quota check sees
-        them before the next verification brings everyone's)."""
+    def note_usage(self, key_id: str | None, tokens: int, cost: float = 0.0) -> None:
+        """Add tokens (and their cost) this replica recorded for ``key_id`` to its cached usage (the
+        quota and budget checks see them before the next verification brings everyone's)."""
         if key_id is None or self._by_id is None:
             return
         entry = self._by_id.get(key_id)
         if entry is not None:
-            entry.add(int(tokens), self._wall())
+            entry.add(int(tokens), self._wall(), float(cost))
 
     def forget(self, token: str | None = None) -> None:
         """Drop the cached verdict of ``token`` (None: all of them)."""

@@ -44,6 +44,7 @@ ID_LEN = 8
 NAME_MAX = 100
 RATE_FIELDS = ("chat_per_min", "search_per_min", "other_per_min")
 QUOTA_FIELDS = ("daily_tokens", "monthly_tokens")
+BUDGET_FIELDS = ("daily_budget",)  # cost per UTC day, in governor.pricing's currency
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -57,7 +58,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     search_per_min REAL,
     other_per_min REAL,
     daily_tokens INTEGER,
-    monthly_tokens INTEGER
+    monthly_tokens INTEGER,
+    daily_budget REAL
 );
 CREATE TABLE IF NOT EXISTS usage (
     key_id TEXT NOT NULL,
@@ -65,10 +67,19 @@ CREATE TABLE IF NOT EXISTS usage (
     requests INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
+    prefill_s REAL NOT NULL DEFAULT 0,   -- engine seconds: prompt processing (to the first token)
+    decode_s REAL NOT NULL DEFAULT 0,    -- engine seconds: the rest of the answer
+    cost REAL NOT NULL DEFAULT 0,        -- governor.pricing at the time of each request
     PRIMARY KEY (key_id, period)
 );
 """
-_KEY_FIELDS = ("id", "name", "scope", "created", "revoked", *RATE_FIELDS, *QUOTA_FIELDS)  # ApiKey's field order
+# Columns added after the first release: a database made before them gets them on open (_migrate).
+_ADDED_COLUMNS = {
+    "api_keys": (("daily_budget", "REAL"),),
+    "usage": (("prefill_s", "REAL NOT NULL DEFAULT 0"), ("decode_s", "REAL NOT NULL DEFAULT 0"),
+              ("cost", "REAL NOT NULL DEFAULT 0")),
+}
+_KEY_FIELDS = ("id", "name", "scope", "created", "revoked", *RATE_FIELDS, *QUOTA_FIELDS, *BUDGET_FIELDS)  # ApiKey's field order
 _KEY_COLUMNS = ", ".join(_KEY_FIELDS)
 
 
@@ -89,6 +100,7 @@ class ApiKey:
     other_per_min: float | None = None
     daily_tokens: int | None = None
     monthly_tokens: int | None = None
+    daily_budget: float | None = None
 
     @property
     def active(self) -> bool:
@@ -147,7 +159,27 @@ def open_db(path: Path) -> sqlite3.Connection:
         raise AuthError(f"{path}: SQLite refused WAL mode (got {mode!r}); put the file on a local disk")
     conn.execute("PRAGMA synchronous = FULL")
     conn.executescript(_SCHEMA)
+    _migrate(conn)
     return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns of :data:`_ADDED_COLUMNS` that an older database lacks (existing rows get
+    the defaults). Under the write lock, and checked again there: several processes may open an
+    old file at once, and only the first adds each column."""
+
+    def missing() -> list[tuple[str, str, str]]:
+        out = []
+        for table, cols in _ADDED_COLUMNS.items():
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            out += [(table, name, decl) for name, decl in cols if name not in have]
+        return out
+
+    if not missing():
+        return
+    with _tx(conn):
+        for table, name, decl in missing():
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
 
 @contextmanager
@@ -213,6 +245,7 @@ class KeyStore:
         other_per_min: float | None = None,
         daily_tokens: int | None = None,
         monthly_tokens: int | None = None,
+        daily_budget: float | None = None,
     ) -> tuple[str, ApiKey]:
         """Make a key; returns ``(token, key)``. The token is shown once and cannot be recovered."""
         limits = dict(
@@ -221,6 +254,7 @@ class KeyStore:
             other_per_min=other_per_min,
             daily_tokens=daily_tokens,
             monthly_tokens=monthly_tokens,
+            daily_budget=daily_budget,
         )
         errors = []
         name = name.strip() if isinstance(name, str) else name
@@ -232,7 +266,8 @@ class KeyStore:
             _check_limit(field, value, errors)
         if errors:
             raise AuthError(f"cannot create key ({len(errors)} error(s)): " + "; ".join(errors))
-        limits = {k: (float(v) if k in RATE_FIELDS and v is not None else v) for k, v in limits.items()}
+        limits = {k: (float(v) if k in (*RATE_FIELDS, *BUDGET_FIELDS) and v is not None else v)
+                  for k, v in limits.items()}
         with self._lock, _tx(self._conn) as c:
             while True:  # 2**32 ids: a clash is rare, but a clash must not be an error
                 key_id = secrets.token_hex(ID_LEN // 2)
@@ -296,9 +331,11 @@ def periods(now: float | None = None) -> tuple[str, str]:
     return t.strftime("%Y-%m-%d"), t.strftime("%Y-%m")
 
 
-def _period_dict(period: str, row: tuple[int, int, int] | None) -> dict[str, Any]:
-    n, p, c = row or (0, 0, 0)
-    return {"period": period, "requests": n, "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def _period_dict(period: str, row: tuple | None) -> dict[str, Any]:
+    n, p, c, prefill, decode, cost = row or (0, 0, 0, 0.0, 0.0, 0.0)
+    return {"period": period, "requests": n, "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prefill_s": round(prefill, 6), "decode_s": round(decode, 6), "engine_s": round(prefill + decode, 6),
+            "cost": round(cost, 8)}
 
 
 class UsageLedger:
@@ -310,24 +347,34 @@ class UsageLedger:
         self._conn = open_db(self.path)
         self._lock = threading.Lock()
 
-    def record(self, key_id: str, *, prompt_tokens: int, completion_tokens: int, now: float | None = None) -> None:
-        """Add one request to the key's day and month rows, in one committed transaction."""
+    def record(self, key_id: str, *, prompt_tokens: int, completion_tokens: int, prefill_s: float = 0.0,
+               decode_s: float = 0.0, cost: float = 0.0, now: float | None = None) -> None:
+        """Add one request (its tokens, engine seconds and cost) to the key's day and month rows, in
+        one committed transaction."""
         for field, v in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{field} must be an integer >= 0, got {v!r}")
+        for field, v in (("prefill_s", prefill_s), ("decode_s", decode_s), ("cost", cost)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 or v == float("inf"):
+                raise ValueError(f"{field} must be a finite number >= 0, got {v!r}")
         upsert = (
-            "INSERT INTO usage (key_id, period, requests, prompt_tokens, completion_tokens) VALUES (?, ?, 1, ?, ?) "
+            "INSERT INTO usage (key_id, period, requests, prompt_tokens, completion_tokens, prefill_s, decode_s, cost) "
+            "VALUES (?, ?, 1, ?, ?, ?, ?, ?) "
             "ON CONFLICT (key_id, period) DO UPDATE SET requests = requests + 1, "
             "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens"
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "prefill_s = prefill_s + excluded.prefill_s, decode_s = decode_s + excluded.decode_s, "
+            "cost = cost + excluded.cost"
         )
         with self._lock, _tx(self._conn) as c:
             for period in periods(now):
-                c.execute(upsert, (key_id, period, prompt_tokens, completion_tokens))
+                c.execute(upsert, (key_id, period, prompt_tokens, completion_tokens, float(prefill_s),
+                                   float(decode_s), float(cost)))
 
-    def _rows(self, key_id: str, day: str, month: str) -> dict[str, tuple[int, int, int]]:
+    def _rows(self, key_id: str, day: str, month: str) -> dict[str, tuple]:
+        """``{period: (requests, prompt_tokens, completion_tokens, prefill_s, decode_s, cost)}``."""
         rows = self._conn.execute(
-            "SELECT period, requests, prompt_tokens, completion_tokens FROM usage "
+            "SELECT period, requests, prompt_tokens, completion_tokens, prefill_s, decode_s, cost FROM usage "
             "WHERE key_id = ? AND period IN (?, ?)",
             (key_id, day, month),
         ).fetchall()
@@ -356,7 +403,14 @@ class UsageLedger:
         day, month = periods(now)
         with self._lock:
             rows = self._rows(key_id, day, month)
-        return tuple(sum(rows[p][1:]) if p in rows else 0 for p in (day, month))  # type: ignore[return-value]
+        return tuple(sum(rows[p][1:3]) if p in rows else 0 for p in (day, month))  # type: ignore[return-value]
+
+    def costs(self, key_id: str, *, now: float | None = None) -> tuple[float, float]:
+        """``(day cost, month cost)`` of ``key_id``: what the daily budget is checked against."""
+        day, month = periods(now)
+        with self._lock:
+            rows = self._rows(key_id, day, month)
+        return tuple(float(rows[p][5]) if p in rows else 0.0 for p in (day, month))  # type: ignore[return-value]
 
     def close(self) -> None:
         with self._lock:

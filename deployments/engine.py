@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -57,6 +58,26 @@ class GenDelta:
     usage: dict[str, int] | None = None
     tokens: int = 0  # tokens this delta carries (what a client that leaves early is charged for)
     logprobs: list[dict[str, Any]] | None = None  # OpenAI's ``logprobs.content`` entries, when asked
+    engine_s: dict[str, float] | None = None  # on the last delta: {"prefill": s, "decode": s} (:func:`engine_times`)
+
+
+def engine_times(metrics: Any, start: float, first: float | None, end: float) -> dict[str, float]:
+    """Seconds one request spent in the engine: ``prefill`` (prompt processing, up to its first
+    token) and ``decode`` (the rest of the answer). From vLLM's own per-request timestamps
+    (``RequestOutput.metrics``: ``scheduled_ts``, ``first_token_ts``, ``last_token_ts``; the queue
+    wait before scheduling is left out) when the engine kept them, else from this process's clock
+    (``start``: request sent, ``first``: first output, ``end``: last output; the wait is then in
+    ``prefill``). Wall seconds of the engine, which it shares with the other requests of its batch:
+    CPU seconds on the CPU build, GPU seconds (times the tensor-parallel size) on a GPU."""
+    sched = getattr(metrics, "scheduled_ts", 0.0) or 0.0
+    first_ts = getattr(metrics, "first_token_ts", 0.0) or 0.0
+    last_ts = getattr(metrics, "last_token_ts", 0.0) or 0.0
+    if sched > 0 and first_ts >= sched and last_ts >= first_ts:
+        prefill, decode = first_ts - sched, last_ts - first_ts
+    else:
+        first = end if first is None else first
+        prefill, decode = first - start, end - first
+    return {"prefill": round(max(0.0, prefill), 6), "decode": round(max(0.0, decode), 6)}
 
 
 class EngineGenerator:
@@ -126,15 +147,19 @@ class EngineGenerator:
         except (ValueError, TypeError, OverflowError) as e:
             raise StageError("generator", "invalid", str(e).splitlines()[0][:300]) from None
         produced = 0
+        start, first = time.perf_counter(), None
         try:
             async for out in self.engine.generate({"prompt_token_ids": ids}, params, request.request_id):
                 o = out.outputs[0]
                 n = len(o.token_ids)
                 produced += n
+                if first is None and n:
+                    first = time.perf_counter()
                 lps = self._logprobs(o, params.logprobs) if params.logprobs is not None else None
                 if out.finished:
+                    times = engine_times(getattr(out, "metrics", None), start, first, time.perf_counter())
                     yield GenDelta(o.text, o.finish_reason or "stop",
-                                   {"prompt_tokens": len(ids), "completion_tokens": produced}, n, lps)
+                                   {"prompt_tokens": len(ids), "completion_tokens": produced}, n, lps, times)
                     return
                 if o.text or n:
                     yield GenDelta(o.text, tokens=n, logprobs=lps)

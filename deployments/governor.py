@@ -23,7 +23,7 @@ from typing import Any
 
 from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
 from deployments.cache import ResponseCache
-from deployments.limits import KINDS, RateLimiter, check_quota, kind_of
+from deployments.limits import KINDS, RateLimiter, check_budget, check_quota, cost_of, kind_of
 
 INGEST_CALLS = frozenset({"submit", "job", "jobs", "pending_document_ids"})  # GovernorDeployment.ingest
 ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
@@ -68,6 +68,8 @@ class KeyVerdict:
     month: str = ""
     day_used: int = 0
     month_used: int = 0
+    daily_budget: float | None = None  # resolved against governor.quotas.daily_budget; None: no budget
+    day_cost: float = 0.0  # spent in ``day`` (governor.pricing)
 
     @property
     def ok(self) -> bool:
@@ -125,6 +127,10 @@ class Governor:
             qd = check_quota(day_used=day, month_used=month, daily_limit=daily, monthly_limit=monthly)
             if not qd.allowed:
                 return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
+            bd = check_budget(spent=self.ledger.costs(key.id)[0], budget=self.daily_budget(key),
+                              currency=self.cfg.pricing.currency)
+            if not bd.allowed:
+                return Verdict(False, 429, bd.message(), "insufficient_quota", bd.retry_after, key.id, key.scope)
         if key is None and not self.auth_enabled:
             return Verdict(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
         return Verdict(True, key_id=key.id, scope=key.scope)
@@ -145,13 +151,22 @@ class Governor:
         day_used, month_used = self.ledger.totals(key.id, now=now)
         return KeyVerdict(200, key_id=key.id, scope=key.scope, rate_overrides=key.rate_overrides(),
                           daily_tokens=daily, monthly_tokens=monthly, day=day, month=month,
-                          day_used=day_used, month_used=month_used)
+                          day_used=day_used, month_used=month_used, daily_budget=self.daily_budget(key),
+                          day_cost=self.ledger.costs(key.id, now=now)[0])
 
     # -----------------------------------------------------------------------------------------
     # usage
 
-    def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        self.ledger.record(key_id or ANONYMOUS, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int, prefill_s: float = 0.0,
+               decode_s: float = 0.0, *, now: float | None = None) -> None:
+        """One generation's tokens and engine seconds, and its cost at ``governor.pricing``."""
+        self.ledger.record(key_id or ANONYMOUS, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           prefill_s=prefill_s, decode_s=decode_s,
+                           cost=cost_of(self.cfg.pricing, prompt_tokens, completion_tokens), now=now)
+
+    def daily_budget(self, key: ApiKey) -> float | None:
+        """The key's daily budget: its own where set, else the config's (``governor.quotas.daily_budget``)."""
+        return key.daily_budget if key.daily_budget is not None else self.cfg.quotas.daily_budget
 
     def quota_limits(self, key: ApiKey) -> tuple[int | None, int | None]:
         """The key's (daily, monthly) token quotas: its own where set, else the config's."""
@@ -165,14 +180,20 @@ class Governor:
         if key_id and key is None:
             return None
         daily, monthly = self.quota_limits(key) if key else (None, None)
-        return {**self.ledger.usage(key_id or ANONYMOUS), "limits": {"daily_tokens": daily, "monthly_tokens": monthly}}
+        budget = self.daily_budget(key) if key else None
+        used = self.ledger.usage(key_id or ANONYMOUS)
+        spent = used["day"]["cost"]
+        return {**used, "currency": self.cfg.pricing.currency,
+                "limits": {"daily_tokens": daily, "monthly_tokens": monthly, "daily_budget": budget},
+                "budget": {"daily": budget, "spent_today": spent,
+                           "left": None if budget is None else round(max(0.0, budget - spent), 8)}}
 
     def all_usage(self) -> dict[str, Any]:
         names = {k.id: k.name for k in self.keys.list(include_revoked=True)}
         rows = self.ledger.all_usage()
         for r in rows:
             r["name"] = names.get(r["key_id"], ANONYMOUS if r["key_id"] == ANONYMOUS else None)
-        return {"object": "list", "data": rows}
+        return {"object": "list", "currency": self.cfg.pricing.currency, "data": rows}
 
     # -----------------------------------------------------------------------------------------
     # cache
@@ -215,8 +236,9 @@ class GovernorDeployment:
     async def verify(self, token: str | None) -> KeyVerdict:
         return self._gov.verify(token)
 
-    async def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        self._gov.record(key_id, prompt_tokens, completion_tokens)
+    async def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int, prefill_s: float = 0.0,
+                     decode_s: float = 0.0) -> None:
+        self._gov.record(key_id, prompt_tokens, completion_tokens, prefill_s, decode_s)
 
     async def usage(self, key_id: str | None) -> dict[str, Any] | None:
         return self._gov.usage(key_id)

@@ -236,3 +236,38 @@ def check_quota(
             return QuotaDecision(False, period=period, used=used, limit=limit, retry_after=retry,
                                  reserved=reserved, request=request)
     return QuotaDecision(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# cost and the daily budget
+
+
+def cost_of(pricing, prompt_tokens: int, completion_tokens: int) -> float:
+    """What a generation costs at ``pricing`` (:class:`common.config.PricingConfig`: a price per
+    1000 prompt and per 1000 completion tokens)."""
+    return prompt_tokens / 1000 * pricing.input_per_1k + completion_tokens / 1000 * pricing.output_per_1k
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    allowed: bool
+    spent: float = 0.0
+    budget: float = 0.0
+    currency: str = ""
+    retry_after: float = 0.0  # seconds until midnight UTC, when refused
+
+    def message(self) -> str:
+        if self.allowed:
+            return "allowed"
+        return (f"daily budget spent: {self.spent:.4f} of {self.budget:g} {self.currency} used today (UTC); "
+                f"resets in {_duration(self.retry_after)}")
+
+
+def check_budget(*, spent: float, budget: float | None, currency: str = "", now: float | None = None) -> BudgetDecision:
+    """Refuse when ``spent >= budget`` (None: no budget). A request's cost is known only once it has
+    run, so the request that crosses the budget is answered and the next one refused."""
+    if budget is None or spent < budget:
+        return BudgetDecision(True, spent=spent, budget=budget or 0.0, currency=currency)
+    now = time.time() if now is None else now
+    return BudgetDecision(False, spent=spent, budget=budget, currency=currency,
+                          retry_after=max(_next_reset("day", now) - now, 1e-3))

@@ -129,13 +129,16 @@ class StageCalls:
         finally:
             self.metrics.stage_duration.labels("governor").observe(time.perf_counter() - t)
 
-    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        """Write usage to the ledger in the background, retrying for about a minute so that a
-        governor restart does not lose the record; a record that still fails is logged."""
+    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int,
+                     engine_s: dict[str, float] | None = None) -> None:
+        """Write usage (tokens; the engine's prefill and decode seconds when known) to the ledger in
+        the background, retrying for about a minute so that a governor restart does not lose the
+        record; a record that still fails is logged."""
+        times = (float(engine_s.get("prefill", 0.0)), float(engine_s.get("decode", 0.0))) if engine_s else ()
 
         async def write() -> None:
             try:
-                await self.govern("record", key_id, prompt_tokens, completion_tokens,
+                await self.govern("record", key_id, prompt_tokens, completion_tokens, *times,
                                   attempts=max(self.retry.attempts, 8))
             except StageError as e:
                 self.metrics.usage_lost.inc()

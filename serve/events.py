@@ -45,6 +45,8 @@ class Trace:
     retries: dict[str, int] = field(default_factory=dict)
     version: str | None = None
     route: Route | None = None
+    strategy: str | None = None  # the retrieval strategy used (the request's, the router's or the config's)
+    engine_s: dict[str, float] | None = None  # the generator's prefill and decode seconds, when it ran to the end
     t0: float = field(default_factory=time.perf_counter)
 
     def degrade(self, stage: str, why: str) -> None:

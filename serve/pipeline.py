@@ -60,9 +60,11 @@ class Pipeline(StageCalls):
         # this replica records is added to its cached quota snapshot.
         self.admission = Admission(cfg.governor, ingress_replicas=cfg.http.deployment.max_replicas)
 
-    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int) -> None:
-        self.admission.note_usage(key_id, prompt_tokens + completion_tokens)
-        super().record_usage(key_id, prompt_tokens, completion_tokens)
+    def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int,
+                     engine_s: dict[str, float] | None = None) -> None:
+        self.admission.note_usage(key_id, prompt_tokens + completion_tokens,
+                                  self.admission.cost(prompt_tokens, completion_tokens))
+        super().record_usage(key_id, prompt_tokens, completion_tokens, engine_s)
 
     def warm_up(self) -> None:
         self.prompt.warm_up()
@@ -71,6 +73,7 @@ class Pipeline(StageCalls):
         self, trace: Trace, *, query: str, top_k: int, filters: Filters | None, strategy: str | None, rerank: bool
     ) -> list[Passage]:
         want = max(top_k, self.cfg.reranker.candidates) if rerank else top_k
+        trace.strategy = strategy or self.cfg.retriever.strategy
         try:
             got = await self.call(
                 "retriever", trace,
@@ -222,13 +225,13 @@ class Pipeline(StageCalls):
             sampling["temperature"] == 0 or sampling.get("seed") is not None
         )
 
-    def settle(self, reservation: Reservation | None, used: int = 0) -> bool:
+    def settle(self, reservation: Reservation | None, used: int = 0, cost: float = 0.0) -> bool:
         """Release a quota reservation made at admission (once), counting ``used`` tokens. False when
         there was none to release."""
         if reservation is None or reservation.settled:
             return False
         reservation.settled = True
-        self.admission.settle(reservation.key_id, reservation.tokens, used)
+        self.admission.settle(reservation.key_id, reservation.tokens, used, cost)
         return True
 
     async def prepare(self, req: ChatRequest, request_id: str, *, key_id: str | None = None,
@@ -435,6 +438,8 @@ class Pipeline(StageCalls):
                         finish = chunk.finish_reason
                     if chunk.usage:
                         usage = {k: int(chunk.usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens")}
+                    if getattr(chunk, "engine_s", None):
+                        trace.engine_s = dict(chunk.engine_s)
                     if guard is not None and guard.feed(chunk.text) and not chunk.finish_reason:
                         finish = "stop"  # degenerate output (a loop): stop here, the engine request is closed
                         break
@@ -500,11 +505,12 @@ class Pipeline(StageCalls):
     def _count_usage(self, prep: Prepared, usage: dict[str, int]) -> None:
         self.metrics.generation_tokens.labels("prompt").inc(usage["prompt_tokens"])
         self.metrics.generation_tokens.labels("completion").inc(usage["completion_tokens"])
-        if self.settle(prep.reservation, usage["prompt_tokens"] + usage["completion_tokens"]):
+        p, c, engine_s = usage["prompt_tokens"], usage["completion_tokens"], prep.trace.engine_s
+        if self.settle(prep.reservation, p + c, self.admission.cost(p, c)):
             # the reservation turned into the usage it covered (settle noted it): only the ledger is left
-            StageCalls.record_usage(self, prep.key_id, usage["prompt_tokens"], usage["completion_tokens"])
+            StageCalls.record_usage(self, prep.key_id, p, c, engine_s)
         else:
-            self.record_usage(prep.key_id, usage["prompt_tokens"], usage["completion_tokens"])
+            self.record_usage(prep.key_id, p, c, engine_s)
 
     async def _cache(self, method: str, *args: Any) -> Any:
         """A cache call; the cache is an optimisation, so a failure is a miss (counted), not an error."""

@@ -36,10 +36,11 @@ from serve import openai
 from serve.api import ChatRequest, SearchRequest
 from serve.documents import ADMIN as DOCUMENT_ADMIN_ROUTES, ROUTES as DOCUMENT_ROUTES
 from serve.errors import ApiError, install, stage_unavailable, status_of
-from serve.events import ChatEvent, Reservation
+from serve.events import ChatEvent, Done, Reservation
 from serve.ids import request_id
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
+from serve.querylog import QueryLog, note, question_of
 
 log = logging.getLogger("ray.serve")
 TITLE = "ragraph"
@@ -124,6 +125,7 @@ async def admit(request: Request, endpoint: str) -> None:
         return
     if not verdict.allowed:
         METRICS.admission.labels(verdict.code).inc()
+        request.state.refused_key_id = verdict.key_id  # for the query log; the request is not admitted
         if verdict.code == "insufficient_quota":
             METRICS.saw_quota(verdict.key_id, None, spent=True)
         headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after))), **(verdict.headers or {})} \
@@ -246,7 +248,7 @@ class ObservedRoute(APIRoute):
         endpoint = self.path
 
         async def handler(request: Request) -> Response:
-            t = time.perf_counter()
+            t = request.state.started = time.perf_counter()
             response = None
             try:
                 await admit(request, endpoint)
@@ -257,6 +259,7 @@ class ObservedRoute(APIRoute):
                         response = await inner(request)
             except Exception as e:
                 METRICS.http_requests.labels(request.method, endpoint, str(status_of(e))).inc()
+                log_query(request, endpoint, status_of(e), e)
                 raise
             finally:
                 if not isinstance(response, StreamingResponse):  # a stream releases its quota hold at its end
@@ -266,9 +269,43 @@ class ObservedRoute(APIRoute):
             METRICS.http_requests.labels(request.method, endpoint, str(response.status_code)).inc()
             if not isinstance(response, StreamingResponse):  # a stream is observed at its last byte
                 METRICS.http_duration.labels(endpoint).observe(time.perf_counter() - t)
+                log_query(request, endpoint, response.status_code)
             return response
 
         return handler
+
+
+def query_log_of(request: Request) -> QueryLog | None:
+    """This process's query log (``observability.query_log``), made at the first request; None when off."""
+    state = request.app.state
+    if not hasattr(state, "query_log"):
+        try:
+            state.query_log = QueryLog.from_config(state.pipeline.cfg)
+        except OSError as e:  # an unwritable folder must not fail requests: said once, then no log
+            log.error(f"query log off: cannot open it: {e}")
+            state.query_log = None
+    return state.query_log
+
+
+def log_query(request: Request, endpoint: str, status: int, error: Exception | None = None) -> None:
+    """Write this request's query-log line (not for probes or /metrics). Never raises."""
+    if endpoint in OPEN_ROUTES or endpoint == "/metrics":
+        return
+    try:
+        qlog = query_log_of(request)
+        if qlog is None:
+            return
+        started = getattr(request.state, "started", None)
+        code = (getattr(error, "code", None) or type(error).__name__) if error is not None else None
+        qlog.write(qlog.line(
+            endpoint=endpoint, method=request.method, status=status,
+            duration_s=time.perf_counter() - started if started is not None else 0.0,
+            request_id=request_id(request),
+            key_id=getattr(request.state, "key_id", None) or getattr(request.state, "refused_key_id", None),
+            fields=getattr(request.state, "query_fields", None), error=code,
+        ))
+    except Exception as e:  # noqa: BLE001 - a log line must never fail the request it describes
+        log.warning(f"query log: line not written: {type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +322,10 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
     prep = await pipeline.prepare(body, rid, key_id=getattr(request.state, "key_id", None),
                                   reservation=getattr(request.state, "reservation", None),
                                   bypass_cache=no_cache(request))
+    note(request, trace=prep.trace, question=question_of(body))  # the query log (serve/querylog.py)
     if not body.stream:
         result = await openai.completion(pipeline.chat_events(body, prep), request_id=rid, model=pipeline.model)
+        note(request, rag=result.get("rag"), usage=result.get("usage"))
         return JSONResponse(result, headers={"X-Request-ID": rid})
     events = pipeline.chat_events(body, prep)
     first = await anext(events)  # generation has started (or degraded, or raised a 503)
@@ -294,6 +333,8 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
     async def replay() -> AsyncIterator[ChatEvent]:
         yield first
         async for ev in events:
+            if isinstance(ev, Done):
+                note(request, rag=ev.rag, usage=ev.usage)
             yield ev
 
     async def body_iter() -> AsyncIterator[str]:
@@ -307,6 +348,7 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
             await events.aclose()
             pipeline.settle(prep.reservation)  # if nothing was generated (a cache hit, sources only)
             METRICS.http_duration.labels("/v1/chat/completions").observe(time.perf_counter() - t)
+            log_query(request, CHAT, 200)  # at the stream's last byte (or when the client left)
 
     return StreamingResponse(
         body_iter(), media_type="text/event-stream",
@@ -316,7 +358,10 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
 
 async def search_response(pipeline: Pipeline, body: SearchRequest, request: Request) -> JSONResponse:
     rid = request_id(request)
-    return JSONResponse(await pipeline.search(body, rid), headers={"X-Request-ID": rid})
+    note(request, question=body.query, strategy=body.strategy or pipeline.cfg.retriever.strategy)
+    result = await pipeline.search(body, rid)
+    note(request, search=result)
+    return JSONResponse(result, headers={"X-Request-ID": rid})
 
 
 async def ready_response(pipeline: Pipeline, request: Request) -> JSONResponse:

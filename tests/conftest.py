@@ -68,6 +68,9 @@ def local_cfg(app_config, provisioned, tmp_path_factory):
     return app_config.model_copy(update={
         "indexing": app_config.indexing.model_copy(update={"engine": "local"}),
         "governor": app_config.governor.model_copy(update={"db": db}),
+        # the query log (serve/querylog.py) of in-process apps goes beside it, not into the user's folder
+        "observability": app_config.observability.model_copy(update={
+            "query_log": app_config.observability.query_log.model_copy(update={"path": db.parent / "queries.jsonl"})}),
         # the service tests exercise the generator: the local default answers extractively and declines
         # weak retrievals (docs/evaluation.md); tests of those set them on their own copy
         "generator": app_config.generator.model_copy(update={

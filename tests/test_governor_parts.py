@@ -172,8 +172,8 @@ def test_usage_counts_and_zeros(db):
     led = UsageLedger(db)
     assert led.usage("k1", now=NOV21) == {
         "key_id": "k1",
-        "day": {"period": "2026-11-21", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        "month": {"period": "2026-11", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "day": {"period": "2026-11-21", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "engine_s": 0.0, "cost": 0.0},
+        "month": {"period": "2026-11", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "engine_s": 0.0, "cost": 0.0},
     }
     led.record("k1", prompt_tokens=100, completion_tokens=20, now=NOV21)
     led.record("k1", prompt_tokens=50, completion_tokens=5, now=NOV21 + 60)
@@ -181,6 +181,7 @@ def test_usage_counts_and_zeros(db):
     u = led.usage("k1", now=NOV21)
     assert u["day"] == {
         "period": "2026-11-21", "requests": 2, "prompt_tokens": 150, "completion_tokens": 25, "total_tokens": 175,
+        "prefill_s": 0.0, "decode_s": 0.0, "engine_s": 0.0, "cost": 0.0,  # no engine time or price given
     }  # fmt: skip
     assert u["month"]["total_tokens"] == 175 and u["month"]["requests"] == 2
     assert led.totals("k1", now=NOV21) == (175, 175)
