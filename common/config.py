@@ -644,6 +644,17 @@ class CacheConfig(_Strict):
     )
 
 
+class ConversationsConfig(_Strict):
+    """Conversations kept for the chat page (``/v1/conversations``), per API key, in ``governor.db``."""
+
+    retention_days: float | None = Field(
+        default=30, gt=0,
+        description="Days a conversation is kept after its last turn (and how long an answered request id can be "
+        "given feedback); null: kept until deleted.",
+    )
+    max_turns: int = Field(default=200, ge=1, description="Turns kept per conversation; the oldest go first.")
+
+
 class GovernorConfig(_Strict):
     """The governor stage: API keys, token usage and the response cache, in one deployment (one
     replica). The ingress admits requests itself (``deployments.admission``): it asks the governor
@@ -658,6 +669,7 @@ class GovernorConfig(_Strict):
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    conversations: ConversationsConfig = Field(default_factory=ConversationsConfig)
     deployment: DeploymentOptions = _deployment(
         num_cpus=0.1, max_ongoing_requests=256, max_queued_requests=512, min_replicas=1, max_replicas=1
     )

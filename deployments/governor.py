@@ -23,9 +23,12 @@ from typing import Any
 
 from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
 from deployments.cache import ResponseCache
+from deployments.conversations import ConversationStore
 from deployments.limits import KINDS, RateLimiter, check_budget, check_quota, cost_of, kind_of
 
 INGEST_CALLS = frozenset({"submit", "job", "jobs", "pending_document_ids"})  # GovernorDeployment.ingest
+# Governor.history: conversations, answered request ids and feedback (deployments/conversations.py)
+HISTORY_CALLS = frozenset({"create", "list", "get", "delete", "exists", "chat_done", "put_feedback", "feedback"})
 ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
 MISSING_KEY = (("no API key was sent; send the header `Authorization: Bearer <key>` "
                 "(`ragraph keys create` makes one)"), "missing_api_key")
@@ -97,6 +100,8 @@ class Governor:
             if rl.enabled else None
         )
         self.cache = ResponseCache(max_entries=cfg.cache.max_entries, ttl_s=cfg.cache.ttl_s) if cfg.cache.enabled else None
+        conv = cfg.conversations
+        self.conversations = ConversationStore(cfg.db, retention_days=conv.retention_days, max_turns=conv.max_turns)
 
     @classmethod
     def from_config(cls, cfg) -> Governor:
@@ -213,6 +218,18 @@ class Governor:
     def cache_clear(self) -> int:
         return self.cache.clear() if self.cache is not None else 0
 
+    # -----------------------------------------------------------------------------------------
+    # conversations and feedback
+
+    def history(self, method: str, *args: Any) -> Any:
+        """A call on :class:`deployments.conversations.ConversationStore` (its first argument is the
+        owner: a key id, or None for the anonymous caller of an auth-off service, but for ``feedback``)."""
+        if method not in HISTORY_CALLS:
+            raise ValueError(f"unknown history call {method!r}; known: {sorted(HISTORY_CALLS)}")
+        if method != "feedback":
+            args = (args[0] or ANONYMOUS, *args[1:])
+        return getattr(self.conversations, method)(*args)
+
 
 class GovernorDeployment:
     """Serve wrapper: one replica (the config refuses more). SQLite calls take microseconds to a
@@ -257,6 +274,9 @@ class GovernorDeployment:
 
     async def cache_clear(self) -> int:
         return self._gov.cache_clear()
+
+    async def history(self, method: str, *args: Any) -> Any:
+        return self._gov.history(method, *args)
 
     async def ingest(self, method: str, *args: Any) -> Any:
         """A call of the documents API on :class:`deployments.ingest.IngestService` (in a thread: a

@@ -95,6 +95,11 @@ class RagOptions(_Body):
     cache: bool = Field(
         default=True, description="false: neither answer from nor store in the response cache (also: `Cache-Control: no-cache`)."
     )
+    conversation_id: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Append this question and its answer as a turn of that conversation (POST /v1/conversations "
+        "makes one; 404 when the caller has none with this id). The messages sent are still the whole context.",
+    )
 
 
 class StreamOptions(_Body):

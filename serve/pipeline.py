@@ -272,7 +272,7 @@ class Pipeline(StageCalls):
         if self.cacheable(req, sampling, bypass_cache) and not trace.degraded:
             key = cache_key(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
-                rag=req.rag.model_dump(mode="json", exclude={"cache"}), model=self.model,
+                rag=req.rag.model_dump(mode="json", exclude={"cache", "conversation_id"}), model=self.model,
                 index_version=trace.version, sampling=sampling,
                 key_id=key_id, shared=self.cfg.governor.cache.shared_across_keys,
             )

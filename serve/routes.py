@@ -34,12 +34,14 @@ from common.networks import LOCAL_HOSTS, host_name, in_networks, is_loopback, pa
 from deployments.errors import StageError
 from serve import openai
 from serve.api import ChatRequest, SearchRequest
+from serve.conversations import ADMIN as HISTORY_ADMIN_ROUTES, ROUTES as HISTORY_ROUTES, check_conversation, recorded
 from serve.documents import ADMIN as DOCUMENT_ADMIN_ROUTES, ROUTES as DOCUMENT_ROUTES
 from serve.errors import ApiError, install, stage_unavailable, status_of
 from serve.events import ChatEvent, Done, Reservation
 from serve.ids import request_id
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
+from serve.ui import OPEN as PAGE_ROUTES, ROUTES as PAGE_ROUTE_LIST
 from serve.querylog import QueryLog, note, question_of
 
 log = logging.getLogger("ray.serve")
@@ -48,10 +50,11 @@ VERSION = "0.1.0"
 DESCRIPTION = "Retrieval-augmented chat on a Ray Serve graph: router -> hybrid retriever -> reranker -> vLLM."
 
 
-OPEN_ROUTES = ("/health", "/health/ready")
+OPEN_ROUTES = ("/health", "/health/ready", *PAGE_ROUTES)  # the chat page and its files (serve/ui.py) load without a key
 CHAT = "/v1/chat/completions"
 ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
 ADMIN_ROUTES |= DOCUMENT_ADMIN_ROUTES  # every route of serve/documents.py
+ADMIN_ROUTES |= HISTORY_ADMIN_ROUTES  # GET /v1/feedback (serve/conversations.py)
 UPLOADS = "/v1/documents"  # its body limit is documents.max_upload_bytes (serve/documents.py)
 
 
@@ -319,15 +322,17 @@ def no_cache(request: Request) -> bool:
 async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request) -> Response:
     rid = request_id(request)
     t = time.perf_counter()
+    await check_conversation(request, body)  # rag.conversation_id: 404 before any work
     prep = await pipeline.prepare(body, rid, key_id=getattr(request.state, "key_id", None),
                                   reservation=getattr(request.state, "reservation", None),
                                   bypass_cache=no_cache(request))
     note(request, trace=prep.trace, question=question_of(body))  # the query log (serve/querylog.py)
     if not body.stream:
-        result = await openai.completion(pipeline.chat_events(body, prep), request_id=rid, model=pipeline.model)
+        result = await openai.completion(recorded(request, body, pipeline.chat_events(body, prep)),
+                                         request_id=rid, model=pipeline.model)
         note(request, rag=result.get("rag"), usage=result.get("usage"))
         return JSONResponse(result, headers={"X-Request-ID": rid})
-    events = pipeline.chat_events(body, prep)
+    events = recorded(request, body, pipeline.chat_events(body, prep))  # the answered request id, the turn
     first = await anext(events)  # generation has started (or degraded, or raised a 503)
 
     async def replay() -> AsyncIterator[ChatEvent]:
@@ -524,7 +529,8 @@ async def redoc_page(request: Request) -> Response:
     return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
 
 
-for _path, _methods, _endpoint, _options in DOCUMENT_ROUTES:  # the documents API and index operations
+for _path, _methods, _endpoint, _options in [*DOCUMENT_ROUTES, *HISTORY_ROUTES, *PAGE_ROUTE_LIST]:
+    # the documents API and index operations; conversations and feedback; the chat page
     router.add_api_route(_path, _endpoint, methods=_methods, **_options)
 
 

@@ -1,0 +1,176 @@
+"""Conversations, feedback and the chat page over HTTP without an engine: the in-process app
+(serve/local.py, the same routes and admission as the Serve ingress) with the real governor on a
+temporary SQLite file. Chats here are answered extractively (``generator.answer_mode: extractive``),
+so no vLLM is started; the page in a real browser, with the real engine, is tests/test_ui_browser.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.auth import KeyStore
+from deployments.conversations import ConversationStore
+from serve.metrics import METRICS
+
+
+def make_cfg(local_cfg, built_index, tmp_path, *, auth: bool, **conversations):
+    data = local_cfg.model_dump()
+    data["indexing"]["dir"] = str(built_index[1])
+    data["governor"]["db"] = str(tmp_path / "gov.sqlite3")
+    data["governor"]["auth"] = {"enabled": auth}
+    data["governor"]["conversations"].update(conversations)
+    data["generator"].update(answer_mode="extractive")  # answers without the engine
+    return type(local_cfg).model_validate(data)
+
+
+@pytest.fixture()
+def service(local_cfg, built_index, tmp_path):
+    def start(*, auth: bool = False, **conversations):
+        from serve.local import create_app
+
+        cfg = make_cfg(local_cfg, built_index, tmp_path, auth=auth, **conversations)
+        return TestClient(create_app(cfg), base_url="http://localhost", client=("127.0.0.1", 50000)), cfg
+
+    return start
+
+
+def ask(client, question="When does the tasting room open?", headers=None, **rag) -> dict:
+    r = client.post("/v1/chat/completions", headers=headers or {}, json={
+        "model": "ragraph", "messages": [{"role": "user", "content": question}], "rag": rag})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def error_code(r, status: int) -> str:
+    assert r.status_code == status, r.text
+    return r.json()["error"]["code"]
+
+
+def feedback_count(score: str) -> float:
+    return METRICS.feedback.labels(score).prom._value.get()
+
+
+def test_a_chat_with_a_conversation_id_appends_a_turn_that_comes_back(service):
+    client, _ = service()
+    conv = client.post("/v1/conversations", json={}).json()
+    assert conv["id"].startswith("conv_") and conv["turns"] == 0
+    answer = ask(client, conversation_id=conv["id"])
+    rid = answer["rag"]["metadata"]["request_id"]
+    text = answer["choices"][0]["message"]["content"]
+    assert "10 am" in text  # the extractive answer quotes the hours passage
+    got = client.get(f"/v1/conversations/{conv['id']}").json()
+    assert [t["request_id"] for t in got["turns"]] == [rid]
+    turn = got["turns"][0]
+    assert turn["question"] == "When does the tasting room open?" and turn["answer"] == text
+    assert turn["rag"]["sources"] and turn["rag"]["sources"][0]["title"]
+    assert turn["rag"]["metadata"]["request_id"] == rid and "timings_ms" in turn["rag"]["metadata"]
+    assert got["title"] == "When does the tasting room open?"  # the first question names an untitled one
+    listed = client.get("/v1/conversations").json()["data"]
+    assert [(c["id"], c["turns"]) for c in listed] == [(conv["id"], 1)]
+
+
+def test_a_streamed_chat_appends_its_turn_too(service):
+    client, _ = service()
+    cid = client.post("/v1/conversations", json={"title": "hours"}).json()["id"]
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "ragraph", "stream": True, "rag": {"conversation_id": cid},
+            "messages": [{"role": "user", "content": "Is parking free for visitors?"}]}) as r:
+        assert r.status_code == 200
+        body = "".join(r.iter_text())
+    assert body.rstrip().endswith("data: [DONE]")
+    turns = client.get(f"/v1/conversations/{cid}").json()["turns"]
+    assert len(turns) == 1 and turns[0]["request_id"] in body and "Parking" in turns[0]["answer"]
+
+
+def test_an_unknown_conversation_is_404_everywhere(service):
+    client, _ = service()
+    assert error_code(client.get("/v1/conversations/conv_nope"), 404) == "conversation_not_found"
+    assert error_code(client.delete("/v1/conversations/conv_nope"), 404) == "conversation_not_found"
+    r = client.post("/v1/chat/completions", json={"model": "ragraph", "rag": {"conversation_id": "conv_nope"},
+                                                  "messages": [{"role": "user", "content": "hours?"}]})
+    assert error_code(r, 404) == "conversation_not_found" and r.json()["error"]["param"] == "rag.conversation_id"
+
+
+def test_delete_removes_a_conversation_and_its_turns(service):
+    client, cfg = service()
+    cid = client.post("/v1/conversations", json={}).json()["id"]
+    ask(client, conversation_id=cid)
+    assert client.delete(f"/v1/conversations/{cid}").json()["deleted"] is True
+    assert client.get("/v1/conversations").json()["data"] == []
+    assert error_code(client.get(f"/v1/conversations/{cid}"), 404) == "conversation_not_found"
+
+
+def test_feedback_is_stored_counted_exported_and_refused_for_unknown_ids(service):
+    client, _ = service()
+    rid = ask(client)["rag"]["metadata"]["request_id"]  # no conversation: the request id is still known
+    before = feedback_count("down")
+    r = client.post("/v1/feedback", json={"request_id": "not-a-request", "score": 1})
+    assert error_code(r, 404) == "request_not_found"
+    assert error_code(client.post("/v1/feedback", json={"request_id": rid, "score": 0}), 400) is not None
+    r = client.post("/v1/feedback", json={"request_id": rid, "score": -1, "comment": "wrong day"})
+    assert r.status_code == 201 and r.json()["score"] == -1
+    assert feedback_count("down") == before + 1
+    client.post("/v1/feedback", json={"request_id": rid, "score": 1, "comment": "fine after all"})
+    rows = client.get("/v1/feedback").json()["data"]  # auth off: the operator on loopback is admin
+    assert [(f["request_id"], f["score"], f["comment"], f["key_id"]) for f in rows] == \
+        [(rid, 1, "fine after all", "anonymous")]  # sending again replaces
+    assert "rag_feedback_total" in client.get("/metrics").text
+
+
+def test_with_auth_on_only_the_page_loads_without_a_key_and_keys_see_only_their_own(service):
+    client, cfg = service(auth=True)
+    keys = KeyStore(cfg.governor.db)
+    alice, _ = keys.create("alice")
+    bob, _ = keys.create("bob")
+    admin, _ = keys.create("ops", scope="admin")
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="/static/app.js"' in page.text and "http" not in page.text.split("<body>")[0].replace(
+        "http-equiv", "")  # nothing fetched from elsewhere
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    assert error_code(client.get("/static/..%2Fui.py"), 404) == "not_found"
+    for method, path in (("GET", "/v1/conversations"), ("POST", "/v1/conversations"),
+                         ("GET", "/v1/conversations/conv_x"), ("POST", "/v1/feedback"), ("GET", "/v1/feedback")):
+        assert error_code(client.request(method, path, json={}), 401) == "missing_api_key", (method, path)
+    a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    cid = client.post("/v1/conversations", json={}, headers=a).json()["id"]
+    rid = ask(client, headers=a, conversation_id=cid)["rag"]["metadata"]["request_id"]
+    assert client.get("/v1/conversations", headers=b).json()["data"] == []
+    assert error_code(client.get(f"/v1/conversations/{cid}", headers=b), 404) == "conversation_not_found"
+    r = client.post("/v1/chat/completions", headers=b, json={
+        "model": "ragraph", "messages": [{"role": "user", "content": "hours?"}], "rag": {"conversation_id": cid}})
+    assert error_code(r, 404) == "conversation_not_found"
+    assert error_code(client.post("/v1/feedback", headers=b, json={"request_id": rid, "score": 1}), 404) == \
+        "request_not_found"  # bob cannot rate alice's answer
+    assert client.post("/v1/feedback", headers=a, json={"request_id": rid, "score": 1}).status_code == 201
+    assert error_code(client.get("/v1/feedback", headers=a), 403) == "insufficient_scope"
+    rows = client.get("/v1/feedback", headers={"Authorization": f"Bearer {admin}"}).json()["data"]
+    assert [(f["request_id"], f["conversation_id"], f["score"]) for f in rows] == [(rid, cid, 1)]
+
+
+def test_conversations_past_their_retention_are_deleted(tmp_path):
+    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=1)
+    old = store.create("k1", "old")
+    new = store.create("k1", "new")
+    store.chat_done("k1", "r-old", old["id"], {"question": "q", "answer": "a", "rag": {}})
+    assert store.purge(now=time.time() + 86400 + 60) == 2  # both are older than a day by then
+    store.chat_done("k1", "r-new", None)
+    assert store.list("k1") == [] and store.get("k1", new["id"]) is None
+    assert store.put_feedback("k1", "r-old", 1) is None  # its request id went with it
+    assert store.put_feedback("k1", "r-new", 1)["score"] == 1
+    kept = ConversationStore(tmp_path / "h.sqlite3", retention_days=None)
+    c = kept.create("k1")
+    assert kept.purge(now=time.time() + 10 * 365 * 86400) == 0 and kept.get("k1", c["id"]) is not None
+
+
+def test_a_conversation_keeps_its_last_max_turns(tmp_path):
+    store = ConversationStore(tmp_path / "g.sqlite3", max_turns=2)
+    cid = store.create("k", None)["id"]
+    for i in range(3):
+        assert store.chat_done("k", f"r{i}", cid, {"question": f"q{i}", "answer": f"a{i}", "rag": {}})
+    assert [t["question"] for t in store.get("k", cid)["turns"]] == ["q1", "q2"]
+    assert not store.chat_done("other", "r9", cid, {"question": "x", "answer": "y", "rag": {}})  # not theirs
+    assert len(store.get("k", cid)["turns"]) == 2
