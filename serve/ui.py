@@ -10,7 +10,7 @@ kept in the tab's ``sessionStorage``, as ``Authorization: Bearer``; never in a U
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ OPEN = (PAGE, ASSETS)
 ROUTES: list[tuple[str, list[str], Any, dict[str, Any]]] = []
 
 
-@lru_cache(maxsize=None)
+@cache
 def files() -> dict[str, bytes]:
     """The shipped files by name (read once; only these are ever served: no path from a request
     reaches the file system)."""

@@ -94,7 +94,7 @@ def test_an_unknown_conversation_is_404_everywhere(service):
 
 
 def test_delete_removes_a_conversation_and_its_turns(service):
-    client, cfg = service()
+    client, _ = service()
     cid = client.post("/v1/conversations", json={}).json()["id"]
     ask(client, conversation_id=cid)
     assert client.delete(f"/v1/conversations/{cid}").json()["deleted"] is True
