@@ -154,9 +154,14 @@ class ConversationStore:
                   turn: dict[str, Any] | None = None) -> bool:
         """Record that ``request_id`` was answered for ``owner`` and, with ``conversation_id``, append
         ``turn`` (``question``, ``answer``, ``rag``) to it. False when the conversation is not the
-        owner's (deleted meanwhile): the request id is still recorded, without it."""
+        owner's (deleted meanwhile): the request id is still recorded, without it. Idempotent: the
+        ingress retries governor calls, and a second call with the same request id changes nothing."""
         now = time.time()
         with self._lock, _tx(self._conn) as c:
+            seen = c.execute("SELECT conversation_id FROM chat_requests WHERE request_id = ? AND owner = ?",
+                             (request_id, owner)).fetchone()
+            if seen is not None:  # a retried call (the governor's reply was lost): recorded once
+                return seen[0] is not None
             appended = False
             if conversation_id is not None and turn is not None:
                 row = c.execute("SELECT title, (SELECT COALESCE(MAX(seq), 0) FROM turns WHERE conversation_id = ?) "

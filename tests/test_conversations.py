@@ -171,6 +171,7 @@ def test_a_conversation_keeps_its_last_max_turns(tmp_path):
     cid = store.create("k", None)["id"]
     for i in range(3):
         assert store.chat_done("k", f"r{i}", cid, {"question": f"q{i}", "answer": f"a{i}", "rag": {}})
+    assert store.chat_done("k", "r2", cid, {"question": "q2", "answer": "a2", "rag": {}})  # a retry: no new turn
     assert [t["question"] for t in store.get("k", cid)["turns"]] == ["q1", "q2"]
     assert not store.chat_done("other", "r9", cid, {"question": "x", "answer": "y", "rag": {}})  # not theirs
     assert len(store.get("k", cid)["turns"]) == 2
