@@ -41,8 +41,8 @@ from serve.events import ChatEvent, Done, Reservation
 from serve.ids import request_id
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
-from serve.ui import OPEN as PAGE_ROUTES, ROUTES as PAGE_ROUTE_LIST
 from serve.querylog import QueryLog, note, question_of
+from serve.ui import OPEN as PAGE_ROUTES, ROUTES as PAGE_ROUTE_LIST
 
 log = logging.getLogger("ray.serve")
 TITLE = "ragraph"
