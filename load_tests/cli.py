@@ -208,16 +208,43 @@ def _line(load: float, s: dict, loop: str) -> str:
             f"{s['throughput_rps']:.2f} req/s, {s['output_tokens_per_s']:.1f} tok/s")
 
 
+class _Lines:
+    """Progress for a log file (stderr is not a terminal): one plain line every ``every_s`` seconds
+    and one at the end, instead of a bar redrawn with carriage returns thousands of times."""
+
+    def __init__(self, total: int, desc: str, *, every_s: float = 5.0, out=None) -> None:
+        self.total, self.n, self.desc, self.every_s = total, 0, desc, every_s
+        self.out = out if out is not None else sys.stderr
+        self.postfix, self._last = "", float("-inf")
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+        now = time.perf_counter()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self._line()
+
+    def _line(self) -> None:
+        print(f"{self.desc}: {self.n}/{self.total} s, {self.postfix}", file=self.out, flush=True)
+
+    def close(self) -> None:
+        self._line()
+
+
 class _Bar:
-    """A progress bar over the step's seconds, with sent/ok/error counts (tqdm, on stderr)."""
+    """Progress over the step's seconds, with ok/error counts, on stderr: a tqdm bar redrawn in
+    place on a terminal, a line every few seconds otherwise (:class:`_Lines`)."""
 
     def __init__(self, duration: float, desc: str) -> None:
-        from tqdm import tqdm
-
         self.duration, self.start = duration, time.perf_counter()
         self.ok = self.err = 0
-        self.bar = tqdm(total=round(duration), desc=desc, unit="s", file=sys.stderr, leave=True,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s {postfix}")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(duration), desc=desc, unit="s", file=sys.stderr, leave=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s {postfix}")
+        else:
+            self.bar = _Lines(round(duration), desc)
         self.task: asyncio.Task | None = None
 
     def update(self, sample) -> None:

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -157,12 +158,49 @@ def auth_notice(cfg) -> str | None:
     return None
 
 
+def quiet_console(log_file: Path) -> Path:
+    """Send every library's log records and warnings to ``log_file`` instead of the terminal (Ray's
+    and Serve's INFO lines, vLLM's and torch's start-up warnings, JSON log lines): the console keeps
+    what `ragraph serve` itself prints. Call again after imports that add their own handlers."""
+    import logging
+    import warnings
+
+    log_file = Path(log_file).expanduser()
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = next((h for h in logging.root.handlers if isinstance(h, logging.FileHandler)
+                    and Path(h.baseFilename) == log_file.resolve()), None)
+    if handler is None:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.root] + [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    consoles = {id(x) for x in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)}
+    for lg in loggers:
+        for h in list(lg.handlers):  # only handlers that write to the terminal
+            if isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in consoles:
+                lg.removeHandler(h)
+        if lg is logging.root or not lg.propagate:
+            if handler not in lg.handlers:
+                lg.addHandler(handler)
+    if logging.root.level > logging.INFO or logging.root.level == logging.NOTSET:
+        logging.root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM would add its own console handler on import
+    return log_file
+
+
 def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     from ray import serve
 
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     print(f"ragraph serve: starting the graph on {'Ray at ' + address if address else 'a local Ray'}")
+    log_file = None
+    if not verbose:
+        log_file = quiet_console(Path("~/.cache/ragraph/logs/serve-driver.log"))
+        print(f"  library logs: {log_file} (--verbose shows them here)")
     took = deploy(cfg, address=address, verbose=verbose)
+    if log_file is not None:
+        quiet_console(log_file)  # handlers added while the graph's modules were imported
     print(f"ragraph is ready at {url} (cold start {took:.0f} s)")
     print(f"  OpenAI base URL: {url}/v1   model: {cfg.generator.served_model_name}")
     print("  try: ragraph chat \"how do I add GPU replicas?\"")

@@ -164,3 +164,47 @@ def test_an_unwritable_out_folder_is_refused_before_the_run(tmp_path, capsys):
     rc = main(["loadtest", "--url", "http://127.0.0.1:9", "--out", str(blocker / "run")])
     assert rc == 2
     assert "cannot write the report there" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_is_a_line_every_few_seconds_not_a_redrawn_bar():
+    import io
+
+    from load_tests.cli import _Lines
+
+    out = io.StringIO()
+    lines = _Lines(60, "closed 4 users", every_s=3600, out=out)
+    for i in range(1000):  # a thousand updates within the interval: one line
+        lines.n = i % 60
+        lines.set_postfix_str(f"ok {i} errors 0")
+    lines.close()
+    text = out.getvalue()
+    assert "\r" not in text and text.count("\n") == 2, text
+    assert text.splitlines()[-1].endswith("ok 999 errors 0")
+
+
+def test_serve_sends_library_logs_to_a_file_not_the_console(tmp_path, capsys):
+    import logging
+
+    from serve.launch import quiet_console
+
+    noisy = logging.getLogger("some.library")
+    noisy.addHandler(logging.StreamHandler())
+    noisy.propagate = False
+    try:
+        log_file = quiet_console(tmp_path / "serve.log")
+        noisy.warning("Triton is installed, but doesn't include CPU backend")
+        logging.getLogger("ray.serve").info("Started Serve in namespace")
+        import warnings
+
+        warnings.warn("a library warning", UserWarning, stacklevel=1)
+        captured = capsys.readouterr()
+        assert "Triton" not in captured.err + captured.out and "library warning" not in captured.err
+        text = log_file.read_text()
+        assert "Triton" in text and "a library warning" in text
+    finally:
+        logging.captureWarnings(False)
+        for lg in [logging.root, noisy, logging.getLogger("ray.serve")]:
+            for h in list(lg.handlers):
+                if isinstance(h, logging.FileHandler):
+                    lg.removeHandler(h)
+                    h.close()
