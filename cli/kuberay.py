@@ -388,8 +388,9 @@ def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool,
 
 
 def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None,
-               image: str | None = None) -> dict[str, Any]:
-    """The ``RayService`` object for ``cfg``. Raises :class:`KubeRayError` listing every problem."""
+               image: str | None = None, source: str = "configs/gpu.yaml") -> dict[str, Any]:
+    """The ``RayService`` object for ``cfg`` (read by the pods from ``source`` inside the image).
+    Raises :class:`KubeRayError` listing every problem."""
     errors = _check_paths(cfg)
     try:
         bounds = group_bounds(cfg)
@@ -416,6 +417,8 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
         mounts=[shared, {"name": "state", "mountPath": str(PurePosixPath(cfg.governor.db).parent)}],
     )
     head_volumes = volumes + [{"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}}]
+    head_pod = _pod(head_container, head_volumes, gpu=False, name=name)
+    head_pod["spec"]["initContainers"] = [models_init_container(cfg, image=image, source=source, env=env)]
     head = {
         "rayStartParams": {
             "num-cpus": str(HEAD.ray_cpus),
@@ -424,7 +427,7 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
             # listens on all of the pod's addresses; the token and the NetworkPolicy guard it.
             "dashboard-host": "0.0.0.0",
         },
-        "template": _pod(head_container, head_volumes, gpu=False, name=name),
+        "template": head_pod,
     }
     accel = _accelerators(stage_needs(cfg))
     workers = []
@@ -471,6 +474,21 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
                 "workerGroupSpecs": workers,
             },
         },
+    }
+
+
+def models_init_container(cfg: AppConfig, *, image: str, source: str, env: list[dict[str, str]]) -> dict[str, Any]:
+    """The head pod's init container: ``ragraph models`` fills ``models.dir`` on the shared volume (hub
+    downloads, copies, checksums) before Ray starts, so no engine reaches the hub when Serve starts its
+    replicas (workers wait for the head's GCS, the operator for the head, before deploying). Idempotent:
+    a restarted head verifies the checksums and downloads nothing."""
+    return {
+        "name": "models",
+        "image": image,
+        "command": ["ragraph", "--config", str(APP_DIR / source), "models"],
+        **({"env": env} if env else {}),
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        "volumeMounts": [{"name": "shared", "mountPath": str(SHARED_MOUNT)}],
     }
 
 
@@ -602,7 +620,7 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
            image: str | None = None) -> str:
     """:func:`rayservice` as YAML, under a header naming the command that prints it (the same
     wherever the file is written, so that any copy can be checked) and the sizing."""
-    doc = rayservice(cfg, name=name, namespace=namespace, image=image)
+    doc = rayservice(cfg, name=name, namespace=namespace, image=image, source=source)
     policy = network_policy(cfg, name=name, namespace=namespace)
     bounds = group_bounds(cfg)
 
@@ -617,6 +635,8 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
         f"# an image built FROM {base_image()} with this repository installed as '.[gpu]' "
         "(configs/kuberay/README.md).",
         f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",
+        f"# Models: the head pod's init container runs `ragraph --config {APP_DIR / source} models` into "
+        f"{cfg.models.dir} before Ray starts.",
         f"# Ray token authentication: create the Secret {auth_secret(name)} (key auth_token) first; the NetworkPolicy",
         f"# {policy['metadata']['name']} (second document) admits the KubeRay operator's namespace only if it is labelled "
         + ", ".join(f"{k}={v}" for k, v in OPERATOR_NS_LABEL.items()) + " (configs/kuberay/README.md).",

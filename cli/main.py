@@ -17,9 +17,11 @@ def _models(args: argparse.Namespace) -> int:
     # Imported here so `ragraph config` does not pay for it.
     from cli.models import ModelSourceError, broken_cuda_packages, provision_all
 
-    _offline()
     cfg = load_config(args.config)
     models = cfg.models
+    specs = [s for s in (models.embedder, models.generator, models.reranker) if s is not None]
+    if not any(s.source == "hub" for s in specs):
+        _offline()  # hub models need the hub; HF_HUB_OFFLINE=1 set by hand still turns it off (a clear error)
     if args.dir is not None:
         models = models.model_copy(update={"dir": args.dir.expanduser()})
     if cfg.generator.device == "cpu" and (bad := broken_cuda_packages()):

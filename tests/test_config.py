@@ -129,7 +129,9 @@ def test_default_paths_are_expanded_and_anchored():
 
 def test_gpu_config_reranks_with_a_hub_cross_encoder():
     cfg = load_config(GPU, environ={})
-    assert cfg.reranker.enabled and cfg.reranker.model == "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    assert cfg.reranker.enabled and cfg.models.reranker is not None
+    assert cfg.models.reranker.name == "cross-encoder/ms-marco-MiniLM-L-6-v2" and cfg.models.reranker.source == "hub"
+    assert cfg.reranker_model() == "cross-encoder/ms-marco-MiniLM-L-6-v2"  # not provisioned on this machine
     assert cfg.indexing.faiss_device == "cuda"
 
 

