@@ -79,12 +79,13 @@ def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=p
     t0 = time.perf_counter()
     start_ray(cfg, address=address, verbose=verbose)
     serve.start(proxy_location=cfg.http.proxy_location, http_options={"host": cfg.http.host, "port": cfg.http.port})
+    app = build_app(cfg)  # in this thread: a failing import shows here, and logging set up by it is this thread's
     url = f"http://{'127.0.0.1' if cfg.http.host in ('0.0.0.0', '::') else cfg.http.host}:{cfg.http.port}"
     failure: list[BaseException] = []
 
     def run() -> None:
         try:
-            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         except BaseException as e:  # shown by the waiting loop
             failure.append(e)
 
@@ -198,9 +199,18 @@ def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     if not verbose:
         log_file = quiet_console(Path("~/.cache/ragraph/logs/serve-driver.log"))
         print(f"  library logs: {log_file} (--verbose shows them here)")
-    took = deploy(cfg, address=address, verbose=verbose)
-    if log_file is not None:
-        quiet_console(log_file)  # handlers added while the graph's modules were imported
+    if log_file is None:
+        took = deploy(cfg, address=address, verbose=verbose)
+    else:
+        # importing the graph (ray.serve.llm, vLLM) resets the root logger to a JSON console handler and
+        # logs at once; while it deploys, stderr is the log file, so those lines and handlers land there
+        sink = open(log_file, "a", buffering=1)  # noqa: SIM115 - stays open: handlers made meanwhile write to it
+        console, sys.stderr = sys.stderr, sink
+        try:
+            took = deploy(cfg, address=address, verbose=verbose)
+        finally:
+            sys.stderr = console
+        quiet_console(log_file)
     print(f"ragraph is ready at {url} (cold start {took:.0f} s)")
     print(f"  OpenAI base URL: {url}/v1   model: {cfg.generator.served_model_name}")
     print("  try: ragraph chat \"how do I add GPU replicas?\"")
