@@ -164,7 +164,8 @@ def test_a_killed_replica_never_loses_or_half_publishes_a_job(graph, victim):
     if job["status"] == "succeeded":
         assert after["total"] == before["total"] + n, (before["total"], after["total"], job)
         if victim == "governor":
-            assert job["attempts"] == 2 and "interrupted" in json.dumps(job), job
+            assert job["attempts"] == 2, job  # run again by the restarted governor (its "interrupted" note is
+            # the queued job's progress message, replaced by the second run's progress)
     else:
         assert victim == "governor" and "interrupted" in job["error"], job
         assert after["total"] == before["total"], (before["total"], after["total"], job)
