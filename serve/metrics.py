@@ -17,11 +17,16 @@ Prometheus scrapes on a cluster (docs/operations.md).
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from collections import defaultdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("ray.serve")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 if os.environ.get(MULTIPROC_ENV):  # prometheus_client writes there from the first metric on
@@ -244,13 +249,39 @@ class Metrics:
         self.families[name] = fam
         return fam
 
-    def export_to_ray(self) -> None:
-        """Mirror every series to Ray's metrics agent from now on (call once, inside a Ray worker)."""
+    def export_to_ray(self, *, refresh_s: float = 1.0) -> None:
+        """Mirror every series to Ray's metrics agent from now on (call once, inside a Ray worker).
+
+        Ray's agent exports a gauge only while it keeps being set (seen on Ray 2.60: the breaker's
+        state and the index version, set once, never reached Prometheus, while the queue depth,
+        set all the time, did), so a daemon thread sets every gauge's last values again every
+        ``refresh_s`` seconds."""
         if self._ray:
             return
         for fam in self.families.values():
             fam.to_ray()
         self._ray = True
+        if refresh_s > 0:
+            threading.Thread(target=self._refresh_loop, args=(refresh_s,), name="ray-gauge-refresh", daemon=True).start()
+
+    def refresh_ray_gauges(self) -> int:
+        """Set every mirrored gauge's last values again; returns how many series were set."""
+        n = 0
+        for fam in self.families.values():
+            if fam.kind != "gauge" or fam.ray is None:
+                continue
+            for key, value in list(fam._gauges.items()):
+                fam.ray.set(value, tags=dict(zip(fam.labelnames, key, strict=True)) or None)
+                n += 1
+        return n
+
+    def _refresh_loop(self, every_s: float) -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                self.refresh_ray_gauges()
+            except Exception as e:  # noqa: BLE001 - metrics must never take the replica down
+                log.debug(f"gauge refresh failed: {e}")
 
     def render(self) -> bytes:
         """This process's series; with ``PROMETHEUS_MULTIPROC_DIR`` set, every ingress replica's on

@@ -53,6 +53,14 @@ def test_a_gauge_set_before_the_ray_export_reaches_ray(monkeypatch):
     m = Metrics()
     m.breaker_state.set(2)
     m.stage_inflight.labels("retriever").set(3)
-    m.export_to_ray()
+    m.export_to_ray(refresh_s=0)
     assert ("rag_generator_breaker_state", 2.0, None) in sets
     assert ("rag_stage_inflight", 3.0, {"stage": "retriever"}) in sets
+    # Ray's agent drops a gauge that is not set again: the refresher sets every last value again
+    sets.clear()
+    m.index_version.labels("v1").set(1)
+    sets.clear()
+    assert m.refresh_ray_gauges() >= 3
+    again = {(name, value, tuple(sorted((tags or {}).items()))) for name, value, tags in sets}
+    assert ("rag_generator_breaker_state", 2.0, ()) in again
+    assert ("rag_index_version_info", 1.0, (("version", "v1"),)) in again
