@@ -202,7 +202,9 @@ class Gate:
     """The ingress replica's own admission queue: at most ``max_ongoing`` requests run, at most
     ``max_queued`` wait, and the rest get OpenAI's 503 JSON with ``Retry-After``. Serve's own
     refusal is plain text, so the ingress deployment is given room for all of them
-    (:func:`serve.graph.deployment_options`) and the limit is kept here."""
+    (:func:`serve.graph.deployment_options`) and the limit is kept here. A slot is held while the
+    route's handler runs: for a stream, until its first token (the generator's own queue bounds
+    the streams in flight)."""
 
     def __init__(self, max_ongoing: int, max_queued: int) -> None:
         self.max_ongoing, self.max_queued = max_ongoing, max_queued
