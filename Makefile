@@ -43,31 +43,29 @@ serve: index
 	@# starts a local Ray and the Serve graph on http://127.0.0.1:8000, prints the URL when ready; Ctrl-C stops it
 	$(BIN)/ragraph serve
 
+# $(call apt_install,PACKAGE,COMMAND): install Debian's PACKAGE once, when COMMAND is missing; waits for an
+# apt lock held by someone else (DPkg::Lock::Timeout, retries) rather than failing, and names the fix if it can't
+define apt_install
+command -v $(2) >/dev/null || { \
+  echo "installing $(1) with apt-get"; \
+  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+  for i in 1 2 3 4 5 6; do \
+    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq update >/dev/null && \
+    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq install -y --no-install-recommends $(1) >/dev/null && break; \
+    echo "apt-get failed (attempt $$i; a lock held?), retrying in 10 s"; sleep 10; \
+  done; \
+  command -v $(2) >/dev/null || { echo "could not install $(2): apt-get install $(1)"; exit 1; }; }
+endef
+
 promtool:
-	@# promtool (Debian's prometheus package) runs the alert rule tests and the Prometheus test (configs/monitoring/);
-	@# installed once, waiting for an apt lock held by someone else rather than failing
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing prometheus (promtool) with apt-get"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  for i in 1 2 3 4 5 6; do \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq update >/dev/null && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq install -y --no-install-recommends prometheus >/dev/null && break; \
-	    echo "apt-get failed (attempt $$i; a lock held?), retrying in 10 s"; sleep 10; \
-	  done; \
-	  command -v promtool >/dev/null || { echo "could not install promtool: apt-get install prometheus"; exit 1; }; }
+	@# promtool (Debian's prometheus package) runs the alert rule tests and the Prometheus test (configs/monitoring/)
+	@$(call apt_install,prometheus,promtool)
+	@$(call apt_install,prometheus,prometheus)
 
 chromium:
 	@# Debian's chromium runs the chat page's browser tests (tests/test_ui_browser.py, Playwright with the system
-	@# browser: never `playwright install`); installed once, waiting for an apt lock held by someone else
-	@command -v chromium >/dev/null || { \
-	  echo "installing chromium with apt-get"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  for i in 1 2 3 4 5 6; do \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq update >/dev/null && \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq install -y --no-install-recommends chromium >/dev/null && break; \
-	    echo "apt-get failed (attempt $$i; a lock held?), retrying in 10 s"; sleep 10; \
-	  done; \
-	  command -v chromium >/dev/null || { echo "could not install chromium: apt-get install chromium"; exit 1; }; }
+	@# browser: never `playwright install`)
+	@$(call apt_install,chromium,chromium)
 
 test: install-test models promtool chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.auth import private_file
+from indexing.store import fsync_dir
 
 log = logging.getLogger("ray.serve")
 
@@ -160,10 +161,10 @@ class JobStore:
             names.append(name)
         if documents:
             _write_synced(tmp / "documents.jsonl", "".join(json.dumps(d) + "\n" for d in documents).encode())
-        _fsync(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
-        _fsync(self.spool)
+        fsync_dir(self.spool)
         ids = [str(d["id"]) for d in documents or []] + [n for n in names if not n.lower().endswith((".jsonl", ".parquet"))]
         inputs = {"documents": len(documents or []), "files": names, "deletes": list(deletes or []),
                   "document_ids": ids, "domain": domain}
@@ -317,14 +318,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

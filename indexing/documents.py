@@ -15,7 +15,7 @@ source are read like the files they point to (folders behind links are not desce
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,19 +145,26 @@ def _row_to_doc(row: dict, *, where: str, domain: str, default_time: str) -> Doc
     )
 
 
+def jsonl_rows(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for each non-blank line of a JSONL file called ``name`` (``where`` is
+    ``name:line``); a line that is not one JSON object raises :class:`SourceError` naming it."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{name}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SourceError(f"{name}:{n}: expected a JSON object per line")
+        yield f"{name}:{n}", row
+
+
 def _read_jsonl(path: Path, *, domain: str) -> Iterator[Document]:
     when = _mtime(path)
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SourceError(f"{path}:{n}: expected a JSON object per line")
-            yield _row_to_doc(row, where=f"{path}:{n}", domain=domain, default_time=when)
+        for where, row in jsonl_rows(f, str(path)):
+            yield _row_to_doc(row, where=where, domain=domain, default_time=when)
 
 
 def _read_parquet(path: Path, *, domain: str) -> Iterator[Document]:

@@ -13,13 +13,12 @@ caller fails that file alone. The libraries are imported when a file of their ki
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from indexing.documents import TEXT_SUFFIXES, Document, SourceError, _row_to_doc, _title_of
+from indexing.documents import TEXT_SUFFIXES, Document, SourceError, _row_to_doc, _title_of, jsonl_rows
 
 HTML_SUFFIXES = {".html", ".htm"}
 SUFFIXES = TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf", ".docx", ".jsonl", ".parquet"}
@@ -103,17 +102,8 @@ def _checked_row(doc: Document, where: str, limits: Limits) -> Document:
 
 def _jsonl(name: str, data: bytes, *, domain: str, when: str, limits: Limits) -> Iterator[Document]:
     docs = []
-    for n, line in enumerate(_utf8(name, data).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{name}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise SourceError(f"{name}:{n}: expected a JSON object per line")
-        docs.append(_checked_row(_row_to_doc(row, where=f"{name}:{n}", domain=domain, default_time=when),
-                                 f"{name}:{n}", limits))
+    for where, row in jsonl_rows(_utf8(name, data).splitlines(), name):
+        docs.append(_checked_row(_row_to_doc(row, where=where, domain=domain, default_time=when), where, limits))
     if not docs:
         raise SourceError(f"{name}: no rows")
     yield from docs

@@ -126,7 +126,8 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (fsync the folder itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -494,9 +495,9 @@ def _build_version(
         "uploaded": sorted(uploaded),
     }
     _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     tmp.rename(versions / name)
-    _fsync_dir(versions)
+    fsync_dir(versions)
     _write_atomic(root / "current", name + "\n")
     report.version, report.published = name, True
     _prune(versions, keep=keep_versions, live=name)
@@ -572,7 +573,7 @@ def rollback(root: Path, name: str, settings: BuildSettings) -> tuple[str | None
         previous = current_name(root)
         if previous != name:
             _write_atomic(root / "current", name + "\n")
-            _fsync_dir(root)
+            fsync_dir(root)
         return previous, name
 
 
