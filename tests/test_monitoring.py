@@ -120,7 +120,7 @@ def dashboard_queries(source: str = "rag_", rate: str = "1m") -> list[tuple[str,
 
 
 def test_dashboard_is_an_importable_grafana_dashboard():
-    """What Grafana's import needs and its dashboard schema (v39) requires of these fields: a title
+    """What Grafana's import needs and its dashboard schema requires of these fields: a title
     and uid, panels with unique ids and grid positions inside the 24 columns that do not overlap, a
     Prometheus datasource from the dashboard's variable on every panel and target, and ref ids."""
     d = dashboard()
