@@ -156,6 +156,7 @@ def embed_with_ray(
             f"Ray Data returned {sum(per_node.values())} vectors for {len(texts)} chunks ({int((~seen).sum())} missing)"
         )
     log(f"  embedded on {len(per_node)} node(s): " + ", ".join(f"{n[:8]}: {c} chunks" for n, c in sorted(per_node.items())))
-    if nodes is not None:
-        nodes.update(per_node)
+    if nodes is not None:  # added to: a caller may embed in several calls
+        for node, count in per_node.items():
+            nodes[node] = nodes.get(node, 0) + count
     return out

@@ -68,7 +68,8 @@ def index_source(cfg, source: Path, root: Path, *, full: bool = False, log: Log 
     embedder = embedder_from_config(cfg)
     nodes: dict[str, int] = {}
     report = build_index(
-        source, root, settings_from_config(cfg), embed=embed_fn(cfg, embedder, log=log, nodes=nodes), full=full,
+        source, root, settings_from_config(cfg), embed=embed_fn(cfg, embedder, log=log, nodes=nodes),
+        calibration_embed=embed_fn(cfg, embedder, log=log), full=full,  # embed_nodes counts chunks only
         keep_versions=cfg.indexing.keep_versions, log=log,
     )
     report.embed_nodes = nodes

@@ -293,13 +293,16 @@ def build_index(
     settings: BuildSettings,
     *,
     embed: Callable[[list[str]], tuple[np.ndarray, str]],
+    calibration_embed: Callable[[list[str]], tuple[np.ndarray, str]] | None = None,
     full: bool = False,
     keep_versions: int = 3,
     log: Log = print,
 ) -> BuildReport:
     """Read ``source``, chunk, embed what is new, build BM25 + FAISS, publish a new version.
 
-    ``embed(texts) -> (vectors, engine_name)`` does the embedding (in-process or Ray Data).
+    ``embed(texts) -> (vectors, engine_name)`` does the embedding (in-process or Ray Data);
+    ``calibration_embed`` (default: ``embed``) embeds the fusion calibration's pseudo-queries and
+    passages, so a caller that counts what ``embed`` did counts the corpus's chunks only.
     Documents uploaded over the API (the live manifest's ``uploaded`` list) that ``source`` does not
     hold are kept, with their chunks as they are; a source document with the same id replaces one.
     """
@@ -333,7 +336,7 @@ def build_index(
         report.seconds["read_and_chunk"] = time.perf_counter() - t0
         log(f"  read {len(docs)} documents into {len(chunks)} chunks ({report.seconds['read_and_chunk']:.1f} s)")
         return _build_version(root, settings, chunks + kept, uploaded=uploaded, source=str(source), embed=embed,
-                              full=full, keep_versions=keep_versions, log=log, report=report, t0=t0)
+                              calibration_embed=calibration_embed, full=full, keep_versions=keep_versions, log=log, report=report, t0=t0)
 
 
 def apply_changes(
@@ -420,6 +423,7 @@ def _build_version(
     uploaded: set[str],
     source: str,
     embed: Callable[[list[str]], tuple[np.ndarray, str]],
+    calibration_embed: Callable[[list[str]], tuple[np.ndarray, str]] | None = None,
     full: bool,
     keep_versions: int,
     log: Log,
@@ -473,7 +477,7 @@ def _build_version(
     report.seconds["build_indexes"] = time.perf_counter() - t2
     log(f"  built FAISS ({index_kind(dense)}) and BM25 over {len(chunks)} chunks ({report.seconds['build_indexes']:.1f} s)")
     t3 = time.perf_counter()
-    calibration = calibrate_chunks(chunks, vectors, lambda t: embed(t)[0], settings)
+    calibration = calibrate_chunks(chunks, vectors, lambda t: (calibration_embed or embed)(t)[0], settings)
     report.seconds["calibrate"] = time.perf_counter() - t3
     log(f"  calibrated fusion on {calibration['queries']} pseudo-queries ({report.seconds['calibrate']:.1f} s)")
 

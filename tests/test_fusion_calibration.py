@@ -143,3 +143,26 @@ def test_normalize():
     assert normalize(np.ones(3), "z").tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="normalization must be one of"):
         normalize(x, "rank")
+
+
+def test_calibration_embeds_through_its_own_callable(tmp_path):
+    """The index job's per-node counts (``embed_nodes``) come from what ``embed`` did: the
+    calibration's pseudo-queries and passages go through ``calibration_embed`` so that they are
+    not counted as chunks (a two-node job had reported 400 chunks by node for 697 embedded)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in _lexical_corpus().items():
+        (src / name).write_text(text)
+    embedder = FakeEmbedder(lambda t: _unit(_seeded(t)))
+    seen = {"chunks": 0, "calibration": 0}
+
+    def counting(kind):
+        def embed(texts):
+            seen[kind] += len(texts)
+            return embedder.embed(texts), "fake"
+        return embed
+
+    report = build_index(src, tmp_path / "index", SETTINGS, embed=counting("chunks"),
+                         calibration_embed=counting("calibration"), log=lambda _: None)
+    assert report.embedded > 0 and seen["chunks"] == report.embedded
+    assert seen["calibration"] > 0
