@@ -14,11 +14,10 @@ import json
 import sys
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "grafana"))
-import schema_check  # noqa: E402
+import schema_check
 
 DASHBOARD = REPO / "configs" / "monitoring" / "dashboard.json"
 
