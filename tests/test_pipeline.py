@@ -86,6 +86,10 @@ def chat(text="When does the tasting room open?", **kw):
     return ChatRequest(model="ragraph", messages=[{"role": "user", "content": text}], **kw)
 
 
+async def ask(p: Pipeline, req: ChatRequest, rid: str = "rid", **kw) -> dict:
+    return await p.chat_completion(req, await p.prepare(req, rid, **kw))
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -93,11 +97,7 @@ def run(coro):
 def test_answer_cites_and_drops_unknown_numbers(local_cfg, retriever):
     p = pipeline(local_cfg, retriever)
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid-1"))
-
-    out = run(go())
+    out = run(ask(p, chat(), "rid-1"))
     text = out["choices"][0]["message"]["content"]
     assert text == "The tasting room opens at 10 am [1] and closes at 6 pm ."
     rag = out["rag"]
@@ -132,11 +132,7 @@ def test_stream_frames_and_final_chunk_carries_rag(local_cfg, retriever):
 def test_generator_down_gives_sources_only(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, Engine("down"))
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
-    out = run(go())
+    out = run(ask(p, chat()))
     meta = out["rag"]["metadata"]
     assert meta["status"] == "sources_only" and meta["degraded"] == ["generator"]
     assert "no replica is running" in meta["degraded_reasons"]["generator"]
@@ -148,24 +144,16 @@ def test_generator_down_gives_sources_only(local_cfg, retriever):
 def test_generator_down_without_sources_is_503(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, Engine("down"))
 
-    async def go():
-        req = chat(rag={"enabled": False})
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
     with pytest.raises(ApiError) as e:
-        run(go())
+        run(ask(p, chat(rag={"enabled": False})))
     assert e.value.status == 503 and e.value.code == "generator_unavailable"
 
 
 def test_generator_overloaded_is_503_with_retry_after(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, Engine("overloaded"))
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
     with pytest.raises(ApiError) as e:
-        run(go())
+        run(ask(p, chat()))
     assert e.value.status == 503 and e.value.headers["Retry-After"] and e.value.code == "overloaded"
 
 
@@ -173,11 +161,7 @@ def test_retriever_down_degrades_to_no_context(local_cfg, retriever):
     engine = Engine()
     p = pipeline(local_cfg, retriever, engine, retriever_down=True)
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
-    out = run(go())
+    out = run(ask(p, chat()))
     meta = out["rag"]["metadata"]
     assert meta["degraded"] == ["retriever"] and meta["status"] == "degraded" and out["rag"]["sources"] == []
     assert "Context:" not in engine.requests[0].messages[-1]["content"]
@@ -233,11 +217,7 @@ def _with_generator(cfg, **update):
 def test_generator_down_answers_extractively(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, Engine("down"))
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
-    out = run(go())
+    out = run(ask(p, chat()))
     meta, text = out["rag"]["metadata"], out["choices"][0]["message"]["content"]
     assert meta["status"] == "sources_only" and meta["answer"]["mode"] == "extractive"
     assert "10" in text and "[1]" in text  # the tasting room's opening hour, cited
@@ -248,11 +228,7 @@ def test_extractive_mode_answers_without_the_generator(local_cfg, retriever):
     engine = Engine()
     p = pipeline(_with_generator(local_cfg, answer_mode="extractive"), retriever, engine)
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
-    out = run(go())
+    out = run(ask(p, chat()))
     meta = out["rag"]["metadata"]
     assert meta["status"] == "ok" and meta["answer"]["mode"] == "extractive" and engine.requests == []
     assert "[1]" in out["choices"][0]["message"]["content"]
@@ -263,16 +239,12 @@ def test_off_corpus_question_is_declined_without_generating(local_cfg, retriever
     cfg = _with_generator(local_cfg, abstain_min_similarity=0.45, abstain_min_coverage=0.7)
     p = pipeline(cfg, retriever, engine)
 
-    async def go(text):
-        req = chat(text)
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
-    out = run(go("Who won the 1998 football World Cup?"))
+    out = run(ask(p, chat("Who won the 1998 football World Cup?")))
     meta = out["rag"]["metadata"]
     assert meta["answer"]["mode"] == "abstain" and meta["answer"]["note"] and engine.requests == []
     assert out["choices"][0]["message"]["content"] == cfg.generator.abstain_text
     assert not any(s["cited"] for s in out["rag"]["sources"])
-    out = run(go("When does the tasting room open?"))
+    out = run(ask(p, chat("When does the tasting room open?")))
     assert out["rag"]["metadata"]["answer"]["mode"] == "generate" and len(engine.requests) == 1
 
 
@@ -293,11 +265,7 @@ class LoopingEngine(Engine):
 def test_loop_stop_ends_a_degenerate_answer(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, LoopingEngine())
 
-    async def go():
-        req = chat()
-        return await p.chat_completion(req, await p.prepare(req, "rid"))
-
-    out = run(go())
+    out = run(ask(p, chat()))
     meta = out["rag"]["metadata"]
     assert meta["answer"]["loop_stopped"] and out["choices"][0]["finish_reason"] == "stop"
     assert out["choices"][0]["message"]["content"].count("hybrid score computed") <= 4

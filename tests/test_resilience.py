@@ -17,7 +17,7 @@ from serve.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from deployments.errors import StageError
 from serve.calls import StageReply
 from serve.pipeline import Pipeline
-from test_pipeline import Engine, Stages
+from test_pipeline import Engine, Stages, ask, chat
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +52,6 @@ class Flaky(Stages):
         if self.version:
             reply = StageReply(reply.value, reply.replica, {**reply.info, "version": self.version})
         return reply
-
-
-def chat(text="When does the tasting room open?", **kw):
-    return ChatRequest(model="ragraph", messages=[{"role": "user", "content": text}], **kw)
-
-
-async def ask(p: Pipeline, req: ChatRequest, rid: str = "rid", **kw) -> dict:
-    return await p.chat_completion(req, await p.prepare(req, rid, **kw))
 
 
 def make(cfg, retriever, engine=None, **kw):
