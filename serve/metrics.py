@@ -58,9 +58,8 @@ class Family:
             # a gauge set before the export began (the breaker's 0 at start-up) reaches Ray's agent too
             for family in self.metric.collect():
                 for sample in family.samples:
-                    key = tuple(sample.labels.get(k, "") for k in self.labelnames)
-                    self._gauges[key] = sample.value
-                    self.ray.set(sample.value, tags=dict(zip(self.labelnames, key, strict=True)) or None)
+                    self._gauges[tuple(sample.labels.get(k, "") for k in self.labelnames)] = sample.value
+            self.push_gauges()
         else:
             self.ray = rm.Histogram(self.name, self.doc, boundaries=list(self.buckets), tag_keys=self.labelnames)
 
@@ -86,7 +85,15 @@ class Family:
         key = tuple(str(v) for v in values)
         self.metric.remove(*key)
         if self.ray is not None and self.kind == "gauge":
+            self._gauges.pop(key, None)  # no longer set again by the refresh
             self.ray.set(0, tags=dict(zip(self.labelnames, key, strict=True)))
+
+    def push_gauges(self) -> int:
+        """Set this gauge's last values in Ray's agent again; returns how many series were set."""
+        series = list(self._gauges.items())
+        for key, value in series:
+            self.ray.set(value, tags=dict(zip(self.labelnames, key, strict=True)) or None)
+        return len(series)
 
 
 class _Child:
@@ -266,14 +273,7 @@ class Metrics:
 
     def refresh_ray_gauges(self) -> int:
         """Set every mirrored gauge's last values again; returns how many series were set."""
-        n = 0
-        for fam in self.families.values():
-            if fam.kind != "gauge" or fam.ray is None:
-                continue
-            for key, value in list(fam._gauges.items()):
-                fam.ray.set(value, tags=dict(zip(fam.labelnames, key, strict=True)) or None)
-                n += 1
-        return n
+        return sum(fam.push_gauges() for fam in self.families.values() if fam.kind == "gauge" and fam.ray is not None)
 
     def _refresh_loop(self, every_s: float) -> None:
         while True:

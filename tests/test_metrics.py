@@ -64,3 +64,10 @@ def test_a_gauge_set_before_the_ray_export_reaches_ray(monkeypatch):
     again = {(name, value, tuple(sorted((tags or {}).items()))) for name, value, tags in sets}
     assert ("rag_generator_breaker_state", 2.0, ()) in again
     assert ("rag_index_version_info", 1.0, (("version", "v1"),)) in again
+    # a removed series (the version no longer answering) is not set again
+    m.saw_version("v1")
+    m.saw_version("v2")
+    sets.clear()
+    m.refresh_ray_gauges()
+    versions = {tags["version"]: value for name, value, tags in sets if name == "rag_index_version_info"}
+    assert versions == {"v2": 1.0}
