@@ -173,5 +173,5 @@ async def feedback(body: FeedbackIn, request: Request) -> JSONResponse:
 async def feedback_export(request: Request, limit: int = Query(1000, ge=1, le=10000),
                           after: float | None = Query(None, description="Only feedback updated after this time "
                                                       "(seconds since the epoch: the last row's `updated`).")) -> dict:
-    rows = await history(request, "feedback", limit, after)
-    return {"object": "list", "data": rows, "has_more": len(rows) == limit}
+    rows = await history(request, "feedback", limit + 1, after)  # one more: whether a next page exists
+    return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}

@@ -414,7 +414,6 @@ class Pipeline(StageCalls):
         recorded = False
         if stream is None:
             text, cited, mode, note = direct or self.degraded_answer(prep)
-            cites.apply(text)
             cites.cited = cited
             citations = "extracted" if mode == "extractive" else "listed"
             sent.append(text)

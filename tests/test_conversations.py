@@ -119,6 +119,17 @@ def test_feedback_is_stored_counted_exported_and_refused_for_unknown_ids(service
     assert "rag_feedback_total" in client.get("/metrics").text
 
 
+def test_feedback_export_pages_by_update_time(service):
+    client, _ = service()
+    rids = [ask(client)["rag"]["metadata"]["request_id"] for _ in range(2)]
+    for rid in rids:
+        assert client.post("/v1/feedback", json={"request_id": rid, "score": 1}).status_code == 201
+    first = client.get("/v1/feedback", params={"limit": 1}).json()
+    assert [f["request_id"] for f in first["data"]] == rids[:1] and first["has_more"] is True
+    rest = client.get("/v1/feedback", params={"limit": 1, "after": first["data"][0]["updated"]}).json()
+    assert [f["request_id"] for f in rest["data"]] == rids[1:] and rest["has_more"] is False  # exactly one left
+
+
 def test_with_auth_on_only_the_page_loads_without_a_key_and_keys_see_only_their_own(service):
     client, cfg = service(auth=True)
     keys = KeyStore(cfg.governor.db)
