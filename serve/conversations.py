@@ -23,43 +23,32 @@ from typing import Any, Literal
 
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from deployments.conversations import COMMENT_MAX, TITLE_MAX
 from deployments.errors import StageError
-from serve.api import ChatRequest
-from serve.errors import ApiError, stage_unavailable
+from serve.api import ChatRequest, _Body
+from serve.errors import ApiError, governor_call
 from serve.events import ChatEvent, Delta, Done
 from serve.metrics import METRICS
+from serve.querylog import question_of
+from serve.routetable import RouteTable
 
 log = logging.getLogger("ray.serve")
 
-# (path, methods, endpoint, options), as in serve/documents.py: serve.routes adds them to its router.
-ROUTES: list[tuple[str, list[str], Any, dict[str, Any]]] = []
+# as in serve/documents.py: serve.routes adds them to its router.
+ROUTES = RouteTable()
 CONVERSATIONS = "/v1/conversations"
 FEEDBACK = "/v1/feedback"
-ADMIN = {("GET", FEEDBACK)}
 TURN_METADATA = ("request_id", "status", "degraded", "cached", "timings_ms", "answer")  # kept with a turn
 
 
-def _route(method: str, path: str, **options: Any):
-    def add(endpoint):
-        ROUTES.append((path, [method], endpoint, options))
-        return endpoint
-
-    return add
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ConversationIn(_Strict):
+class ConversationIn(_Body):
     title: str | None = Field(default=None, max_length=TITLE_MAX,
                               description="Shown in the list; empty: the first question becomes the title.")
 
 
-class FeedbackIn(_Strict):
+class FeedbackIn(_Body):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"request_id": "3f2a9c...", "score": 1, "comment": "cited the right page"}]})
     request_id: str = Field(min_length=1, max_length=200, description="`rag.metadata.request_id` of the answer.")
@@ -69,10 +58,8 @@ class FeedbackIn(_Strict):
 
 async def history(request: Request, method: str, *args: Any) -> Any:
     """A call on the governor's conversation store; 503 + Retry-After when the governor is down."""
-    try:
-        return await request.app.state.pipeline.govern("history", method, *args)
-    except StageError as e:
-        raise stage_unavailable("the conversation store (kept by the governor)", e, code="governor_unavailable") from None
+    return await governor_call(request.app.state.pipeline, "the conversation store (kept by the governor)", "history",
+                               method, *args)
 
 
 def owner(request: Request) -> str | None:
@@ -119,8 +106,7 @@ async def _record(request: Request, body: ChatRequest, answer: str, done: Done) 
     cid = body.rag.conversation_id
     turn = None
     if cid is not None:
-        users = [m for m in body.messages if m.role == "user" and isinstance(m.content, str)]
-        turn = {"question": users[-1].content if users else "", "answer": answer,
+        turn = {"question": question_of(body) or "", "answer": answer,
                 "rag": {"sources": done.rag.get("sources", []), "metadata": {k: meta[k] for k in TURN_METADATA if k in meta}}}
     try:
         await request.app.state.pipeline.govern("history", "chat_done", owner(request), rid, cid, turn)
@@ -133,17 +119,17 @@ async def _record(request: Request, body: ChatRequest, answer: str, done: Done) 
 # the routes
 
 
-@_route("GET", CONVERSATIONS)
+@ROUTES.route("GET", CONVERSATIONS)
 async def conversations(request: Request, limit: int = Query(50, ge=1, le=500)) -> dict:
     return {"object": "list", "data": await history(request, "list", owner(request), limit)}
 
 
-@_route("POST", CONVERSATIONS, status_code=201)
+@ROUTES.route("POST", CONVERSATIONS, status_code=201)
 async def conversation_create(body: ConversationIn, request: Request) -> JSONResponse:
     return JSONResponse(await history(request, "create", owner(request), body.title), status_code=201)
 
 
-@_route("GET", CONVERSATIONS + "/{conversation_id}")
+@ROUTES.route("GET", CONVERSATIONS + "/{conversation_id}")
 async def conversation(conversation_id: str, request: Request) -> dict:
     conv = await history(request, "get", owner(request), conversation_id)
     if conv is None:
@@ -151,14 +137,14 @@ async def conversation(conversation_id: str, request: Request) -> dict:
     return conv
 
 
-@_route("DELETE", CONVERSATIONS + "/{conversation_id}")
+@ROUTES.route("DELETE", CONVERSATIONS + "/{conversation_id}")
 async def conversation_delete(conversation_id: str, request: Request) -> dict:
     if not await history(request, "delete", owner(request), conversation_id):
         raise not_found(conversation_id)
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 
-@_route("POST", FEEDBACK, status_code=201)
+@ROUTES.route("POST", FEEDBACK, status_code=201)
 async def feedback(body: FeedbackIn, request: Request) -> JSONResponse:
     stored = await history(request, "put_feedback", owner(request), body.request_id, body.score, body.comment)
     if stored is None:
@@ -169,7 +155,7 @@ async def feedback(body: FeedbackIn, request: Request) -> JSONResponse:
     return JSONResponse(stored, status_code=201)
 
 
-@_route("GET", FEEDBACK)
+@ROUTES.route("GET", FEEDBACK, admin=True)
 async def feedback_export(request: Request, limit: int = Query(1000, ge=1, le=10000),
                           after: float | None = Query(None, description="Only feedback updated after this time "
                                                       "(seconds since the epoch: the last row's `updated`).")) -> dict:

@@ -23,50 +23,37 @@ from typing import Any
 
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from deployments.errors import StageError
 from deployments.ingest import STATUSES, IngestService
 from indexing.formats import SUFFIXES, supported
 from indexing.store import IndexBuildError, RollbackError, list_versions, live_documents, rollback
-from serve.errors import ApiError, stage_unavailable
+from serve.api import _Body
+from serve.errors import ApiError, governor_call
+from serve.routetable import RouteTable
 from serve.stages import InProcessStages
 
-# (path, methods, endpoint, options): serve.routes adds them to its router, so that they are admitted
-# (ObservedRoute) and served by every app make_app builds, like the routes declared there.
-ROUTES: list[tuple[str, list[str], Any, dict[str, Any]]] = []
-
-
-def _route(method: str, path: str, **options: Any):
-    def add(endpoint):
-        ROUTES.append((path, [method], endpoint, options))
-        return endpoint
-
-    return add
+# serve.routes adds them to its router, so that they are admitted (ObservedRoute) and served by every
+# app make_app builds, like the routes declared there. Every route here is an admin's.
+ROUTES = RouteTable()
 
 DOCUMENTS = "/v1/documents"
-ADMIN = {("POST", DOCUMENTS), ("GET", DOCUMENTS), ("DELETE", DOCUMENTS + "/{document_id:path}"),
-         ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/index"), ("POST", "/v1/index/rollback")}
 METADATA_KEYS = ("domain", "source", "updated_at")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DocumentIn(_Strict):
+class DocumentIn(_Body):
     id: str = Field(min_length=1, max_length=512)
     title: str = Field(default="", max_length=1000)
     text: str
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
-class DocumentsIn(_Strict):
+class DocumentsIn(_Body):
     documents: list[DocumentIn] = Field(min_length=1)
     domain: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-class RollbackIn(_Strict):
+class RollbackIn(_Body):
     version: str = Field(min_length=1, max_length=200)
 
 
@@ -97,10 +84,7 @@ def local_service(request: Request) -> IngestService:
 async def ingest_call(request: Request, method: str, *args: Any) -> Any:
     pipeline = request.app.state.pipeline
     if not isinstance(pipeline.stages, InProcessStages):  # the graph: the governor keeps the jobs
-        try:
-            return await pipeline.govern("ingest", method, *args)
-        except StageError as e:
-            raise stage_unavailable("the ingest jobs (kept by the governor)", e, code="governor_unavailable") from None
+        return await governor_call(pipeline, "the ingest jobs (kept by the governor)", "ingest", method, *args)
     return await asyncio.to_thread(getattr(local_service(request), method), *args)
 
 
@@ -221,7 +205,7 @@ def _accepted(job: dict[str, Any]) -> JSONResponse:
                         headers={"Location": f"/v1/jobs/{job['id']}"})
 
 
-@_route("POST", DOCUMENTS, status_code=202)
+@ROUTES.route("POST", DOCUMENTS, admin=True, status_code=202)
 async def upload(request: Request) -> JSONResponse:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     documents, files = None, None
@@ -239,7 +223,7 @@ async def upload(request: Request) -> JSONResponse:
     return _accepted(job)
 
 
-@_route("DELETE", DOCUMENTS + "/{document_id:path}", status_code=202)
+@ROUTES.route("DELETE", DOCUMENTS + "/{document_id:path}", admin=True, status_code=202)
 async def delete(document_id: str, request: Request) -> JSONResponse:
     root = Path(_cfg(request).indexing.dir)
     _, docs = await asyncio.to_thread(_documents_of, request, root)
@@ -270,7 +254,7 @@ def _documents_of(request: Request, root: Path) -> tuple[str | None, list[dict[s
     return version, docs
 
 
-@_route("GET", DOCUMENTS)
+@ROUTES.route("GET", DOCUMENTS, admin=True)
 async def documents(request: Request, limit: int = Query(100, ge=1), after: str | None = None) -> dict:
     cap = _cfg(request).documents.max_page_size
     if limit > cap:
@@ -292,7 +276,7 @@ async def documents(request: Request, limit: int = Query(100, ge=1), after: str 
 # jobs
 
 
-@_route("GET", "/v1/jobs")
+@ROUTES.route("GET", "/v1/jobs", admin=True)
 async def jobs(request: Request, limit: int = Query(20, ge=1), status: str | None = None,
                before: int | None = Query(None, ge=1)) -> dict:
     cap = _cfg(request).documents.max_page_size
@@ -305,7 +289,7 @@ async def jobs(request: Request, limit: int = Query(20, ge=1), status: str | Non
     return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
 
 
-@_route("GET", "/v1/jobs/{job_id}")
+@ROUTES.route("GET", "/v1/jobs/{job_id}", admin=True)
 async def job(job_id: str, request: Request) -> dict:
     row = await ingest_call(request, "job", job_id)
     if row is None:
@@ -330,7 +314,7 @@ def _model(m: dict[str, Any]) -> dict[str, Any]:
             "checksum": m.get("checksum")}
 
 
-@_route("GET", "/v1/index")
+@ROUTES.route("GET", "/v1/index", admin=True)
 async def index(request: Request) -> dict:
     from indexing.store import same_embedder
 
@@ -351,7 +335,7 @@ async def index(request: Request) -> dict:
             "chunks": next((v["chunks"] for v in out if v.get("live")), 0)}
 
 
-@_route("POST", "/v1/index/rollback")
+@ROUTES.route("POST", "/v1/index/rollback", admin=True)
 async def index_rollback(body: RollbackIn, request: Request) -> dict:
     cfg = _cfg(request)
     settings = await asyncio.to_thread(_settings, request)

@@ -93,6 +93,15 @@ def stage_unavailable(what: str, err: StageError, *, code: str = "stage_unavaila
                     headers={"Retry-After": str(max(1, round(retry_after)))})
 
 
+async def governor_call(pipeline: Any, what: str, method: str, *args: Any) -> Any:
+    """A call on the governor (``pipeline.govern``) an endpoint cannot answer without: 503 +
+    Retry-After, naming ``what`` was unavailable, once its retries are spent."""
+    try:
+        return await pipeline.govern(method, *args)
+    except StageError as e:
+        raise stage_unavailable(what, e, code="governor_unavailable") from None
+
+
 def status_of(e: BaseException) -> int:
     """The status :func:`install`'s handlers give ``e`` (for counting before they run)."""
     if isinstance(e, RequestValidationError):

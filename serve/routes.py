@@ -34,9 +34,9 @@ from common.networks import LOCAL_HOSTS, host_name, in_networks, is_loopback, pa
 from deployments.errors import StageError
 from serve import openai
 from serve.api import ChatRequest, SearchRequest
-from serve.conversations import ADMIN as HISTORY_ADMIN_ROUTES, ROUTES as HISTORY_ROUTES, check_conversation, recorded
-from serve.documents import ADMIN as DOCUMENT_ADMIN_ROUTES, ROUTES as DOCUMENT_ROUTES
-from serve.errors import ApiError, install, stage_unavailable, status_of
+from serve.conversations import ROUTES as HISTORY_ROUTES, check_conversation, recorded
+from serve.documents import DOCUMENTS, ROUTES as DOCUMENT_ROUTES
+from serve.errors import ApiError, governor_call, install, stage_unavailable, status_of
 from serve.events import ChatEvent, Done, Reservation
 from serve.ids import request_id
 from serve.metrics import METRICS
@@ -53,9 +53,8 @@ DESCRIPTION = "Retrieval-augmented chat on a Ray Serve graph: router -> hybrid r
 OPEN_ROUTES = ("/health", "/health/ready", *PAGE_ROUTES)  # the chat page and its files (serve/ui.py) load without a key
 CHAT = "/v1/chat/completions"
 ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
-ADMIN_ROUTES |= DOCUMENT_ADMIN_ROUTES  # every route of serve/documents.py
-ADMIN_ROUTES |= HISTORY_ADMIN_ROUTES  # GET /v1/feedback (serve/conversations.py)
-UPLOADS = "/v1/documents"  # its body limit is documents.max_upload_bytes (serve/documents.py)
+ADMIN_ROUTES |= DOCUMENT_ROUTES.admin  # every route of serve/documents.py
+ADMIN_ROUTES |= HISTORY_ROUTES.admin  # GET /v1/feedback (serve/conversations.py)
 
 
 def bearer(request: Request) -> str | None:
@@ -98,7 +97,7 @@ async def admit(request: Request, endpoint: str) -> None:
     if not cfg.governor.auth.enabled:
         check_host(request, cfg.http.allowed_hosts)
     if request.method in ("POST", "PUT", "PATCH"):
-        if endpoint == UPLOADS:
+        if endpoint == DOCUMENTS:  # uploads: their own body limit
             await read_body(request, cfg.documents.max_upload_bytes, "documents.max_upload_bytes")
         else:
             await read_body(request, cfg.http.limits.max_body_bytes)
@@ -422,14 +421,6 @@ async def usage_response(pipeline: Pipeline, request: Request, key_id: str | Non
     return {"object": "usage", **usage}
 
 
-async def governor_call(pipeline: Pipeline, what: str, method: str, *args: Any) -> Any:
-    """A governor call an endpoint cannot answer without: 503 + Retry-After once retries are spent."""
-    try:
-        return await pipeline.govern(method, *args)
-    except StageError as e:
-        raise stage_unavailable(what, e, code="governor_unavailable") from None
-
-
 async def cache_call(pipeline: Pipeline, method: str) -> Any:
     return await governor_call(pipeline, "the response cache", method)
 
@@ -531,7 +522,7 @@ async def redoc_page(request: Request) -> Response:
     return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
 
 
-for _path, _methods, _endpoint, _options in [*DOCUMENT_ROUTES, *HISTORY_ROUTES, *PAGE_ROUTE_LIST]:
+for _path, _methods, _endpoint, _options in [*DOCUMENT_ROUTES.routes, *HISTORY_ROUTES.routes, *PAGE_ROUTE_LIST.routes]:
     # the documents API and index operations; conversations and feedback; the chat page
     router.add_api_route(_path, _endpoint, methods=_methods, **_options)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from fastapi.responses import Response
 
 from serve.errors import ApiError
+from serve.routetable import RouteTable
 
 STATIC = Path(__file__).resolve().parent / "static"
 TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -32,7 +32,7 @@ HEADERS = {
 PAGE = "/"
 ASSETS = "/static/{name}"
 OPEN = (PAGE, ASSETS)
-ROUTES: list[tuple[str, list[str], Any, dict[str, Any]]] = []
+ROUTES = RouteTable()
 
 
 @cache
@@ -49,13 +49,11 @@ def _file(name: str) -> Response:
     return Response(body, media_type=TYPES[Path(name).suffix], headers=HEADERS)
 
 
+@ROUTES.route("GET", PAGE, include_in_schema=False)
 async def page() -> Response:
     return _file("index.html")
 
 
+@ROUTES.route("GET", ASSETS, include_in_schema=False)
 async def asset(name: str) -> Response:
     return _file(name)
-
-
-ROUTES += [(PAGE, ["GET"], page, {"include_in_schema": False}),
-           (ASSETS, ["GET"], asset, {"include_in_schema": False})]
