@@ -145,9 +145,10 @@ def private_file(path: Path) -> None:
             os.chmod(f, 0o600)
 
 
-def open_db(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed, 0600 in 0700 folders: :func:`private_file`) the auth database:
-    WAL, synchronous=FULL, 5 s busy timeout."""
+def connect_db(path: Path, *, error: type[Exception] = AuthError) -> sqlite3.Connection:
+    """Open (creating if needed, 0600 in 0700 folders: :func:`private_file`) a SQLite database the
+    way every store here does: WAL, synchronous=FULL, 5 s busy timeout, transactions by :func:`_tx`.
+    Raises ``error`` when the file system refuses WAL mode."""
     path = Path(path)
     private_file(path)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves (see _tx), nothing is left pending.
@@ -156,8 +157,15 @@ def open_db(path: Path) -> sqlite3.Connection:
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode.lower() != "wal":
         conn.close()
-        raise AuthError(f"{path}: SQLite refused WAL mode (got {mode!r}); put the file on a local disk")
+        raise error(f"{path}: SQLite refused WAL mode (got {mode!r}); put the file on a local disk")
     conn.execute("PRAGMA synchronous = FULL")
+    private_file(path)  # the -wal/-shm files, now that they exist
+    return conn
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """The auth database (:func:`connect_db`), its tables created or migrated."""
+    conn = connect_db(path)
     conn.executescript(_SCHEMA)
     _migrate(conn)
     return conn
@@ -398,19 +406,18 @@ class UsageLedger:
             ids = [r[0] for r in rows]
         return [self.usage(k, now=now) for k in ids]
 
-    def totals(self, key_id: str, *, now: float | None = None) -> tuple[int, int]:
-        """``(day total_tokens, month total_tokens)``: the quota check's one indexed query."""
+    def standing(self, key_id: str, *, now: float | None = None) -> tuple[int, int, float]:
+        """``(day total_tokens, month total_tokens, day cost)``: what admission checks (the quotas
+        and the daily budget), in one indexed query."""
         day, month = periods(now)
         with self._lock:
             rows = self._rows(key_id, day, month)
-        return tuple(sum(rows[p][1:3]) if p in rows else 0 for p in (day, month))  # type: ignore[return-value]
+        d, m = rows.get(day), rows.get(month)
+        return (sum(d[1:3]) if d else 0, sum(m[1:3]) if m else 0, float(d[5]) if d else 0.0)
 
-    def costs(self, key_id: str, *, now: float | None = None) -> tuple[float, float]:
-        """``(day cost, month cost)`` of ``key_id``: what the daily budget is checked against."""
-        day, month = periods(now)
-        with self._lock:
-            rows = self._rows(key_id, day, month)
-        return tuple(float(rows[p][5]) if p in rows else 0.0 for p in (day, month))  # type: ignore[return-value]
+    def totals(self, key_id: str, *, now: float | None = None) -> tuple[int, int]:
+        """``(day total_tokens, month total_tokens)``."""
+        return self.standing(key_id, now=now)[:2]
 
     def close(self) -> None:
         with self._lock:

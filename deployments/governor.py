@@ -127,12 +127,12 @@ class Governor:
                 return Verdict(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
                                  key.id if key else None, key.scope if key else None)
         if key is not None and kind == "chat":
-            day, month = self.ledger.totals(key.id)
+            day, month, day_cost = self.ledger.standing(key.id)
             daily, monthly = self.quota_limits(key)
             qd = check_quota(day_used=day, month_used=month, daily_limit=daily, monthly_limit=monthly)
             if not qd.allowed:
                 return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
-            bd = check_budget(spent=self.ledger.costs(key.id)[0], budget=self.daily_budget(key),
+            bd = check_budget(spent=day_cost, budget=self.daily_budget(key),
                               currency=self.cfg.pricing.currency)
             if not bd.allowed:
                 return Verdict(False, 429, bd.message(), "insufficient_quota", bd.retry_after, key.id, key.scope)
@@ -153,11 +153,11 @@ class Governor:
             return KeyVerdict(401, *INVALID_KEY)
         daily, monthly = self.quota_limits(key)
         day, month = periods(now)
-        day_used, month_used = self.ledger.totals(key.id, now=now)
+        day_used, month_used, day_cost = self.ledger.standing(key.id, now=now)
         return KeyVerdict(200, key_id=key.id, scope=key.scope, rate_overrides=key.rate_overrides(),
                           daily_tokens=daily, monthly_tokens=monthly, day=day, month=month,
                           day_used=day_used, month_used=month_used, daily_budget=self.daily_budget(key),
-                          day_cost=self.ledger.costs(key.id, now=now)[0])
+                          day_cost=day_cost)
 
     # -----------------------------------------------------------------------------------------
     # usage

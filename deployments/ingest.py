@@ -39,7 +39,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deployments.auth import private_file
+from deployments.auth import _tx, connect_db
 from indexing.store import fsync_dir
 
 log = logging.getLogger("ray.serve")
@@ -110,17 +110,10 @@ class JobStore:
 
     def __init__(self, db: Path, spool: Path) -> None:
         self.db, self.spool = Path(db), Path(spool)
-        private_file(self.db)
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.db, check_same_thread=False, timeout=5.0, isolation_level=None)
+        self._conn = connect_db(self.db, error=JobError)
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA busy_timeout = 5000")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise JobError(f"{self.db}: SQLite refused WAL mode (got {mode!r}); put the file on a local disk")
-        self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.executescript(_SCHEMA)
-        private_file(self.db)  # the -wal/-shm files, now that they exist
         if not self.spool.exists():
             self.spool.mkdir(parents=True, mode=0o700)
         os.chmod(self.spool, 0o700)
@@ -131,14 +124,8 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock, _tx(self._conn) as conn:
+            yield conn
 
     # -- writing a job ----------------------------------------------------------------------------
 

@@ -50,8 +50,8 @@ def test_the_ledger_sums_tokens_engine_seconds_and_cost_per_key_per_day(tmp_path
                         "total_tokens": 175, "prefill_s": 0.75, "decode_s": 1.75, "engine_s": 2.5,
                         "cost": pytest.approx(0.125)}
     assert u["month"]["cost"] == pytest.approx(1.125) and u["month"]["requests"] == 3
-    assert led.costs("k1", now=NOV21) == (pytest.approx(0.125), pytest.approx(1.125))
-    assert led.costs("nobody", now=NOV21) == (0.0, 0.0)
+    assert led.standing("k1", now=NOV21) == (175, 185, pytest.approx(0.125))  # what admission checks
+    assert led.standing("nobody", now=NOV21) == (0, 0, 0.0)
     with pytest.raises(ValueError, match="cost must be a finite number >= 0"):
         led.record("k1", prompt_tokens=1, completion_tokens=1, cost=-1.0)
     with pytest.raises(ValueError, match="prefill_s"):
