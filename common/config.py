@@ -792,7 +792,8 @@ class DocumentsConfig(_Strict):
         default_factory=dict, description="Custom Ray resources of that task, e.g. {'cpu_pool': 1} for the cpu workers.",
     )
     max_attempts: int = Field(
-        default=2, ge=1, description="Runs of one job: one interrupted by a restart is run again until this many, then failed.",
+        default=2, ge=1, description="Runs of one job: one interrupted by a restart or whose build crashed is run again until "
+        "this many, then failed.",
     )
     stale_after_s: float = Field(
         default=120, gt=0, description="A running job whose runner has not reported for this long is taken as "

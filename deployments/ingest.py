@@ -227,20 +227,32 @@ class JobStore:
                     continue
                 why = ("its runner stopped (the process that ran it ended or restarted)" if dead else
                        f"its runner sent no heartbeat for over {stale_after_s:g} s")
-                if r["attempts"] < max_attempts:
-                    progress = {"stage": "queued", "message": f"run {r['attempts']} was interrupted: {why}; "
-                                f"queued again (run {r['attempts'] + 1} of at most {max_attempts})"}
-                    c.execute("UPDATE jobs SET status = 'queued', owner = NULL, progress = ? WHERE id = ?",
-                              (json.dumps(progress), r["id"]))
-                else:
-                    c.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, progress = ? WHERE id = ?",
-                              (_now(), f"interrupted {r['attempts']} times ({why}); not run again "
-                               f"(documents.max_attempts = {max_attempts}). A version is published whole or not at "
-                               "all: GET /v1/index shows what is live; send the documents again to retry",
-                               json.dumps({"stage": "done"}), r["id"]))
-                    shutil.rmtree(self.spool / r["id"], ignore_errors=True)
+                self._again(c, r, why, max_attempts)
                 out.append(r["id"])
         return out
+
+    def retry(self, job_id: str, owner: str, *, why: str, max_attempts: int) -> bool:
+        """A run ``owner`` could not finish (its build crashed): queued again, or failed once
+        ``max_attempts`` runs are spent, as :meth:`recover` does; False when ``owner`` no longer holds it."""
+        with self._tx() as c:
+            r = c.execute("SELECT * FROM jobs WHERE id = ? AND owner = ? AND status = 'running'", (job_id, owner)).fetchone()
+            if r is not None:
+                self._again(c, r, why, max_attempts)
+        return r is not None
+
+    def _again(self, c: sqlite3.Connection, r: sqlite3.Row, why: str, max_attempts: int) -> None:
+        if r["attempts"] < max_attempts:
+            progress = {"stage": "queued", "message": f"run {r['attempts']} was interrupted: {why}; "
+                        f"queued again (run {r['attempts'] + 1} of at most {max_attempts})"}
+            c.execute("UPDATE jobs SET status = 'queued', owner = NULL, progress = ? WHERE id = ?",
+                      (json.dumps(progress), r["id"]))
+        else:
+            c.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, progress = ? WHERE id = ?",
+                      (_now(), f"interrupted {r['attempts']} times ({why}); not run again "
+                       f"(documents.max_attempts = {max_attempts}). A version is published whole or not at "
+                       "all: GET /v1/index shows what is live; send the documents again to retry",
+                       json.dumps({"stage": "done"}), r["id"]))
+            shutil.rmtree(self.spool / r["id"], ignore_errors=True)
 
     def sweep(self, *, min_age_s: float = 60) -> None:
         """Remove spooled inputs of jobs never written (a crash between the files and the row) or already
@@ -472,9 +484,10 @@ class IngestService:
         self.store.heartbeat(jid, self.owner, progress)
         try:
             out = self._build(jid, payload, progress)
-        except Exception as e:  # the build itself crashed (not a bad file: those are failures)
-            log.exception(f"ingest job {jid} failed")
-            self.store.finish(jid, self.owner, status="failed", error=f"the build failed: {type(e).__name__}: {e}"[:2000])
+        except Exception as e:  # the build itself crashed (not a bad file: those are failures): run again or fail
+            log.exception(f"ingest job {jid}: the build crashed")
+            self.store.retry(jid, self.owner, why=f"the build crashed: {type(e).__name__}: {e}"[:2000],
+                             max_attempts=self.cfg.documents.max_attempts)
             return True
         report = out["report"]
         result = None

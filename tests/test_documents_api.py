@@ -426,6 +426,30 @@ def test_a_job_interrupted_max_attempts_times_is_failed_with_the_reason(local_cf
     assert [j["id"] for j in b.jobs()] == ["job_x"]
 
 
+def test_a_crashed_build_is_run_again_then_failed_with_the_reason(local_cfg, tmp_path, monkeypatch):
+    import deployments.ingest as ingest
+
+    cfg = local_cfg.model_copy(update={"governor": local_cfg.governor.model_copy(update={"db": tmp_path / "g.sqlite3"})})
+    svc = IngestService(cfg, runner="thread")
+    svc.submit("job_c", "upsert", [{"id": "kept", "title": "", "text": "Corks are checked by hand.", "metadata": {}}])
+    spool = paths(cfg)[1] / "job_c"
+    runs = []
+
+    def crash(*a, **kw):
+        runs.append(1)
+        raise MemoryError("worker ran out of memory")
+
+    monkeypatch.setattr(ingest, "build_job", crash)
+    assert svc.run_once()
+    job = svc.job("job_c")
+    assert job["status"] == "queued" and job["attempts"] == 1 and spool.is_dir(), job  # inputs kept for the next run
+    assert "MemoryError: worker ran out of memory" in job["progress"]["message"]
+    assert svc.run_once() and len(runs) == cfg.documents.max_attempts == 2
+    job = svc.job("job_c")
+    assert job["status"] == "failed" and "interrupted 2 times (the build crashed: MemoryError" in job["error"], job
+    assert not spool.exists() and not svc.run_once()
+
+
 def test_one_job_runs_at_a_time(local_cfg, tmp_path):
     cfg = local_cfg.model_copy(update={"governor": local_cfg.governor.model_copy(update={"db": tmp_path / "g.sqlite3"})})
     store = IngestService(cfg, runner="thread").store
