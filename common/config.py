@@ -518,6 +518,10 @@ class StageTimeouts(_Strict):
     retriever: float = Field(default=10, gt=0)
     reranker: float = Field(default=10, gt=0)
     governor: float = Field(default=3, gt=0, description="Admission, usage and cache calls.")
+    ingest_submit: float = Field(
+        default=60, gt=0, description="Writing an ingest job on the governor (its uploaded files fsync'd, up to "
+        "documents.max_upload_bytes): longer than a governor call, so that a large upload is not cut off and sent again.",
+    )
     generator_first_token: float = Field(
         default=60, gt=0, description="Seconds until the generator's first token before the answer degrades."
     )

@@ -111,6 +111,7 @@ class JobStore:
     def __init__(self, db: Path, spool: Path) -> None:
         self.db, self.spool = Path(db), Path(spool)
         self._lock = threading.RLock()
+        self._adding = threading.Lock()  # a retried submit waits for the try still writing, then finds its job
         self._conn = connect_db(self.db, error=JobError)
         self._conn.row_factory = sqlite3.Row
         self._conn.executescript(_SCHEMA)
@@ -132,9 +133,16 @@ class JobStore:
     def add(self, job_id: str, kind: str, *, documents: list[dict] | None = None,
             files: list[tuple[str, bytes]] | None = None, deletes: list[str] | None = None,
             domain: str | None = None, key_id: str | None = None, keep: int = 1000) -> dict[str, Any]:
-        """Write a job (idempotent on ``job_id``: the same id again returns the job as it is)."""
+        """Write a job (idempotent on ``job_id``: the same id again, even while the first is being
+        written, returns the job as it is)."""
         if kind not in KINDS:
             raise JobError(f"kind must be one of {KINDS}, got {kind!r}")
+        with self._adding:
+            return self._add(job_id, kind, documents=documents, files=files, deletes=deletes, domain=domain,
+                             key_id=key_id, keep=keep)
+
+    def _add(self, job_id: str, kind: str, *, documents: list[dict] | None, files: list[tuple[str, bytes]] | None,
+             deletes: list[str] | None, domain: str | None, key_id: str | None, keep: int) -> dict[str, Any]:
         existing = self.get(job_id)
         if existing is not None:
             return existing

@@ -119,12 +119,14 @@ class StageCalls:
             trace.replicas[stage] = reply.replica
         return reply
 
-    async def govern(self, method: str, *args: Any, attempts: int | None = None) -> Any:
-        """A governor call (admission, usage, cache), retried like the other idempotent stages."""
+    async def govern(self, method: str, *args: Any, attempts: int | None = None, timeout: float | None = None) -> Any:
+        """A governor call (admission, usage, cache), retried like the other idempotent stages, each
+        try within ``timeout`` (``http.timeouts.governor`` unless given)."""
         t = time.perf_counter()
         try:
             return await self.retrying(
-                "governor", lambda: self.stages.govern(method, *args), self.timeouts.governor, attempts=attempts
+                "governor", lambda: self.stages.govern(method, *args), timeout or self.timeouts.governor,
+                attempts=attempts,
             )
         finally:
             self.metrics.stage_duration.labels("governor").observe(time.perf_counter() - t)

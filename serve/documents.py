@@ -84,7 +84,9 @@ def local_service(request: Request) -> IngestService:
 async def ingest_call(request: Request, method: str, *args: Any) -> Any:
     pipeline = request.app.state.pipeline
     if not isinstance(pipeline.stages, InProcessStages):  # the graph: the governor keeps the jobs
-        return await governor_call(pipeline, "the ingest jobs (kept by the governor)", "ingest", method, *args)
+        timeout = _cfg(request).http.timeouts.ingest_submit if method == "submit" else None  # files are written
+        return await governor_call(pipeline, "the ingest jobs (kept by the governor)", "ingest", method, *args,
+                                   timeout=timeout)
     return await asyncio.to_thread(getattr(local_service(request), method), *args)
 
 

@@ -450,6 +450,38 @@ def test_a_crashed_build_is_run_again_then_failed_with_the_reason(local_cfg, tmp
     assert not spool.exists() and not svc.run_once()
 
 
+def test_a_submit_sent_again_while_the_first_is_written_makes_one_job(tmp_path, monkeypatch):
+    """The ingress retries a governor call it gave up on; the try still writing must not be undone."""
+    import threading
+
+    import deployments.ingest as ingest
+
+    store = JobStore(tmp_path / "jobs.sqlite3", tmp_path / "spool")
+    real, started, release = ingest._write_synced, threading.Event(), threading.Event()
+
+    def slow(path, data):  # the first try stalls while writing its files
+        if not started.is_set():
+            started.set()
+            release.wait(10)
+        real(path, data)
+
+    monkeypatch.setattr(ingest, "_write_synced", slow)
+    files = [("a.md", b"# A\n\nAlpha."), ("b.md", b"# B\n\nBeta.")]
+    first = threading.Thread(target=store.add, args=("job_r", "upsert"), kwargs={"files": files})
+    first.start()
+    assert started.wait(10)
+    again: list[dict] = []
+    second = threading.Thread(target=lambda: again.append(store.add("job_r", "upsert", files=files)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waits for the first try rather than writing over it
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert again[0]["id"] == "job_r" and [j["id"] for j in store.list()] == ["job_r"]
+    assert store.inputs("job_r")[1] == files
+
+
 def test_one_job_runs_at_a_time(local_cfg, tmp_path):
     cfg = local_cfg.model_copy(update={"governor": local_cfg.governor.model_copy(update={"db": tmp_path / "g.sqlite3"})})
     store = IngestService(cfg, runner="thread").store

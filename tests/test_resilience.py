@@ -347,3 +347,37 @@ def test_a_cancelled_trial_frees_the_half_open_slot():
     assert b.allow() and not b.allow()  # the trial is out
     b.release()  # ...and its client went away before the generator answered
     assert b.allow() and b.state == HALF_OPEN
+
+
+def test_a_governor_call_may_be_given_longer_than_http_timeouts_governor(local_cfg):
+    """An upload's job is written by the governor (files fsync'd): documents' submit passes
+    http.timeouts.ingest_submit instead of the 3 s meant for admission and cache calls."""
+    from serve.calls import StageCalls
+
+    class SlowGovernor:
+        async def govern(self, method, *args):
+            await asyncio.sleep(0.3)
+            return method
+
+    http = local_cfg.http.model_copy(update={"timeouts": local_cfg.http.timeouts.model_copy(update={"governor": 0.05})})
+    calls = StageCalls(local_cfg.model_copy(update={"http": http}), SlowGovernor())
+    with pytest.raises(StageError) as e:
+        asyncio.run(calls.govern("ingest", attempts=1))
+    assert e.value.kind == "timeout"
+    assert asyncio.run(calls.govern("ingest", attempts=1, timeout=2)) == "ingest"
+    assert local_cfg.http.timeouts.ingest_submit > local_cfg.http.timeouts.governor
+    # and the documents API asks for it on a submit only (the graph's path: the governor keeps the jobs)
+    from types import SimpleNamespace
+
+    from serve.documents import ingest_call
+
+    asked = []
+
+    async def govern(method, *args, timeout=None):
+        asked.append((args[0], timeout))
+
+    pipeline = SimpleNamespace(cfg=local_cfg, stages=SlowGovernor(), govern=govern)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(pipeline=pipeline)))
+    asyncio.run(ingest_call(request, "submit", "job_1"))
+    asyncio.run(ingest_call(request, "job", "job_1"))
+    assert asked == [("submit", local_cfg.http.timeouts.ingest_submit), ("job", None)]
