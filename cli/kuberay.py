@@ -387,6 +387,17 @@ def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool,
     return {"metadata": {"labels": pod_labels(name)}, "spec": spec}
 
 
+def _metadata(name: str, namespace: str | None, *, version: bool = False) -> dict[str, Any]:
+    """A manifest's metadata: its name, the namespace when one is given, ragraph's labels."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = {"app.kubernetes.io/name": "ragraph"}
+    if version:
+        meta["labels"]["app.kubernetes.io/version"] = project_version()
+    return meta
+
+
 def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None,
                image: str | None = None, source: str = "configs/gpu.yaml") -> dict[str, Any]:
     """The ``RayService`` object for ``cfg`` (read by the pods from ``source`` inside the image).
@@ -448,10 +459,7 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
             "rayStartParams": params,
             "template": _pod(container, volumes, gpu=bool(g.gpus), name=name),
         })
-    metadata_: dict[str, Any] = {"name": name}
-    if namespace:
-        metadata_["namespace"] = namespace
-    metadata_["labels"] = {"app.kubernetes.io/name": "ragraph", "app.kubernetes.io/version": project_version()}
+    metadata_ = _metadata(name, namespace, version=True)
     serve_text = yaml.safe_dump(serve_config(cfg), sort_keys=False)
     return {
         "apiVersion": "ray.io/v1",
@@ -506,10 +514,7 @@ def network_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | No
     Nothing else gets in: the GCS (6379), the dashboard (8265) and the Ray client (10001) are closed to
     every other pod. ``kubectl port-forward`` still reaches the dashboard (it enters through the pod's
     own network namespace). Only enforced where the network plugin implements NetworkPolicy."""
-    meta: dict[str, Any] = {"name": f"{name}-ray-pods"}
-    if namespace:
-        meta["namespace"] = namespace
-    meta["labels"] = {"app.kubernetes.io/name": "ragraph"}
+    meta = _metadata(f"{name}-ray-pods", namespace)
 
     def tcp(*ports: int) -> list[dict[str, Any]]:
         return [{"protocol": "TCP", "port": p} for p in ports]
@@ -546,10 +551,7 @@ def reindex_cronjob(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: s
     schedule = cfg.indexing.reindex_schedule
     if schedule is None:
         return None
-    meta: dict[str, Any] = {"name": f"{name}-reindex"}
-    if namespace:
-        meta["namespace"] = namespace
-    meta["labels"] = {"app.kubernetes.io/name": "ragraph"}
+    meta = _metadata(f"{name}-reindex", namespace)
     entry = ["ragraph", "--config", str(APP_DIR / source), "index", str(cfg.indexing.source)]
     submit = ["ray", "job", "submit", "--address", f"http://{name}-head-svc:{DASHBOARD_PORT}",
               "--entrypoint-num-cpus", f"{INDEX_DRIVER['CPU']:g}",

@@ -291,24 +291,7 @@ def provision(
         with report.step("load and run once", log):
             report.check = recipe.check(tmp)
         with report.step("record checksums", log):
-            files = tree_checksums(tmp)
-            report.checksum = combined_checksum(files)
-            (tmp / MANIFEST).write_text(
-                json.dumps(
-                    {
-                        "manifest_version": MANIFEST_VERSION,
-                        "name": spec.name,
-                        "role": role,
-                        "source_package": src.package,
-                        "source_version": src.version,
-                        "check": report.check,
-                        "checksum": report.checksum,
-                        "files": files,
-                        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    },
-                    indent=2,
-                )
-            )
+            _write_manifest(tmp, role, spec, report, source_package=src.package, source_version=src.version)
         _publish(tmp, folder)  # atomically: a reader sees the old folder or the new one, never a half-written one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 
 from deployments.auth import _tx, open_db
 
-ANONYMOUS = "anonymous"
+ANONYMOUS = "anonymous"  # the owner (and usage account, deployments.governor) of requests made with auth off
 TITLE_MAX = 200
 COMMENT_MAX = 2000
 

@@ -23,13 +23,12 @@ from typing import Any
 
 from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
 from deployments.cache import ResponseCache
-from deployments.conversations import ConversationStore
+from deployments.conversations import ANONYMOUS, ConversationStore
 from deployments.limits import KINDS, RateLimiter, check_budget, check_quota, cost_of, kind_of
 
 INGEST_CALLS = frozenset({"submit", "job", "jobs", "pending_document_ids"})  # GovernorDeployment.ingest
 # Governor.history: conversations, answered request ids and feedback (deployments/conversations.py)
 HISTORY_CALLS = frozenset({"create", "list", "get", "delete", "exists", "chat_done", "put_feedback", "feedback"})
-ANONYMOUS = "anonymous"  # the usage account of requests made with auth off
 MISSING_KEY = (("no API key was sent; send the header `Authorization: Bearer <key>` "
                 "(`ragraph keys create` makes one)"), "missing_api_key")
 INVALID_KEY = ("the API key is not valid: unknown, revoked or mistyped", "invalid_api_key")
