@@ -60,6 +60,19 @@ def write_corpus(folder: Path, docs: dict[str, str] = CORPUS) -> Path:
     return folder
 
 
+def indexed_config(local_cfg, base: Path, docs: dict[str, str] = CORPUS) -> dict:
+    """A graph test's config as a dict to adjust: ``docs`` written to ``base/src`` and indexed into
+    ``base/index`` (``data["indexing"]["dir"]``), which the retriever re-reads every 0.5 s."""
+    from indexing.jobs import index_source
+
+    root = base / "index"
+    index_source(local_cfg, write_corpus(base / "src", docs), root, log=lambda _: None)
+    data = local_cfg.model_dump()
+    data["indexing"]["dir"] = str(root)
+    data["retriever"]["reload_interval_s"] = 0.5
+    return data
+
+
 @pytest.fixture(scope="session")
 def local_cfg(app_config, provisioned, tmp_path_factory):
     """The app config with in-process embedding (no Ray) for small test corpora, and the

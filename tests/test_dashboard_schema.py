@@ -10,7 +10,6 @@ that names the broken field, so a check that passes everything fails here.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 
 import pytest
@@ -18,13 +17,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "grafana"))
 import schema_check
-
-DASHBOARD = REPO / "configs" / "monitoring" / "dashboard.json"
-
-
-def dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
+from test_monitoring import dashboard
 
 def first(board: dict, kind: str) -> dict:
     return next(p for p in board["panels"] if p["type"] == kind)

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import CORPUS, write_corpus
+from conftest import indexed_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,16 +45,11 @@ def graph(tmp_path_factory, local_cfg, provisioned):
 
     from common.config import AppConfig
     from deployments.auth import KeyStore
-    from indexing.jobs import index_source
     from serve.launch import deploy
 
     base = tmp_path_factory.mktemp("documents-graph")
-    source = write_corpus(base / "src", CORPUS)
+    data = indexed_config(local_cfg, base)
     root = base / "index"
-    index_source(local_cfg, source, root, log=lambda _: None)
-    data = local_cfg.model_dump()
-    data["indexing"]["dir"] = str(root)
-    data["retriever"]["reload_interval_s"] = 0.5
     data["http"]["port"] = PORT
     data["http"]["ready_timeout_s"] = 300
     data["governor"]["auth"] = {"enabled": True}

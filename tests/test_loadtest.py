@@ -182,29 +182,33 @@ def test_progress_in_a_log_is_a_line_every_few_seconds_not_a_redrawn_bar():
     assert text.splitlines()[-1].endswith("ok 999 errors 0")
 
 
-def test_serve_sends_library_logs_to_a_file_not_the_console(tmp_path, capsys):
+def test_serve_sends_library_logs_to_a_file_not_the_console(tmp_path, capsys, monkeypatch):
     import logging
+    import warnings
 
     from serve.launch import quiet_console
 
+    monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)  # quiet_console sets it: put back after
     noisy = logging.getLogger("some.library")
     noisy.addHandler(logging.StreamHandler())
     noisy.propagate = False
+    loggers = [logging.root, *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    handlers, level = {lg: list(lg.handlers) for lg in loggers}, logging.root.level
     try:
-        log_file = quiet_console(tmp_path / "serve.log")
-        noisy.warning("Triton is installed, but doesn't include CPU backend")
-        logging.getLogger("ray.serve").info("Started Serve in namespace")
-        import warnings
-
-        warnings.warn("a library warning", UserWarning, stacklevel=1)
+        with warnings.catch_warnings():  # quiet_console changes the warning filters of the process
+            log_file = quiet_console(tmp_path / "serve.log")
+            noisy.warning("Triton is installed, but doesn't include CPU backend")
+            logging.getLogger("ray.serve").info("Started Serve in namespace")
+            warnings.warn("a library warning", UserWarning, stacklevel=1)
         captured = capsys.readouterr()
         assert "Triton" not in captured.err + captured.out and "library warning" not in captured.err
         text = log_file.read_text()
         assert "Triton" in text and "a library warning" in text
     finally:
         logging.captureWarnings(False)
-        for lg in [logging.root, noisy, logging.getLogger("ray.serve")]:
-            for h in list(lg.handlers):
-                if isinstance(h, logging.FileHandler):
-                    lg.removeHandler(h)
-                    h.close()
+        added = {h for lg in handlers for h in lg.handlers} - {h for hs in handlers.values() for h in hs}
+        for lg, hs in handlers.items():  # the console handlers it took away, and not its file handler
+            lg.handlers[:] = hs
+        for h in added:
+            h.close()
+        logging.root.setLevel(level)

@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 
 from deployments.generator import GenDelta
 from serve.querylog import QueryLog, process_path
+from test_security import chat_body
 
-QUESTION = "When does the tasting room open?"
+QUESTION = chat_body()["messages"][0]["content"]
 
 
 def make_cfg(local_cfg, built_index, tmp_path, **query_log):
@@ -48,10 +49,6 @@ def local_app(local_cfg, built_index, tmp_path):
         return TestClient(create_app(cfg), client=("127.0.0.1", 50000), base_url="http://localhost"), cfg
 
     return start
-
-
-def chat_body(**kw) -> dict:
-    return {"model": "ragraph", "messages": [{"role": "user", "content": QUESTION}], **kw}
 
 
 def test_chat_and_search_write_one_line_each_with_the_fields(local_app, tmp_path):

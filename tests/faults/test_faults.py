@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, results_file, write_corpus
+from conftest import indexed_config, results_file, write_corpus
 from faults.harness import (
     SteadyLoad, kill_orphans, kill_replica, replica_actors, vllm_orphans, wait_no_orphans, wait_recovered,
 )
@@ -38,19 +38,14 @@ def graph(tmp_path_factory, local_cfg, provisioned):
     import ray
     from ray import serve
 
-    from indexing.jobs import index_source
     from deployments.auth import KeyStore
     from common.config import AppConfig
     from serve.launch import deploy
 
     started = time.time()
     base = tmp_path_factory.mktemp("faults")
-    source = write_corpus(base / "src", CORPUS)
-    root = base / "index"
-    index_source(local_cfg, source, root, log=lambda _: None)
-    data = local_cfg.model_dump()
-    data["indexing"]["dir"] = str(root)
-    data["retriever"]["reload_interval_s"] = 0.5
+    data = indexed_config(local_cfg, base)
+    source, root = base / "src", base / "index"
     for stage in ("router", "retriever", "http"):
         data[stage]["deployment"].update(min_replicas=2, max_replicas=2, num_cpus=0.1, health_check_period_s=2)
     data["governor"]["deployment"].update(health_check_period_s=2)

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import CORPUS, SHARED_DATA, results_file, write_corpus
+from conftest import SHARED_DATA, indexed_config, results_file
 from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_orphans
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,6 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from indexing.jobs import index_source
     from common.config import AppConfig
     from serve.launch import deploy
 
@@ -69,17 +68,14 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # the job's `ragraph` is this venv's
     base = tmp_path_factory.mktemp("multinode")
+    data = indexed_config(local_cfg, base)
     root = base / "index"
-    index_source(local_cfg, write_corpus(base / "src", CORPUS), root, log=lambda _: None)
 
     c = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 4, "resources": {"ragraph_head": 1}, "include_dashboard": True, "dashboard_port": DASHBOARD_PORT})
     worker = c.add_node(num_cpus=4, resources={"cpu_pool": 1000})
     c.wait_for_nodes()
 
-    data = local_cfg.model_dump()
-    data["indexing"]["dir"] = str(root)
-    data["retriever"]["reload_interval_s"] = 0.5
     for stage in ("http", "router", "retriever"):  # http: the ingress
         data[stage]["deployment"].update(min_replicas=2, max_replicas=2, num_cpus=0.1, health_check_period_s=2)
     for stage in ("governor", "generator"):
