@@ -547,7 +547,8 @@ def test_cache_hit_and_usage_through_the_graph(service):
 
 def test_admission_cost_per_request(service):
     """Admission happens in the ingress with the verified key cached (governor.auth.key_cache_s):
-    40 admitted requests make no governor call. /v1/models (admitted) against /health (not), side by
+    40 admitted requests make no governor call, but for one re-verification if the cached verdict
+    expires meanwhile. /v1/models (admitted) against /health (not), side by
     side, printed for the record (load_tests/README.md), not asserted: timings are noisy here."""
     import statistics
 
@@ -574,11 +575,19 @@ def test_admission_cost_per_request(service):
         if now == calls:
             break
         calls = now
-    health, models = p50("/health"), p50("/v1/models")
+    health = p50("/health")
+    start = time.monotonic()
+    models = p50("/v1/models")
+    window = time.monotonic() - start
     made = governor_calls() - calls
     print(f"\nadmission: /health p50 {health:.1f} ms, /v1/models p50 {models:.1f} ms (+{models - health:.1f} ms); "
-          f"governor calls for 40 admitted requests: {made:.0f}")
-    assert made == 0, f"{made:.0f} governor calls for 40 requests with a cached key"
+          f"governor calls for 40 admitted requests: {made:.0f} in {window:.1f} s")
+    # A cached verdict lives key_cache_s from when it was fetched (reads do not extend it), and it may
+    # have been fetched by an earlier test: within a window shorter than key_cache_s it can expire
+    # once, and that one request verifies the key again. Without the cache each request is a call.
+    key_cache_s = service.cfg.governor.auth.key_cache_s
+    assert window < key_cache_s, f"40 requests took {window:.1f} s, longer than key_cache_s ({key_cache_s} s)"
+    assert made <= 1, f"{made:.0f} governor calls for 40 requests with a cached key (one expiry allowed)"
 
 
 def test_schemathesis_finds_no_server_error(service):
