@@ -42,6 +42,7 @@ from serve.ids import request_id
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
 from serve.querylog import QueryLog, note, question_of
+from serve.routetable import RouteTable
 from serve.ui import OPEN as PAGE_ROUTES, ROUTES as PAGE_ROUTE_LIST
 
 log = logging.getLogger("ray.serve")
@@ -52,9 +53,7 @@ DESCRIPTION = "Retrieval-augmented chat on a Ray Serve graph: router -> hybrid r
 
 OPEN_ROUTES = ("/health", "/health/ready", *PAGE_ROUTES)  # the chat page and its files (serve/ui.py) load without a key
 CHAT = "/v1/chat/completions"
-ADMIN_ROUTES = {("GET", "/v1/cache/stats"), ("DELETE", "/v1/cache")}
-ADMIN_ROUTES |= DOCUMENT_ROUTES.admin  # every route of serve/documents.py
-ADMIN_ROUTES |= HISTORY_ROUTES.admin  # GET /v1/feedback (serve/conversations.py)
+CACHE_ROUTES = RouteTable()  # the response cache's operations (below), admin routes
 
 
 def bearer(request: Request) -> str | None:
@@ -471,12 +470,12 @@ async def usage(request: Request, key_id: str | None = None, all_keys: bool = Qu
     return await usage_response(pipeline_of(request), request, key_id, all_keys)
 
 
-@router.get("/v1/cache/stats")
+@CACHE_ROUTES.route("GET", "/v1/cache/stats", admin=True)
 async def cache_stats(request: Request) -> dict:
     return await cache_call(pipeline_of(request), "cache_stats")
 
 
-@router.delete("/v1/cache")
+@CACHE_ROUTES.route("DELETE", "/v1/cache", admin=True)
 async def cache_clear(request: Request) -> dict:
     return {"object": "cache.cleared", "removed": await cache_call(pipeline_of(request), "cache_clear")}
 
@@ -522,9 +521,12 @@ async def redoc_page(request: Request) -> Response:
     return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
 
 
-for _path, _methods, _endpoint, _options in [*DOCUMENT_ROUTES.routes, *HISTORY_ROUTES.routes, *PAGE_ROUTE_LIST.routes]:
-    # the documents API and index operations; conversations and feedback; the chat page
+_TABLES = (CACHE_ROUTES, DOCUMENT_ROUTES, HISTORY_ROUTES, PAGE_ROUTE_LIST)
+for _path, _methods, _endpoint, _options in [r for table in _TABLES for r in table.routes]:
+    # the response cache; the documents API and index operations; conversations and feedback; the chat page
     router.add_api_route(_path, _endpoint, methods=_methods, **_options)
+# (method, path) only an admin key may call: the cache's, every route of serve/documents.py, GET /v1/feedback
+ADMIN_ROUTES: frozenset[tuple[str, str]] = frozenset().union(*(table.admin for table in _TABLES))
 
 
 def make_app(**kw: Any) -> FastAPI:
