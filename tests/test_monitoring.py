@@ -60,6 +60,23 @@ def rule_groups() -> list[dict]:
     return yaml.safe_load(RULES.read_text())["groups"]
 
 
+def test_rule_tests_evaluate_recordings_before_the_alerts_that_read_them():
+    """Without ``group_eval_order`` promtool evaluates the groups in Go map order, so an alert reading
+    a recorded series sees the previous step's value about one run in seven (CI failed on it)."""
+    groups = [g["name"] for g in rule_groups()]
+    order = yaml.safe_load(RULES_TEST.read_text()).get("group_eval_order")
+    assert order is not None and sorted(order) == sorted(groups), (order, groups)
+    recorded = {r["record"] for g in rule_groups() for r in g["rules"] if "record" in r}
+    position = {name: i for i, name in enumerate(order)}
+    for g in rule_groups():
+        for rule in g["rules"]:
+            reads = {name for name in recorded if name in rule["expr"]}
+            makers = {h["name"] for h in rule_groups() for r in h["rules"] if r.get("record") in reads}
+            late = {m for m in makers if position[m] > position[g["name"]]}
+            assert not late, f"{rule.get('alert') or rule.get('record')} in {g['name']} reads {sorted(reads)} " \
+                             f"recorded in {sorted(late)}, evaluated after it"
+
+
 def test_every_alert_is_unit_tested_and_has_a_runbook_line():
     alerts = {r["alert"]: r for g in rule_groups() for r in g["rules"] if "alert" in r}
     assert set(alerts) == ALERTS
