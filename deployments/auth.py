@@ -415,10 +415,6 @@ class UsageLedger:
         d, m = rows.get(day), rows.get(month)
         return (sum(d[1:3]) if d else 0, sum(m[1:3]) if m else 0, float(d[5]) if d else 0.0)
 
-    def totals(self, key_id: str, *, now: float | None = None) -> tuple[int, int]:
-        """``(day total_tokens, month total_tokens)``."""
-        return self.standing(key_id, now=now)[:2]
-
     def close(self) -> None:
         with self._lock:
             self._conn.close()

@@ -184,18 +184,18 @@ def test_usage_counts_and_zeros(db):
         "prefill_s": 0.0, "decode_s": 0.0, "engine_s": 0.0, "cost": 0.0,  # no engine time or price given
     }  # fmt: skip
     assert u["month"]["total_tokens"] == 175 and u["month"]["requests"] == 2
-    assert led.totals("k1", now=NOV21) == (175, 175)
-    assert led.totals("nobody", now=NOV21) == (0, 0)
+    assert led.standing("k1", now=NOV21)[:2] == (175, 175)
+    assert led.standing("nobody", now=NOV21)[:2] == (0, 0)
     with pytest.raises(ValueError, match="prompt_tokens must be an integer >= 0, got -1"):
         led.record("k1", prompt_tokens=-1, completion_tokens=0, now=NOV21)
-    assert led.totals("k1", now=NOV21) == (175, 175)
+    assert led.standing("k1", now=NOV21)[:2] == (175, 175)
 
 
 def test_usage_survives_a_restart(db):
     KeyStore(db).create("shares the file")
     UsageLedger(db).record("k1", prompt_tokens=7, completion_tokens=3, now=NOV21)
     fresh = UsageLedger(db)  # a new process would do exactly this
-    assert fresh.totals("k1", now=NOV21) == (10, 10)
+    assert fresh.standing("k1", now=NOV21)[:2] == (10, 10)
     assert KeyStore(db).count_active() == 1
 
 
@@ -219,7 +219,7 @@ def test_usage_survives_sigkill_right_after_record(db):
             proc.kill()
         proc.stdout.close()
     assert UsageLedger(db).usage("k1", now=NOV21)["day"]["requests"] == 1
-    assert UsageLedger(db).totals("k1", now=NOV21) == (42, 42)
+    assert UsageLedger(db).standing("k1", now=NOV21)[:2] == (42, 42)
 
 
 def test_day_and_month_rollover(db, far_from_utc):
@@ -230,9 +230,9 @@ def test_day_and_month_rollover(db, far_from_utc):
     assert (u["day"]["period"], u["day"]["total_tokens"]) == ("2026-11-30", 20)
     assert (u["month"]["period"], u["month"]["total_tokens"]) == ("2026-11", 30)
     led.record("k", prompt_tokens=5, completion_tokens=0, now=ts(2026, 12, 1, 0, 0, 1))  # new month
-    assert led.totals("k", now=ts(2026, 12, 1, 1)) == (5, 5)
+    assert led.standing("k", now=ts(2026, 12, 1, 1))[:2] == (5, 5)
     assert led.usage("k", now=ts(2026, 12, 1, 1))["month"]["period"] == "2026-12"
-    assert led.totals("k", now=ts(2026, 11, 30, 23)) == (20, 30)  # earlier periods are kept
+    assert led.standing("k", now=ts(2026, 11, 30, 23))[:2] == (20, 30)  # earlier periods are kept
 
 
 def test_all_usage_is_this_month_sorted(db):
