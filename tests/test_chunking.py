@@ -160,3 +160,76 @@ def test_a_source_inside_a_hidden_folder_is_read_but_hidden_files_in_it_are_not(
     (source / ".draft.md").write_text("# Draft\n\nnot for the index either")
     names = sorted(Path(d.source).name for d in read_source(source))
     assert names == ["guide.md"], names
+
+
+# ---------------------------------------------------------------- headings in linear time, a line-length cap
+
+_HEADING_SPEC = r"^(#{1,6})\s+(.+?)\s*#*\s*$"  # what a heading was; its backtracking is cubic in spaces
+
+
+def test_headings_are_read_as_the_regex_read_them():
+    """Every line of up to 8 characters from '#', space, tab and a letter (87 381 lines), and a few
+    with other Unicode whitespace, gives the heading level and title the regex gave, or no heading."""
+    import itertools
+    import re
+
+    from indexing.chunking import _heading
+
+    spec = re.compile(_HEADING_SPEC)
+
+    def by_regex(line):
+        m = spec.match(line)
+        return (len(m.group(1)), m.group(2)) if m else None
+
+    lines = ["".join(t) for n in range(9) for t in itertools.product("# a\t", repeat=n)]
+    lines += ["#\u00a0x\u3000#\u2003", "####### x", "#\x1cx", "# x #\x1f", "# \u00a0", "#" * 6 + " " + "#" * 10,
+              "## Adding GPU replicas ##", "### Fractional  GPUs   "]
+    assert [by_regex(line) for line in lines] == [_heading(line) for line in lines]
+
+
+def test_a_heading_of_100000_spaces_is_read_in_under_a_second():
+    """The regex took 1.5 s for 1000 spaces and hours for 10 000; run in a child process so that the
+    old code fails on the timeout instead of hanging the suite. Both ways: as a markdown document
+    (the line is over the length cap: body text) and with the cap lifted (a heading, read linearly)."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, time
+import indexing.chunking as ch
+from indexing.documents import Document
+line = "# a" + " " * 100_000 + "b"
+doc = Document(id="x.md", text=line + "\\n\\nbody words", title="x", source="x.md", domain="d", markdown=True)
+t = time.perf_counter()
+chunks = ch.chunk_document(doc, size=50, overlap=10)
+capped = time.perf_counter() - t
+ch.MAX_HEADING_LINE = 10**9
+t = time.perf_counter()
+lifted = ch.chunk_document(doc, size=50, overlap=10)
+print(json.dumps({"capped": capped, "lifted": time.perf_counter() - t,
+                  "capped_paths": [c.heading_path for c in chunks], "capped_text": chunks[0].text,
+                  "lifted_paths": [c.heading_path for c in lifted]}))
+"""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("chunking a markdown document whose heading holds 100 000 spaces took over 20 s")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["capped"] < 1 and got["lifted"] < 1, got
+    assert got["capped_paths"] == [""] and got["capped_text"] == "# a b body words"  # the long line is body text
+    assert got["lifted_paths"] == ["a" + " " * 100_000 + "b"]
+
+
+def test_a_heading_line_over_the_cap_is_body_text():
+    from indexing.chunking import MAX_HEADING_LINE
+
+    title = "t" * (MAX_HEADING_LINE - 2)
+    ok = chunk_document(doc(f"# {title}\n\nshort body"), size=50, overlap=10)
+    long = chunk_document(doc(f"# {title}x\n\nshort body"), size=50, overlap=10)
+    assert [c.heading_path for c in ok] == [title] and ok[0].text == "short body"
+    assert [c.heading_path for c in long] == [""] and long[0].text == f"# {title}x short body"
