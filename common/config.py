@@ -531,6 +531,10 @@ class InputLimits(_Strict):
     """What one request may carry; a violation is a 4xx naming the field and the limit."""
 
     max_body_bytes: int = Field(default=262_144, ge=1024, description="Largest request body (413 above).")
+    body_timeout_s: float = Field(
+        default=30, gt=0, description="Seconds a request body may take to arrive, once admitted (408 after): a "
+        "client that trickles its body cannot hold a slot. Uploads have their own (documents.upload_timeout_s).",
+    )
     max_messages: int = Field(default=64, ge=1, description="Most messages in one chat request.")
     max_message_chars: int = Field(default=16_000, ge=1, description="Longest single message, in characters.")
     max_query_chars: int = Field(default=2_000, ge=1, description="Longest search query, in characters.")
@@ -566,6 +570,13 @@ class HttpConfig(_Strict):
     """The ingress: where it listens, how it is admitted, and the local Ray it starts."""
 
     host: str = Field(default="127.0.0.1", description="Bind address; 0.0.0.0 exposes the service on the network.")
+    insecure_auth_off: bool = Field(
+        default=False,
+        description="Serve with auth off (governor.auth.enabled: false) on a non-loopback host on purpose: anyone who "
+        "reaches the port may use every endpoint but the admin ones. Without it the app builder refuses such a config "
+        "(`ragraph serve`, `serve deploy`, `python -m serve.local`, `ragraph kuberay`); `ragraph serve --insecure` "
+        "sets it (and http.allowed_hosts ['*'] unless set).",
+    )
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="With auth off: Host header names accepted besides localhost, 127.0.0.1 and ::1 (a web page's "
@@ -601,7 +612,15 @@ class HttpConfig(_Strict):
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     trusted_proxies: list[str] = Field(
         default_factory=list,
-        description="Addresses (or CIDR networks) of proxies whose X-Forwarded-For names the client IP.",
+        description="Addresses (or CIDR networks) of proxies whose X-Forwarded-For (or Forwarded, X-Real-IP) names "
+        "the client IP. A request with such a header from any other peer is never taken as loopback nor as an "
+        "exempt address (a reverse proxy on this host would otherwise make every client 127.0.0.1).",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host:port) besides the service's own whose pages may send "
+        "state-changing requests (POST, PUT, PATCH, DELETE); '*' allows any. Others are refused (403): a page "
+        "on another site cannot post to this service from the operator's browser.",
     )
     deployment: DeploymentOptions = _deployment(
         num_cpus=0.1, max_ongoing_requests=64, target_ongoing_requests=16, max_queued_requests=256
@@ -618,7 +637,10 @@ class HttpConfig(_Strict):
 
 class AuthConfig(_Strict):
     enabled: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on every endpoint but /health*.")
-    metrics_open: bool = Field(default=True, description="With auth on, serve /metrics without a key.")
+    metrics_open: bool = Field(
+        default=False, description="With auth on, serve /metrics without a key. Off: /metrics needs a key of scope "
+        "'metrics' (`ragraph keys create prometheus --scope metrics`) or 'admin'.",
+    )
     key_cache_s: float = Field(
         default=30, ge=0,
         description="Seconds an ingress replica trusts the governor's verdict on a key (valid or not) and the key's "
@@ -726,6 +748,21 @@ class ConversationsConfig(_Strict):
         "given feedback); null: kept until deleted.",
     )
     max_turns: int = Field(default=200, ge=1, description="Turns kept per conversation; the oldest go first.")
+    max_conversations: int | None = Field(
+        default=1000, ge=1,
+        description="Conversations one API key may keep; creating one more is refused (409 "
+        "conversation_limit_reached) until one is deleted or expires; null: no limit.",
+    )
+    feedback_retention_days: float | None = Field(
+        default=90, gt=0,
+        description="Days feedback (score and comment) is kept after its last update; it also goes when its "
+        "conversation is deleted; null: kept until then.",
+    )
+    purge_interval_s: float = Field(
+        default=600, gt=0,
+        description="Seconds between the governor's purges of what is past its retention (in a thread of its "
+        "own; requests never purge, and read nothing past its retention).",
+    )
 
 
 class GovernorConfig(_Strict):
@@ -776,6 +813,10 @@ class DocumentsConfig(_Strict):
     )
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest POST /v1/documents body, JSON or multipart (413 above).",
+    )
+    upload_timeout_s: float = Field(
+        default=300, gt=0, description="Seconds a POST /v1/documents body may take to arrive once its admin key is "
+        "admitted and it has a queue slot (408 after).",
     )
     max_files: int = Field(default=100, ge=1, description="Most files in one multipart upload (413 above).")
     max_documents: int = Field(default=10_000, ge=1, description="Most documents in one JSON upload (413 above).")

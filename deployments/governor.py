@@ -4,7 +4,9 @@ already given (the response cache).
 * :class:`Governor` (plain class): the decisions, over a SQLite file (keys hashed, usage written
   after every request) and an in-memory cache.
 * :class:`GovernorDeployment`: its Serve wrapper, one replica. A restarted governor starts with an
-  empty cache; the usage ledger and the keys are on disk and survive it.
+  empty cache; the usage ledger and the keys are on disk and survive it. It also keeps the chat
+  page's conversations and feedback (:mod:`deployments.conversations`, :meth:`Governor.history`)
+  and starts their purge timer.
 
 The ingress does not call the governor per request: it admits requests itself
 (:class:`deployments.admission.Admission`), asking :meth:`Governor.verify` about a key once per
@@ -23,7 +25,8 @@ from typing import Any
 
 from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
 from deployments.cache import ResponseCache
-from deployments.conversations import ANONYMOUS, ConversationStore
+from deployments.conversations import ANONYMOUS, ConversationLimitError, ConversationStore
+from deployments.errors import StageError
 from deployments.limits import KINDS, RateLimiter, check_budget, check_quota, cost_of, kind_of
 
 INGEST_CALLS = frozenset({"submit", "job", "jobs", "pending_document_ids"})  # GovernorDeployment.ingest
@@ -100,7 +103,9 @@ class Governor:
         )
         self.cache = ResponseCache(max_entries=cfg.cache.max_entries, ttl_s=cfg.cache.ttl_s) if cfg.cache.enabled else None
         conv = cfg.conversations
-        self.conversations = ConversationStore(cfg.db, retention_days=conv.retention_days, max_turns=conv.max_turns)
+        self.conversations = ConversationStore(cfg.db, retention_days=conv.retention_days, max_turns=conv.max_turns,
+                                               max_conversations=conv.max_conversations,
+                                               feedback_retention_days=conv.feedback_retention_days)
 
     @classmethod
     def from_config(cls, cfg) -> Governor:
@@ -222,12 +227,17 @@ class Governor:
 
     def history(self, method: str, *args: Any) -> Any:
         """A call on :class:`deployments.conversations.ConversationStore` (its first argument is the
-        owner: a key id, or None for the anonymous caller of an auth-off service, but for ``feedback``)."""
+        owner: a key id, or None for the anonymous caller of an auth-off service, but for ``feedback``).
+        A refusal of the caller's request (the conversation limit) is a :class:`StageError` of kind
+        ``invalid``: never retried, answered 409 by the ingress."""
         if method not in HISTORY_CALLS:
             raise ValueError(f"unknown history call {method!r}; known: {sorted(HISTORY_CALLS)}")
         if method != "feedback":
             args = (args[0] or ANONYMOUS, *args[1:])
-        return getattr(self.conversations, method)(*args)
+        try:
+            return getattr(self.conversations, method)(*args)
+        except ConversationLimitError as e:
+            raise StageError("governor", "invalid", f"{e.code}: {e}") from None
 
 
 class GovernorDeployment:
@@ -239,6 +249,8 @@ class GovernorDeployment:
 
         self._gov = Governor.from_config(cfg)
         self._replica = serve.get_replica_context().replica_id.unique_id
+        # Expired conversations, request ids and feedback go on a timer, off the replica's loop.
+        self._gov.conversations.start_purging(cfg.governor.conversations.purge_interval_s)
         from deployments.ingest import IngestService
 
         # The documents API's jobs (deployments/ingest.py): kept here, beside the database, in the one

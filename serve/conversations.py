@@ -1,12 +1,14 @@
 """Conversations and feedback (the chat page's API; issue 19, issue 15 item 5):
 
-* ``GET /v1/conversations`` (``limit``), ``POST /v1/conversations`` ``{"title"}`` -> 201,
-  ``GET /v1/conversations/{id}`` (with its turns), ``DELETE /v1/conversations/{id}``: the caller's
-  own (per API key; with auth off, one anonymous owner);
+* ``GET /v1/conversations`` (``limit``), ``POST /v1/conversations`` ``{"title"}`` -> 201 (409
+  ``conversation_limit_reached`` past ``governor.conversations.max_conversations``),
+  ``GET /v1/conversations/{id}`` (with its turns), ``DELETE /v1/conversations/{id}`` (with the
+  feedback on its turns): the caller's own (per API key; with auth off, one anonymous owner);
 * ``rag.conversation_id`` on ``POST /v1/chat/completions``: the question and its answer are
   appended as a turn when the answer ends (:func:`recorded`); an unknown id is 404 before any work;
 * ``POST /v1/feedback`` ``{"request_id", "score": 1 | -1, "comment"}``: on one of the caller's
-  answers (``rag.metadata.request_id``), else 404; sending again replaces it;
+  answers (``rag.metadata.request_id``, the caller's own even where another key used the same
+  id), else 404; sending again replaces it;
 * ``GET /v1/feedback`` (admin; ``limit``, ``after``): every key's feedback, the export.
 
 All of it is kept by the governor (:mod:`deployments.conversations`, in ``governor.db``): every
@@ -25,10 +27,10 @@ from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
-from deployments.conversations import COMMENT_MAX, TITLE_MAX
+from deployments.conversations import COMMENT_MAX, TITLE_MAX, ConversationLimitError
 from deployments.errors import StageError
 from serve.api import ChatRequest, _Body
-from serve.errors import ApiError, governor_call
+from serve.errors import ApiError, stage_unavailable
 from serve.events import ChatEvent, Delta, Done
 from serve.metrics import METRICS
 from serve.querylog import question_of
@@ -57,9 +59,16 @@ class FeedbackIn(_Body):
 
 
 async def history(request: Request, method: str, *args: Any) -> Any:
-    """A call on the governor's conversation store; 503 + Retry-After when the governor is down."""
-    return await governor_call(request.app.state.pipeline, "the conversation store (kept by the governor)", "history",
-                               method, *args)
+    """A call on the governor's conversation store; 503 + Retry-After when the governor is down,
+    409 when it refused a new conversation past the key's limit."""
+    try:
+        return await request.app.state.pipeline.govern("history", method, *args)
+    except StageError as e:
+        code = ConversationLimitError.code
+        if e.kind == "invalid" and e.detail.startswith(code + ":"):
+            raise ApiError(409, e.detail.removeprefix(code + ":").strip(), code=code) from None
+        raise stage_unavailable("the conversation store (kept by the governor)", e,
+                                code="governor_unavailable") from None
 
 
 def owner(request: Request) -> str | None:

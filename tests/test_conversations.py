@@ -186,3 +186,127 @@ def test_a_conversation_keeps_its_last_max_turns(tmp_path):
     assert [t["question"] for t in store.get("k", cid)["turns"]] == ["q1", "q2"]
     assert not store.chat_done("other", "r9", cid, {"question": "x", "answer": "y", "rag": {}})  # not theirs
     assert len(store.get("k", cid)["turns"]) == 2
+
+
+def _age(store: ConversationStore, days: float) -> None:
+    """Make everything in ``store`` ``days`` older (as if written then)."""
+    with store._lock:
+        for table, columns in (("conversations", ("created", "updated")), ("turns", ("created",)),
+                               ("chat_requests", ("created",)), ("feedback", ("created", "updated"))):
+            store._conn.execute(f"UPDATE {table} SET " + ", ".join(f"{c} = {c} - {days * 86400}" for c in columns))
+
+
+def _count(store: ConversationStore, table: str) -> int:
+    with store._lock:
+        return store._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_requests_never_purge_and_the_purge_reads_only_indexes(tmp_path):
+    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=1)
+    old = store.create("k", "old")
+    store.chat_done("k", "r-old", old["id"], {"question": "q", "answer": "a", "rag": {}})
+    assert store.put_feedback("k", "r-old", 1, "fine")
+    _age(store, 2)
+    ran: list[str] = []
+    store._conn.set_trace_callback(ran.append)
+    new = store.create("k", "new")
+    listed = store.list("k")
+    assert not [s for s in ran if s.lstrip().upper().startswith("DELETE")], ran  # no purge on the request path
+    assert [c["id"] for c in listed] == [new["id"]]  # the expired one is not shown meanwhile
+    assert store.get("k", old["id"]) is None and not store.exists("k", old["id"])
+    assert not store.chat_done("k", "r-late", old["id"], {"question": "q", "answer": "a", "rag": {}})
+    assert _count(store, "conversations") == 2  # still on disk until the purge
+    ran.clear()
+    assert store.purge() == 1
+    plans = {s: [row[3] for row in store._conn.execute("EXPLAIN QUERY PLAN " + s)]
+             for s in ran if s.lstrip().upper().startswith(("SELECT", "DELETE"))}
+    assert len(plans) >= 3 and not {s: p for s, p in plans.items() if any(d.startswith("SCAN") for d in p)}, plans
+    assert _count(store, "turns") == 0 and store.get("k", new["id"]) is not None
+
+
+def test_the_purge_runs_on_a_timer_in_its_own_thread(tmp_path):
+    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=1)
+    for i in range(3):
+        store.chat_done("k", f"r{i}", store.create("k")["id"], {"question": "q", "answer": "a", "rag": {}})
+    _age(store, 2)
+    store.start_purging(0.05)
+    deadline = time.monotonic() + 10
+    while _count(store, "conversations") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _count(store, "conversations") == _count(store, "turns") == _count(store, "chat_requests") == 0
+    purger = store._purger
+    store.close()
+    assert purger is not None and not purger.is_alive()  # close stops it
+
+
+def test_a_key_past_max_conversations_is_refused_with_409(service):
+    client, _ = service(max_conversations=2)
+    ids = [client.post("/v1/conversations", json={}).json()["id"] for _ in range(2)]
+    r = client.post("/v1/conversations", json={"title": "third"})
+    assert error_code(r, 409) == "conversation_limit_reached"
+    assert "2 conversations" in r.json()["error"]["message"] and "DELETE /v1/conversations" in r.json()["error"]["message"]
+    assert client.delete(f"/v1/conversations/{ids[0]}").status_code == 200
+    assert client.post("/v1/conversations", json={}).status_code == 201  # room again, nothing else was deleted
+    assert ids[1] in [c["id"] for c in client.get("/v1/conversations").json()["data"]]
+
+
+def test_a_key_reusing_another_keys_request_id_takes_over_nothing(service):
+    client, cfg = service(auth=True)
+    keys = KeyStore(cfg.governor.db)
+    alice, alice_key = keys.create("alice")
+    bob, bob_key = keys.create("bob")
+    admin, _ = keys.create("ops", scope="admin")
+    a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    cid = client.post("/v1/conversations", json={}, headers=a).json()["id"]
+    rid = ask(client, headers=a, conversation_id=cid)["rag"]["metadata"]["request_id"]
+    assert client.post("/v1/feedback", headers=a, json={"request_id": rid, "score": 1, "comment": "alice's"}).status_code == 201
+    assert ask(client, headers={**b, "X-Request-ID": rid})["rag"]["metadata"]["request_id"] == rid  # bob reuses it
+    r = client.post("/v1/feedback", headers=b, json={"request_id": rid, "score": -1, "comment": "bob's"})
+    assert r.status_code == 201 and r.json()["conversation_id"] is None  # bob's own answer, not alice's turn
+    assert client.post("/v1/feedback", headers=a, json={"request_id": rid, "score": 1}).status_code == 201
+    turn = client.get(f"/v1/conversations/{cid}", headers=a).json()["turns"][0]
+    assert turn["request_id"] == rid and turn["feedback"] == {"score": 1, "comment": None}
+    rows = client.get("/v1/feedback", headers={"Authorization": f"Bearer {admin}"}).json()["data"]
+    assert sorted((f["key_id"], f["request_id"], f["score"], f["comment"], f["conversation_id"]) for f in rows) == \
+        sorted([(alice_key.id, rid, 1, None, cid), (bob_key.id, rid, -1, "bob's", None)])
+
+
+def test_feedback_goes_with_its_conversation_and_after_its_retention(tmp_path):
+    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=None, feedback_retention_days=10)
+    cid = store.create("k")["id"]
+    store.chat_done("k", "r1", cid, {"question": "q", "answer": "a", "rag": {}})
+    store.chat_done("k", "r2", None)
+    store.chat_done("other", "r1", None)
+    for owner, rid in (("k", "r1"), ("k", "r2"), ("other", "r1")):
+        assert store.put_feedback(owner, rid, -1, "a comment")
+    assert store.delete("k", cid)
+    assert sorted((f["key_id"], f["request_id"]) for f in store.feedback()) == [("k", "r2"), ("other", "r1")]
+    store.purge(now=time.time() + 9 * 86400)
+    assert len(store.feedback()) == 2  # not yet ten days
+    store.purge(now=time.time() + 11 * 86400)
+    assert store.feedback() == []
+
+
+def test_a_database_keyed_by_request_id_alone_is_rekeyed_with_its_rows(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE chat_requests (request_id TEXT PRIMARY KEY, owner TEXT NOT NULL, conversation_id TEXT,
+                                    created REAL NOT NULL);
+        CREATE TABLE feedback (request_id TEXT PRIMARY KEY, owner TEXT NOT NULL, conversation_id TEXT,
+                               score INTEGER NOT NULL, comment TEXT, created REAL NOT NULL, updated REAL NOT NULL);
+    """)
+    now = time.time()
+    db.execute("INSERT INTO chat_requests VALUES ('r1', 'a', NULL, ?)", (now,))
+    db.execute("INSERT INTO feedback VALUES ('r1', 'a', NULL, 1, 'kept', ?, ?)", (now, now))
+    db.commit()
+    db.close()
+    store = ConversationStore(path)
+    assert [(f["key_id"], f["comment"]) for f in store.feedback()] == [("a", "kept")]
+    store.chat_done("b", "r1", None)
+    assert store.put_feedback("b", "r1", -1) and store.put_feedback("a", "r1", 1, "still mine")
+    assert sorted((f["key_id"], f["score"]) for f in store.feedback()) == [("a", 1), ("b", -1)]
+    store.close()
+    assert ConversationStore(path).feedback()  # opening again migrates nothing twice
