@@ -288,6 +288,11 @@ def _check_paths(cfg: AppConfig) -> list[str]:
     if cfg.http.host not in ("0.0.0.0", "::"):
         errors.append(f"http.host={cfg.http.host!r}: the serve Service reaches the proxies on the pods' addresses; "
                       "use 0.0.0.0")
+    from serve.graph import exposure_problem
+
+    exposed = exposure_problem(cfg)  # the same check the app builder makes on the cluster
+    if exposed:
+        errors.append(f"governor.auth.enabled=false on the pods' network: {exposed}")
     home = str(Path.home())
     local = [str(REPO_ROOT)] + ([home] if home not in ("/", str(POD_HOME)) else [])
     for key, value in _strings(cfg.model_dump(mode="json")):

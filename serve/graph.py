@@ -5,6 +5,10 @@
 
 Every stage's Serve options (autoscaling, admission limits, resources) come from its
 ``deployment`` section in the config (``DeploymentOptions.serve_options``).
+
+Also the exposure check every way of serving passes through (:func:`check_exposure`: the graph
+builder, the ``serve deploy`` app builder, the in-process app of ``serve.local``, the KubeRay
+manifest): auth off on a non-loopback bind is refused unless ``http.insecure_auth_off`` is set.
 """
 
 from __future__ import annotations
@@ -17,6 +21,32 @@ APP_NAME = "ragraph"
 
 
 STAGES = ("ingress", "router", "retriever", "reranker", "generator", "governor")
+
+
+class ExposureError(ValueError):
+    """The config would serve every endpoint without keys to the network."""
+
+
+def exposure_problem(cfg) -> str | None:
+    """Why ``cfg`` must not be served as it is (None: nothing to refuse): auth off
+    (``governor.auth.enabled: false``) on an ``http.host`` beyond loopback, without the explicit
+    opt-in ``http.insecure_auth_off``."""
+    from common.networks import LOCAL_HOSTS, is_loopback
+
+    host = cfg.http.host
+    if cfg.governor.auth.enabled or cfg.http.insecure_auth_off or host in LOCAL_HOSTS or is_loopback(host):
+        return None
+    return (f"refusing to listen on {host or 'every address'} with auth off (governor.auth.enabled: false): anyone "
+            "who can reach the port could use the service. Turn auth on and create a key (`ragraph keys create "
+            "NAME`), or serve without keys on purpose: `ragraph serve --insecure`, or http.insecure_auth_off: true "
+            "in the config (e.g. RAGRAPH__HTTP__INSECURE_AUTH_OFF=true)")
+
+
+def check_exposure(cfg) -> None:
+    """Raise :class:`ExposureError` when :func:`exposure_problem` finds one."""
+    problem = exposure_problem(cfg)
+    if problem:
+        raise ExposureError(problem)
 
 
 def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
@@ -44,7 +74,9 @@ def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
 
 
 def build_app(cfg, *, app_name: str = APP_NAME):
-    """The bound Serve application for ``cfg`` (an :class:`common.config.AppConfig`)."""
+    """The bound Serve application for ``cfg`` (an :class:`common.config.AppConfig`); refuses an
+    exposed config without keys first (:func:`check_exposure`)."""
+    check_exposure(cfg)
     from ray import serve
 
     from deployments.generator import build_generator, llm_config

@@ -125,22 +125,20 @@ def _progress_line(body: dict[str, Any]) -> str:
 
 
 def check_exposure(cfg, *, insecure: bool = False):
-    """Refuse to listen beyond loopback with auth off unless ``insecure`` (``ragraph serve
-    --insecure``): anyone on the network could use every endpoint. With ``insecure``, any Host header
-    is accepted (``http.allowed_hosts: ['*']`` unless set); admin endpoints still answer only
-    loopback callers. Returns the config to serve."""
-    from common.networks import LOCAL_HOSTS
+    """``ragraph serve``'s side of :func:`serve.graph.check_exposure`: ``insecure`` (``--insecure``)
+    sets ``http.insecure_auth_off`` (so an exported Serve config carries the opt-in) and lets any
+    Host header in (``http.allowed_hosts: ['*']`` unless set) when the service listens beyond
+    loopback with auth off; admin endpoints still answer only loopback callers. Raises
+    :class:`LaunchError` with what to do when the graph builder would refuse the config. Returns the
+    config to serve."""
+    from serve.graph import exposure_problem
 
-    if cfg.governor.auth.enabled or cfg.http.host in LOCAL_HOSTS or cfg.http.host.startswith("127."):
-        return cfg
-    if not insecure:
-        raise LaunchError(
-            f"refusing to listen on {cfg.http.host} with auth off (governor.auth.enabled: false): anyone who can "
-            "reach the port could use the service. Turn auth on and create a key (`ragraph keys create NAME`), "
-            "or pass --insecure to serve without keys on purpose"
-        )
-    if not cfg.http.allowed_hosts:
-        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"allowed_hosts": ["*"]})})
+    if insecure and exposure_problem(cfg):
+        http = {"insecure_auth_off": True, **({} if cfg.http.allowed_hosts else {"allowed_hosts": ["*"]})}
+        cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update=http)})
+    problem = exposure_problem(cfg)
+    if problem:
+        raise LaunchError(problem)
     return cfg
 
 

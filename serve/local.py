@@ -3,9 +3,10 @@ the same routes as the Serve ingress (``serve/routes.py``; uvicorn instead of Se
 
 It is the other side of the graph-overhead benchmark (``load_tests/bench_graph.py``) and a way to
 debug the pipeline in one process. It is not a production mode: no replicas, no autoscaling, no
-backpressure, no live index swap (the index is read at start-up).
+backpressure, no live index swap (the index is read at start-up). Like the graph builder it refuses
+to serve with auth off beyond loopback unless told to (``serve.graph.check_exposure``; ``--insecure``).
 
-    python -m serve.local [--config FILE] [--port 8001]
+    python -m serve.local [--config FILE] [--host 127.0.0.1] [--port 8001] [--insecure]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from serve.graph import check_exposure
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
 from serve.routes import make_app
@@ -23,6 +25,9 @@ from serve.stages import InProcessStages
 
 
 def create_app(cfg) -> FastAPI:
+    """The in-process app for ``cfg``, listening as ``cfg.http.host`` says; raises
+    :class:`serve.graph.ExposureError` for auth off beyond loopback without ``http.insecure_auth_off``."""
+    check_exposure(cfg)
     stages = InProcessStages(cfg)
     pipeline = Pipeline(cfg, stages, metrics=METRICS)
     pipeline.warm_up()
@@ -51,10 +56,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host with auth off (anyone who reaches the port may use the service)")
     args = p.parse_args(argv)
-    from serve.launch import auth_notice
+    from serve.launch import LaunchError, auth_notice, check_exposure as launch_check
 
     cfg = load_config(args.config)
+    cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"host": args.host})})  # what uvicorn binds
+    try:
+        cfg = launch_check(cfg, insecure=args.insecure)
+    except LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
     notice = auth_notice(cfg)
     if notice:
         print(f"note: {notice}")

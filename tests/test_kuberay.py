@@ -206,6 +206,16 @@ def test_configs_that_cannot_run_there_are_refused_with_every_reason(cfg):
         kuberay.rayservice(changed(cfg, reranker__deployment__accelerator_type="A100"))
 
 
+def test_auth_off_on_the_pods_network_is_refused_unless_opted_in(cfg):
+    """http.host must be 0.0.0.0 on the pods, so auth off would serve every endpoint without keys to
+    the cluster's network: refused as the app builder refuses it, unless http.insecure_auth_off."""
+    off = changed(cfg, governor__auth__enabled=False)
+    with pytest.raises(KubeRayError, match=r"governor.auth.enabled=false .*http.insecure_auth_off: true"):
+        kuberay.rayservice(off)
+    opted = kuberay.rayservice(changed(off, http__insecure_auth_off=True))
+    assert yaml.safe_load(opted["spec"]["serveConfigV2"])["applications"][0]["args"]["http"]["insecure_auth_off"]
+
+
 def test_cli_writes_and_checks(tmp_path, monkeypatch, capsys):
     from cli.main import main
 

@@ -411,3 +411,42 @@ def test_openai_durations():
     from deployments.admission import openai_duration
 
     assert [openai_duration(x) for x in (0.25, 1, 59.6, 360, 3723)] == ["250ms", "1s", "1m0s", "6m0s", "1h2m3s"]
+
+
+# ---------------------------------------------------------------------------------------------
+# auth off beyond loopback is refused by the app builder itself, whichever way the app is started
+
+
+def test_every_way_of_serving_refuses_auth_off_beyond_loopback(local_cfg, app, monkeypatch, capsys):
+    """`ragraph serve` checked this alone; the graph builder, the `serve deploy` app builder (with the
+    exported config), serve.local (its app and its --host) and `ragraph kuberay` now pass through one
+    check, and the explicit opt-in (http.insecure_auth_off, what --insecure sets) lets each through."""
+    import yaml
+
+    from serve import graph, local
+    from serve.launch import export_serve_config
+
+    exposed = local_cfg.model_copy(update={"http": local_cfg.http.model_copy(update={"host": "0.0.0.0"})})
+    for build in (graph.build_app, lambda c: graph.app_builder(yaml.safe_load(export_serve_config(c))
+                                                               ["applications"][0]["args"])):
+        with pytest.raises(graph.ExposureError, match="http.insecure_auth_off: true") as e:
+            build(exposed)
+        assert "--insecure" in str(e.value) and "0.0.0.0" in str(e.value)
+    with pytest.raises(graph.ExposureError, match="with auth off"):
+        app(http={"host": "0.0.0.0"})  # serve.local's create_app
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("serve.local started serving"))
+    with pytest.raises(SystemExit, match="refusing to listen on 10.1.2.3 with auth off"):
+        local.main(["--host", "10.1.2.3"])
+
+    opted = check_exposure(exposed, insecure=True)  # what `ragraph serve --insecure [--export]` serves
+    assert opted.http.insecure_auth_off is True and opted.http.allowed_hosts == ["*"]
+    assert graph.exposure_problem(opted) is None
+    args = yaml.safe_load(export_serve_config(opted))["applications"][0]["args"]
+    assert args["http"]["insecure_auth_off"] is True  # serve deploy gets the opt-in with the config
+    client, _, _ = app(http={"host": "0.0.0.0", "insecure_auth_off": True})
+    assert client.get("/health").status_code == 200
+    auth_on = exposed.model_copy(update={"governor": exposed.governor.model_copy(
+        update={"auth": exposed.governor.auth.model_copy(update={"enabled": True})})})
+    for ok in (local_cfg, auth_on, local_cfg.model_copy(update={"http": local_cfg.http.model_copy(
+            update={"host": "127.0.0.2"})})):
+        assert graph.exposure_problem(ok) is None
