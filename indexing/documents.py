@@ -4,7 +4,8 @@ a Parquet file, or a folder of either.
 ``domain`` comes from the folder layout: a file at ``SOURCE/<domain>/.../file.md`` belongs to
 ``<domain>``; a file directly in ``SOURCE`` belongs to the source folder's own name (so the
 project's ``docs/`` is the domain ``docs``). JSONL and Parquet rows may carry their own ``domain``
-and ``updated_at`` (top level or in ``metadata``).
+and ``updated_at`` (top level or in ``metadata``). A document's ``source`` is its file relative to
+``SOURCE`` (a row's own ``source`` where it has one), never a path on this machine: clients see it.
 
 A symbolic link in a source folder that leads outside it (to a file or a folder) is skipped, and
 named in the ``skipped`` list the caller passes (the index build's report lists them): otherwise a
@@ -77,7 +78,7 @@ def read_source(source: Path, *, skipped: list[str] | None = None) -> Iterator[D
         return
     corpus = source / "corpus.jsonl"
     if corpus.is_file() and not leaves(corpus, source):  # a BEIR dataset folder
-        yield from _read_jsonl(corpus, domain=source.name)
+        yield from _read_jsonl(corpus, domain=source.name, label=corpus.name)
         return
     files, outside = [], []
     for p in sorted(source.rglob("*")):
@@ -104,21 +105,21 @@ def read_source(source: Path, *, skipped: list[str] | None = None) -> Iterator[D
 
 def _read_file(path: Path, *, domain: str, root: Path) -> Iterator[Document]:
     suffix = path.suffix.lower()
+    rel = path.relative_to(root).as_posix()  # the document's source as clients see it: never a server path
     if suffix == ".jsonl":
-        yield from _read_jsonl(path, domain=domain)
+        yield from _read_jsonl(path, domain=domain, label=rel)
     elif suffix == ".parquet":
-        yield from _read_parquet(path, domain=domain)
+        yield from _read_parquet(path, domain=domain, label=rel)
     elif suffix in TEXT_SUFFIXES:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise SourceError(f"{path}: not UTF-8 text ({e})") from None
-        rel = path.relative_to(root).as_posix()
         yield Document(
             id=rel,
             text=text,
             title=_title_of(text, path.stem),
-            source=str(path),
+            source=rel,
             domain=domain,
             updated_at=_mtime(path),
             markdown=suffix in {".md", ".markdown"},
@@ -127,7 +128,9 @@ def _read_file(path: Path, *, domain: str, root: Path) -> Iterator[Document]:
         raise SourceError(f"{path}: unsupported file type {suffix!r}; use markdown/text, .jsonl or .parquet")
 
 
-def _row_to_doc(row: dict, *, where: str, domain: str, default_time: str) -> Document:
+def _row_to_doc(row: dict, *, where: str, domain: str, default_time: str, source: str | None = None) -> Document:
+    """``source``: the row's default source (its file, relative to the indexed folder); ``where``
+    names the row in errors."""
     meta = row.get("metadata") or {}
     doc_id = row.get("_id", row.get("id", row.get("document_id")))
     if doc_id is None or str(doc_id) == "":
@@ -139,7 +142,7 @@ def _row_to_doc(row: dict, *, where: str, domain: str, default_time: str) -> Doc
         id=str(doc_id),
         text=text,
         title=str(row.get("title") or ""),
-        source=str(row.get("source") or meta.get("source") or where.rsplit(":", 1)[0]),
+        source=str(row.get("source") or meta.get("source") or source or where.rsplit(":", 1)[0]),
         domain=str(row.get("domain") or meta.get("domain") or domain),
         updated_at=str(row.get("updated_at") or meta.get("updated_at") or default_time),
     )
@@ -160,14 +163,14 @@ def jsonl_rows(lines: Iterable[str], name: str) -> Iterator[tuple[str, dict]]:
         yield f"{name}:{n}", row
 
 
-def _read_jsonl(path: Path, *, domain: str) -> Iterator[Document]:
+def _read_jsonl(path: Path, *, domain: str, label: str) -> Iterator[Document]:
     when = _mtime(path)
     with path.open(encoding="utf-8") as f:
         for where, row in jsonl_rows(f, str(path)):
-            yield _row_to_doc(row, where=where, domain=domain, default_time=when)
+            yield _row_to_doc(row, where=where, domain=domain, default_time=when, source=label)
 
 
-def _read_parquet(path: Path, *, domain: str) -> Iterator[Document]:
+def _read_parquet(path: Path, *, domain: str, label: str) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
@@ -176,4 +179,4 @@ def _read_parquet(path: Path, *, domain: str) -> Iterator[Document]:
         raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
     when = _mtime(path)
     for n, row in enumerate(table.to_pylist()):
-        yield _row_to_doc(row, where=f"{path}:row {n}", domain=domain, default_time=when)
+        yield _row_to_doc(row, where=f"{path}:row {n}", domain=domain, default_time=when, source=label)

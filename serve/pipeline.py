@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import PureWindowsPath
 from typing import Any
 
 from deployments.admission import Admission
@@ -45,6 +46,16 @@ from serve.extractive import LoopGuard, abstain_reason, extract, quote
 from serve.prompt import CitationFilter, PromptBuilder, PromptTooLong, attribute
 
 log = logging.getLogger("ray.serve")
+
+
+def public_source(source: str) -> str:
+    """A passage's ``source`` as clients see it. Indexes hold it relative to the indexed folder
+    (indexing/documents.py); one built before that holds the file's absolute path on the server,
+    of which only the file's name is shown."""
+    path = PureWindowsPath(source)  # reads both separators, and a drive
+    if source.startswith(("/", "\\", "~")) or path.drive:
+        return path.name
+    return source
 
 
 class Pipeline(StageCalls):
@@ -168,7 +179,7 @@ class Pipeline(StageCalls):
             "results": [
                 {
                     "rank": i + 1, "chunk_id": p.id, "document_id": p.document_id, "title": p.title,
-                    "heading_path": p.heading_path, "source": p.source, "domain": p.domain,
+                    "heading_path": p.heading_path, "source": public_source(p.source), "domain": p.domain,
                     "excerpt": excerpt(p.text), "text": p.text, "relevance_score": p.score, "scores": p.scores,
                 }
                 for i, p in enumerate(passages)
@@ -485,7 +496,7 @@ class Pipeline(StageCalls):
                 {
                     "index": i, "document_id": p.document_id, "chunk_id": p.id, "title": p.title,
                     "heading_path": p.heading_path, "excerpt": excerpt(p.text), "relevance_score": p.score,
-                    "source": p.source, "domain": p.domain, "cited": i in cites.cited,
+                    "source": public_source(p.source), "domain": p.domain, "cited": i in cites.cited,
                 }
                 for i, p in enumerate(prep.sources, 1)
             ],

@@ -56,6 +56,11 @@ CHAT = "/v1/chat/completions"
 CACHE_ROUTES = RouteTable()  # the response cache's operations (below), admin routes
 
 
+SERVE_HINTS = ("x-request-timeout-seconds", "x-request-disconnect-disabled")  # Ray Serve's per-request overrides
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+FORWARDING = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 def bearer(request: Request) -> str | None:
     value = request.headers.get("authorization")
     if not value:
@@ -69,43 +74,134 @@ def _trusted(proxies: tuple[str, ...]):
     return parse_networks("http.trusted_proxies", proxies)  # parsed once, not per request
 
 
+def _forwarded_hops(request: Request) -> list[str]:
+    """The client addresses a proxy wrote, nearest last: X-Forwarded-For, else the ``for=`` of
+    RFC 7239 ``Forwarded``, else X-Real-IP."""
+    h = request.headers
+    if h.get("x-forwarded-for"):
+        return [x.strip() for x in h["x-forwarded-for"].split(",") if x.strip()]
+    if h.get("forwarded"):
+        hops = []
+        for element in h["forwarded"].split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.lower() == "for" and value:
+                    v = value.strip().strip('"')
+                    hops.append(v[1:v.index("]")] if v.startswith("[") and "]" in v else v.rsplit(":", 1)[0]
+                                if v.count(":") == 1 else v)
+        return hops
+    return [h["x-real-ip"].strip()] if h.get("x-real-ip", "").strip() else []
+
+
 def client_ip(request: Request, trusted_proxies: list[str]) -> str:
-    """The peer address, or the nearest untrusted address in X-Forwarded-For when the peer is a
-    trusted proxy (a forged header from anyone else is ignored)."""
+    """The caller's address: the nearest untrusted address a trusted proxy forwarded (X-Forwarded-For,
+    Forwarded, X-Real-IP), else the peer (a forged header from anyone else is ignored)."""
     peer = request.client.host if request.client else "unknown"
     nets = _trusted(tuple(trusted_proxies))
     if not nets or not in_networks(peer, nets):
         return peer
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
-    for hop in reversed(hops):
+    for hop in reversed(_forwarded_hops(request)):
         if not in_networks(hop, nets):
             return hop
     return peer
 
 
+def via_unknown_proxy(request: Request, trusted_proxies: list[str]) -> bool:
+    """The request carries a forwarding header but its peer is not a trusted proxy: it came through
+    a proxy this service knows nothing of (a reverse proxy on this host makes every client look like
+    127.0.0.1). Such a caller is never taken as loopback (no admin with auth off) nor as an address
+    of ``exempt_ips``; it is still counted under its peer's address."""
+    peer = request.client.host if request.client else "unknown"
+    nets = _trusted(tuple(trusted_proxies))
+    return (not nets or not in_networks(peer, nets)) and any(request.headers.get(h) for h in FORWARDING)
+
+
+def is_local(request: Request, ip: str, trusted_proxies: list[str]) -> bool:
+    """The caller is on this machine: a loopback address, not behind an unknown proxy."""
+    return is_loopback(ip) and not via_unknown_proxy(request, trusted_proxies)
+
+
+def check_request_headers(request: Request) -> None:
+    """Ray Serve lets a client set its own request timeout (``x-request-timeout-seconds``; 0 turns it
+    off) and turn off disconnect detection (``x-request-disconnect-disabled``): a client could hold a
+    replica's slot for ever. Such a request is refused before anything else, so it ends at once."""
+    for name in SERVE_HINTS:
+        if name in request.headers:
+            METRICS.admission.labels("header_not_allowed").inc()
+            raise ApiError(400, f"header {name}: clients may not set Ray Serve's per-request overrides; the "
+                           "service's own timeouts apply (http.timeouts)", param=name, code="header_not_allowed")
+
+
+def check_origin(request: Request, allowed: list[str]) -> None:
+    """A state-changing request sent by a web page of another site is refused (cross-site request
+    forgery: a page the operator visits could post to ``http://127.0.0.1:8000``, which with auth off
+    is admin). Browsers say where a request comes from: ``Sec-Fetch-Site: cross-site``, and an
+    ``Origin`` other than this service's own (its Host) or one of ``http.allowed_origins``. Clients
+    that are not browsers send neither and are not affected."""
+    if request.method not in STATE_CHANGING:
+        return
+    site = request.headers.get("sec-fetch-site", "").strip().lower()
+    origin = request.headers.get("origin")
+    why = None
+    if site == "cross-site":
+        why = "Sec-Fetch-Site: cross-site"
+    elif origin is not None:
+        o = origin.strip().lower().rstrip("/")
+        own = o.partition("://")[2] == request.headers.get("host", "").strip().lower()
+        if not own and o not in {a.strip().lower().rstrip("/") for a in allowed} and "*" not in allowed:
+            why = f"Origin {origin!r} is not this service's own"
+    if why:
+        METRICS.admission.labels("cross_site").inc()
+        raise ApiError(403, f"{request.method} {request.url.path} from another web site is refused ({why}); "
+                       "a browser page on another origin may not change this service (add it to "
+                       "http.allowed_origins to allow it)", type="permission_error", param="origin",
+                       code="cross_site_request")
+
+
+def check_declared_length(request: Request, limit: int, name: str) -> None:
+    """A Content-Length over the limit is refused before a byte is read (413)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        METRICS.admission.labels("request_too_large").inc()
+        raise ApiError(413, f"body: the request body is {int(declared)} bytes; the limit is {limit} "
+                       f"({name})", param="body", code="request_too_large")
+
+
+def body_limits(cfg, endpoint: str) -> tuple[int, str, float, str]:
+    """(size limit, its setting, read deadline in seconds, its setting) of a route's body."""
+    if endpoint == DOCUMENTS:  # uploads: their own limits
+        return (cfg.documents.max_upload_bytes, "documents.max_upload_bytes",
+                cfg.documents.upload_timeout_s, "documents.upload_timeout_s")
+    lim = cfg.http.limits
+    return lim.max_body_bytes, "http.limits.max_body_bytes", lim.body_timeout_s, "http.limits.body_timeout_s"
+
+
 async def admit(request: Request, endpoint: str) -> None:
     """Admission of one request (see the module docstring); raises :class:`ApiError` to refuse.
-    Sets ``request.state.key_id`` for the usage ledger. The decision is the ingress's own
-    (``pipeline.admission``, :class:`deployments.admission.Admission`): the governor is asked only
-    when a key is not in the key cache."""
+    Reads no byte of the body: the key, the caller's address and its limits are checked from the
+    headers alone (the body is read afterwards, in :func:`receive`). Sets ``request.state.key_id``
+    for the usage ledger. The decision is the ingress's own (``pipeline.admission``,
+    :class:`deployments.admission.Admission`): the governor is asked only when a key is not in the
+    key cache."""
     request.state.key_id = None
     pipeline: Pipeline = request.app.state.pipeline
     cfg = pipeline.cfg
+    check_request_headers(request)
     if endpoint in OPEN_ROUTES:  # probes (a pod's own address as Host); /health/ready details are admins' only
         return
     if not cfg.governor.auth.enabled:
         check_host(request, cfg.http.allowed_hosts)
+    check_origin(request, cfg.http.allowed_origins)
     if request.method in ("POST", "PUT", "PATCH"):
-        if endpoint == DOCUMENTS:  # uploads: their own body limit
-            await read_body(request, cfg.documents.max_upload_bytes, "documents.max_upload_bytes")
-        else:
-            await read_body(request, cfg.http.limits.max_body_bytes)
+        limit, name, _, _ = body_limits(cfg, endpoint)
+        check_declared_length(request, limit, name)
     if endpoint == "/metrics" and cfg.governor.auth.metrics_open:
         return
     token = bearer(request)
     ip = client_ip(request, cfg.http.trusted_proxies)
+    local = is_local(request, ip, cfg.http.trusted_proxies)
     admin_route = (request.method, endpoint) in ADMIN_ROUTES
-    if not cfg.governor.auth.enabled and admin_route and not is_loopback(ip):
+    if not cfg.governor.auth.enabled and admin_route and not local:
         METRICS.admission.labels("insufficient_scope").inc()
         raise ApiError(403, f"{request.method} {endpoint} is an admin endpoint: with auth off (governor.auth.enabled: "
                        "false) only a caller on this machine (loopback) may use it", type="permission_error",
@@ -113,8 +209,7 @@ async def admit(request: Request, endpoint: str) -> None:
     try:
         verdict = await pipeline.admission.admit(
             token, ip, endpoint, admin_route, verify=functools.partial(pipeline.govern, "verify"),
-            reserve_tokens=quota_hold(request, cfg) if endpoint == CHAT and token else 0,
-        )
+            exempt=not via_unknown_proxy(request, cfg.http.trusted_proxies))
     except StageError as e:
         if cfg.governor.auth.enabled:  # fail closed: no key (or no limit) can be checked
             if e.stage == "rate_limits":
@@ -124,31 +219,71 @@ async def admit(request: Request, endpoint: str) -> None:
         METRICS.admission.labels(f"{e.stage}_unavailable_open").inc()
         log.warning(f"{e.stage} unavailable, request admitted without limits (auth is off): {e}")
         return
-    if not verdict.allowed:
-        METRICS.admission.labels(verdict.code).inc()
-        request.state.refused_key_id = verdict.key_id  # for the query log; the request is not admitted
-        if verdict.code == "insufficient_quota":
-            METRICS.saw_quota(verdict.key_id, None, spent=True)
-        headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after))), **(verdict.headers or {})} \
-            if verdict.status == 429 else {}
-        if verdict.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        kind = {401: "invalid_request_error", 403: "permission_error", 429: (
-            "insufficient_quota" if verdict.code == "insufficient_quota" else "rate_limit_error")}[verdict.status]
-        raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers)
+    refuse_unless_allowed(request, verdict)
+    if verdict.scope == "metrics" and endpoint != "/metrics":  # a scrape key reads /metrics and nothing else
+        METRICS.admission.labels("insufficient_scope").inc()
+        raise ApiError(403, f"key {verdict.key_id} has scope 'metrics': it may read /metrics only",
+                       type="permission_error", code="insufficient_scope")
+    if endpoint == "/metrics" and verdict.scope not in ("admin", "metrics") and cfg.governor.auth.enabled:
+        METRICS.admission.labels("insufficient_scope").inc()
+        raise ApiError(403, f"/metrics needs a key of scope 'metrics' or 'admin'; key {verdict.key_id} has scope "
+                       f"{verdict.scope!r} (`ragraph keys create prometheus --scope metrics`)",
+                       type="permission_error", code="insufficient_scope")
     request.state.key_id = verdict.key_id
+    request.state.token = token
     request.state.rate_headers = verdict.headers
     METRICS.saw_quota(verdict.key_id, verdict.headers)
-    if verdict.reserved:
-        request.state.reservation = Reservation(verdict.key_id, verdict.reserved)
     # with auth off, the operator on this machine may do anything; anyone else is an ordinary caller
-    request.state.scope = verdict.scope if cfg.governor.auth.enabled or is_loopback(ip) else "user"
+    request.state.scope = verdict.scope if cfg.governor.auth.enabled or local else "user"
+
+
+def refuse_unless_allowed(request: Request, verdict) -> None:
+    """An admission verdict that refuses, as OpenAI's error (401/403/429, or 400 for a request that
+    can never fit its key's quota)."""
+    if verdict.allowed:
+        return
+    METRICS.admission.labels(verdict.code).inc()
+    request.state.refused_key_id = verdict.key_id  # for the query log; the request is not admitted
+    if verdict.code == "insufficient_quota":
+        METRICS.saw_quota(verdict.key_id, None, spent=True)
+    headers = {"Retry-After": str(max(1, math.ceil(verdict.retry_after))), **(verdict.headers or {})} \
+        if verdict.status == 429 else {}
+    if verdict.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error", 429: (
+        "insufficient_quota" if verdict.code == "insufficient_quota" else "rate_limit_error")}[verdict.status]
+    raise ApiError(verdict.status, verdict.message, type=kind, code=verdict.code, headers=headers,
+                   param="max_tokens" if verdict.status == 400 else None)
+
+
+async def receive(request: Request, endpoint: str) -> None:
+    """After admission (and, for routed work, inside the replica's queue slot): read the body within
+    its size limit and read deadline, then hold a chat's tokens against its key's quota."""
+    cfg = request.app.state.pipeline.cfg
+    if request.method in ("POST", "PUT", "PATCH"):
+        limit, name, deadline, deadline_name = body_limits(cfg, endpoint)
+        await read_body(request, limit, name, timeout_s=deadline, timeout_name=deadline_name)
+    if endpoint == CHAT and getattr(request.state, "token", None) and getattr(request.state, "key_id", None):
+        pipeline: Pipeline = request.app.state.pipeline
+        tokens = quota_hold(request, cfg)
+        try:
+            verdict = await pipeline.admission.reserve(request.state.token, tokens,
+                                                       verify=functools.partial(pipeline.govern, "verify"))
+        except StageError as e:
+            raise stage_unavailable("the governor (API keys cannot be checked)", e, code="governor_unavailable") from None
+        refuse_unless_allowed(request, verdict)
+        if verdict.headers:
+            request.state.rate_headers = {**(request.state.rate_headers or {}), **verdict.headers}
+            METRICS.saw_quota(verdict.key_id, verdict.headers)
+        if verdict.reserved:
+            request.state.reservation = Reservation(verdict.key_id, verdict.reserved)
 
 
 def quota_hold(request: Request, cfg) -> int:
     """Tokens a chat is held to against its key's quota until it ends: the answer it may ask for
-    plus its prompt (the request's text at about 3 characters a token, and the retrieved passages),
-    never more than the context window. Read from the raw body: admission runs before validation."""
+    plus the most its prompt can hold, which is what the prompt builder (:mod:`serve.prompt`) may
+    fill: the instructions and the request's text (at about 3 characters a token) plus at most
+    ``generator.context_tokens`` of passages, and never more than the context window leaves."""
     g = cfg.generator
     answer = g.max_tokens
     raw = getattr(request, "_body", b"") or b""
@@ -159,8 +294,11 @@ def quota_hold(request: Request, cfg) -> int:
             answer = min(asked, g.max_tokens_limit)
     except ValueError:  # not JSON: validation will refuse it, and the hold is released then
         pass
-    passages = cfg.retriever.top_k * cfg.indexing.chunk_size * 4 // 3  # words at ~4/3 tokens each
-    return min(g.max_model_len, answer + len(raw) // 3 + passages)
+    prompt = (len(g.system_prompt) + len(raw)) // 3 + PROMPT_FRAME_TOKENS + g.context_tokens
+    return answer + min(prompt, g.max_model_len - answer)
+
+
+PROMPT_FRAME_TOKENS = 64  # the chat template's and the blocks' own tokens
 
 
 def check_host(request: Request, allowed: list[str]) -> None:
@@ -177,22 +315,31 @@ def check_host(request: Request, allowed: list[str]) -> None:
                    code="invalid_host")
 
 
-async def read_body(request: Request, limit: int, name: str = "http.limits.max_body_bytes") -> None:
-    """Read the body, stopping at ``limit`` bytes (413) whether or not Content-Length was sent; the
-    bytes read are kept for the route (Starlette's ``Request.body()`` returns them)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        METRICS.admission.labels("request_too_large").inc()
-        raise ApiError(413, f"body: the request body is {int(declared)} bytes; the limit is {limit} "
-                       f"({name})", param="body", code="request_too_large")
+async def read_body(request: Request, limit: int, name: str = "http.limits.max_body_bytes", *,
+                    timeout_s: float | None = None, timeout_name: str = "http.limits.body_timeout_s") -> None:
+    """Read the body, stopping at ``limit`` bytes (413) whether or not Content-Length was sent, and
+    at ``timeout_s`` seconds (408: a client that trickles its body cannot hold a slot); the bytes
+    read are kept for the route (Starlette's ``Request.body()`` returns them)."""
+    check_declared_length(request, limit, name)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            METRICS.admission.labels("request_too_large").inc()
-            raise ApiError(413, f"body: the request body is over {limit} bytes, the limit ({name}); "
-                           "reading stopped there", param="body", code="request_too_large")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                METRICS.admission.labels("request_too_large").inc()
+                raise ApiError(413, f"body: the request body is over {limit} bytes, the limit ({name}); "
+                               "reading stopped there", param="body", code="request_too_large")
+            chunks.append(chunk)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await read()
+    except TimeoutError:
+        METRICS.admission.labels("body_timeout").inc()
+        raise ApiError(408, f"body: not received within {timeout_s:g} s ({timeout_name}); {size} bytes had "
+                       "arrived", param="body", code="request_timeout") from None
     request._body = b"".join(chunks)  # what Request.body() returns from now on
 
 
@@ -254,11 +401,13 @@ class ObservedRoute(APIRoute):
             t = request.state.started = time.perf_counter()
             response = None
             try:
-                await admit(request, endpoint)
+                await admit(request, endpoint)  # from the headers alone: no body byte is read before it
                 if endpoint in OPEN_ROUTES or endpoint == "/metrics":
+                    await receive(request, endpoint)
                     response = await inner(request)
                 else:
-                    async with gate_of(request).slot():
+                    async with gate_of(request).slot():  # a body is read only inside a queue slot
+                        await receive(request, endpoint)
                         response = await inner(request)
             except Exception as e:
                 METRICS.http_requests.labels(request.method, endpoint, str(status_of(e))).inc()
@@ -393,7 +542,7 @@ async def _is_admin(pipeline: Pipeline, request: Request) -> bool:
     cfg = pipeline.cfg
     ip = client_ip(request, cfg.http.trusted_proxies)
     if not cfg.governor.auth.enabled:
-        return is_loopback(ip)
+        return is_local(request, ip, cfg.http.trusted_proxies)
     token = bearer(request)
     if not token:
         return False
@@ -428,7 +577,7 @@ def models_list(pipeline: Pipeline) -> dict:
     return {
         "object": "list",
         "data": [{"id": pipeline.model, "object": "model", "created": 0, "owned_by": "ragraph",
-                  "root": pipeline.cfg.models.location("generator")}],
+                  "root": pipeline.cfg.models.generator.name}],  # the model's name, never its folder here
     }
 
 
