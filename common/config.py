@@ -865,6 +865,15 @@ class QueryLogConfig(_Strict):
     )
     max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024, description="Size at which a file is rotated.")
     backups: int = Field(default=5, ge=1, description="Rotated files kept per process (.1 ... .N).")
+    max_age_hours: float | None = Field(
+        default=24, gt=0, description="Age at which a file is rotated too (or at `max_bytes`, what comes first); "
+        "null: by size only.",
+    )
+    retention_days: float | None = Field(
+        default=30, gt=0,
+        description="Rotated files, and the files of processes that are gone, not written for this long are deleted "
+        "(at start and at each rotation); null: only `backups` bounds them.",
+    )
     include_question: bool = Field(
         default=False, description="Log the question (and the router's search query); false leaves the text out.",
     )

@@ -10,7 +10,10 @@ question (and the router's search query, which is made from it) is left out unle
 
 Each ingress process writes ``<stem>.<host>.<pid><suffix>`` beside ``path``: replicas never share a
 file (``RotatingFileHandler`` renames files when it rotates, which two processes cannot do safely
-on one file). The files are created 0600: with questions on, they hold what users asked.
+on one file). A file is rotated at ``max_bytes`` or when it is ``max_age_hours`` old, whichever
+comes first; rotated files, and the files of processes that are gone, are deleted once not written
+for ``retention_days`` (at start and at each rotation). The files are created 0600: with questions
+on, they hold what users asked.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
+import time
 from datetime import UTC, datetime
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -36,12 +41,76 @@ def process_path(path: Path, pid: int | None = None, host: str | None = None) ->
     return path.with_name(f"{path.stem}.{host}.{os.getpid() if pid is None else pid}{path.suffix}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _first_line_time(path: Path) -> float | None:
+    """When ``path``'s first line was written (its ``ts``), None for an empty or unreadable file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return datetime.fromisoformat(json.loads(f.readline())["ts"]).timestamp()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class _PrivateRotatingFileHandler(RotatingFileHandler):
-    """A rotating file whose every file (the first and each one after a rollover) is created 0600."""
+    """A rotating file whose every file (the first and each one after a rollover) is created 0600;
+    rotated at ``maxBytes`` or ``max_age_s`` after its first line, and the files of ``base`` (every
+    process's) not written for ``retention_s`` deleted at start and at each rollover."""
+
+    def __init__(self, path: Path, *, base: Path, max_bytes: int, backups: int, max_age_s: float | None,
+                 retention_s: float | None) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True)
+        self.base, self.max_age_s, self.retention_s = Path(base), max_age_s, retention_s
+        self.started: float | None = None  # when the current file's first line was written
+        self.prune()
 
     def _open(self):
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.started = _first_line_time(Path(self.baseFilename)) or time.time()
         return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def shouldRollover(self, record) -> bool:
+        if super().shouldRollover(record):
+            return True
+        return (self.max_age_s is not None and self.started is not None and os.path.getsize(self.baseFilename) > 0
+                and time.time() - self.started >= self.max_age_s)
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        self.prune()
+
+    def prune(self, now: float | None = None) -> list[Path]:
+        """Delete the log files beside ``base`` not written for ``retention_s``: rotated ones, and
+        the current files of processes that are gone (a live process's own file is its to rotate);
+        returns those deleted."""
+        if self.retention_s is None:
+            return []
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        name = re.compile(rf"{re.escape(self.base.stem)}\.(?P<host>.+)\.(?P<pid>\d+){re.escape(self.base.suffix)}"
+                          r"(?P<rotated>\.\d+)?")
+        here = (socket.gethostname() or "host").replace("/", "_")
+        gone = []
+        for f in self.base.parent.glob(f"{self.base.stem}.*"):
+            m = name.fullmatch(f.name)
+            if m is None or f == Path(self.baseFilename):
+                continue
+            if not m["rotated"] and m["host"] == here and _pid_alive(int(m["pid"])):
+                continue
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    gone.append(f)
+            except FileNotFoundError:  # another process pruned it first
+                continue
+        return gone
 
 
 class QueryLog:
@@ -54,8 +123,10 @@ class QueryLog:
         self.pricing = pricing
         self.path = process_path(cfg.path, pid)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.handler = _PrivateRotatingFileHandler(self.path, maxBytes=cfg.max_bytes, backupCount=cfg.backups,
-                                                   encoding="utf-8", delay=True)
+        self.handler = _PrivateRotatingFileHandler(
+            self.path, base=cfg.path, max_bytes=cfg.max_bytes, backups=cfg.backups,
+            max_age_s=cfg.max_age_hours * 3600 if cfg.max_age_hours else None,
+            retention_s=cfg.retention_days * 86400 if cfg.retention_days else None)
         self.handler.setFormatter(logging.Formatter("%(message)s"))
         self.logger = logging.Logger("ragraph.query_log")  # not registered: nothing else writes to it
         self.logger.propagate = False

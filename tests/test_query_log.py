@@ -198,3 +198,53 @@ def test_the_file_rotates_at_max_bytes(local_cfg, tmp_path):
             json.loads(line)
     newest = [json.loads(x)["request_id"] for x in log.path.read_text().splitlines()]
     assert newest[-1] == "r099"  # the current file has the latest lines; older ones were rotated out
+
+
+def test_the_file_rotates_by_age_too(local_cfg, tmp_path, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    import serve.querylog
+
+    q = local_cfg.observability.query_log.model_copy(update={
+        "path": tmp_path / "q" / "queries.jsonl", "max_age_hours": 24, "backups": 2})
+    log = QueryLog(q, pid=7)
+    try:
+        log.write({"request_id": "old"})
+        log.write({"request_id": "same-day"})  # a file younger than max_age_hours is not rotated
+        tomorrow = time.time() + 25 * 3600
+        monkeypatch.setattr(serve.querylog, "time", SimpleNamespace(time=lambda: tomorrow), raising=False)
+        log.write({"request_id": "new"})
+    finally:
+        log.close()
+    rotated = log.path.with_name(log.path.name + ".1")
+    assert [json.loads(x)["request_id"] for x in rotated.read_text().splitlines()] == ["old", "same-day"]
+    assert [json.loads(x)["request_id"] for x in log.path.read_text().splitlines()] == ["new"]
+    assert rotated.stat().st_mode & 0o077 == 0
+
+
+def test_files_past_retention_days_are_deleted_but_a_live_processs_own(local_cfg, tmp_path):
+    import socket
+    import subprocess
+    import time
+
+    folder = tmp_path / "q"
+    folder.mkdir()
+    here = socket.gethostname()
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        names = {"rotated": f"queries.{here}.7.jsonl.3", "other host": "queries.pod-a.12.jsonl",
+                 "gone": f"queries.{here}.999999999.jsonl", "alive": f"queries.{here}.{alive.pid}.jsonl",
+                 "recent": f"queries.{here}.7.jsonl.1", "not ours": "notes.txt"}
+        for name in names.values():
+            (folder / name).write_text("{}\n")
+        forty_days_ago = time.time() - 40 * 86400
+        for what in ("rotated", "other host", "gone", "alive", "not ours"):
+            os.utime(folder / names[what], (forty_days_ago, forty_days_ago))
+        q = local_cfg.observability.query_log.model_copy(update={"path": folder / "queries.jsonl",
+                                                                  "retention_days": 30})
+        QueryLog(q, pid=7).close()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names[w] for w in ("alive", "recent", "not ours"))
