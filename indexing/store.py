@@ -14,6 +14,10 @@ A build writes ``versions/.tmp-<name>/`` and renames it into place, then swaps `
 interrupted build leaves the previous version live and intact. Builds of one root are serialised
 with a lock file. Re-indexing reuses the vector of every chunk whose checksum is unchanged (same
 embedding model), so only new or changed text is embedded.
+
+The versions hold the indexed (and uploaded) text: whatever the umask, every file a build writes
+is 0600 and every folder 0700 (``versions/`` and what is in it tightened at each build, a missing
+root made 0700); a root that exists keeps its mode.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -119,7 +124,9 @@ def current_path(root: Path) -> Path:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with tmp.open("w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.fchmod(fd, 0o600)  # the umask may have taken bits away
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -135,10 +142,46 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _private_dir(path: Path) -> None:
+    """``path`` made (with its missing parents) 0700, whatever the umask; one that exists is left alone."""
+    missing = []
+    d = Path(path)
+    while not d.exists():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # made by someone else meanwhile: not ours to change
+            continue
+        os.chmod(d, 0o700)
+
+
+def _private_tree(path: Path) -> None:
+    """``path`` and everything under it: folders 0700, files 0600 (links are not followed; what
+    another user owns is left as it is)."""
+
+    def private(p: str, mode: int) -> None:
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o777 != mode and st.st_uid == os.getuid():
+                os.chmod(p, mode)
+        except (FileNotFoundError, PermissionError):  # pruned meanwhile, or not ours
+            pass
+
+    private(str(path), 0o700)
+    for top, dirs, files in os.walk(path):
+        for d in dirs:
+            private(os.path.join(top, d), 0o700)
+        for f in files:
+            private(os.path.join(top, f), 0o600)
+
+
 @contextmanager
 def _build_lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with (root / ".build.lock").open("w") as f:
+    _private_dir(root)
+    fd = os.open(root / ".build.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -389,7 +432,8 @@ def apply_changes(
 
 def _clear_tmp(root: Path) -> None:
     versions = root / "versions"
-    versions.mkdir(parents=True, exist_ok=True)
+    _private_dir(versions)
+    _private_tree(versions)  # versions written before they were private are tightened too
     for stale in versions.glob(".tmp-*"):  # left by an interrupted build; the lock says none runs now
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -466,7 +510,8 @@ def _build_version(
 
     name = datetime.now(UTC).strftime("v%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     tmp = versions / f".tmp-{name}"
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)
+    os.chmod(tmp, 0o700)
     t2 = time.perf_counter()
     _write_chunks(tmp / "chunks.parquet", chunks)
     np.save(tmp / "vectors.npy", vectors)
@@ -499,6 +544,7 @@ def _build_version(
         "uploaded": sorted(uploaded),
     }
     _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    _private_tree(tmp)  # what numpy, FAISS, bm25s and pyarrow wrote with the umask's modes
     fsync_dir(tmp)
     tmp.rename(versions / name)
     fsync_dir(versions)

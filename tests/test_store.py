@@ -204,3 +204,26 @@ def test_a_link_leaving_the_source_is_not_indexed_and_is_reported(tmp_path, loca
     assert any("skipped 1 links leading outside" in line for line in lines)
     index = load_current(tmp_path / "index")
     assert not any("hunter2" in t for t in index.chunks["text"]) and len(index.chunks["text"]) == len(CORPUS)
+
+
+def test_index_files_are_0600_and_folders_0700_whatever_the_umask(tmp_path, local_cfg):
+    import os
+
+    src = write_corpus(tmp_path / "src")
+    root = tmp_path / "index"
+    before = os.umask(0)  # the most permissive: a plain open() would make 0666 files
+    try:
+        index_source(local_cfg, src, root, **quiet)
+        first = current_path(root)
+        os.chmod(first, 0o755)  # as a version written before builds were private
+        os.chmod(first / "chunks.parquet", 0o644)
+        (src / "visiting" / "hours.md").write_text("# Opening hours\n\nThe tasting room now opens at 9 am daily.")
+        index_source(local_cfg, src, root, **quiet)
+    finally:
+        os.umask(before)
+    assert current_path(root) != first
+    made = [root, root / "current", root / "versions", *(root / "versions").rglob("*")]
+    assert len(made) > 10 and first in made
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in made
+             if p.stat().st_mode & 0o777 != (0o700 if p.is_dir() else 0o600)}
+    assert wrong == {}
