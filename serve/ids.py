@@ -1,4 +1,8 @@
-"""Request ids: Serve's own where it set one, else the client's ``X-Request-ID``, else a new one."""
+"""Request ids: Serve's own where it set one, else the client's ``X-Request-ID``, else a new one.
+
+Serve takes its id from the client's ``X-Request-ID`` too, so a request id is the client's to
+choose and is never an owner's alone: what is kept under one (answered requests, feedback:
+``deployments.conversations``) is keyed by (owner, request id)."""
 
 from __future__ import annotations
 
