@@ -34,6 +34,7 @@ from common.networks import LOCAL_HOSTS, host_name, in_networks, is_loopback, pa
 from deployments.errors import StageError
 from serve import openai
 from serve.api import ChatRequest, SearchRequest
+from serve.apidocs import ROUTES as API_DOCS_ROUTES
 from serve.conversations import ROUTES as HISTORY_ROUTES, check_conversation, recorded
 from serve.documents import DOCUMENTS, ROUTES as DOCUMENT_ROUTES
 from serve.errors import ApiError, governor_call, install, stage_unavailable, status_of
@@ -650,29 +651,17 @@ async def metrics(request: Request) -> Response:
     return Response(METRICS.render(), media_type="text/plain; version=0.0.4")
 
 
-# The API's own documentation, admitted like every other route: behind the key when auth is on.
+# The API's own documentation, admitted like every other route: behind the key when auth is on (the
+# /docs and /redoc pages, with their pinned files and CSP, are serve/apidocs.py's).
 @router.get("/openapi.json", include_in_schema=False)
 async def openapi_schema(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
-@router.get("/docs", include_in_schema=False)
-async def docs_page(request: Request) -> Response:
-    from fastapi.openapi.docs import get_swagger_ui_html
-
-    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{TITLE} API")
-
-
-@router.get("/redoc", include_in_schema=False)
-async def redoc_page(request: Request) -> Response:
-    from fastapi.openapi.docs import get_redoc_html
-
-    return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} API")
-
-
-_TABLES = (CACHE_ROUTES, DOCUMENT_ROUTES, HISTORY_ROUTES, PAGE_ROUTE_LIST)
+_TABLES = (CACHE_ROUTES, DOCUMENT_ROUTES, HISTORY_ROUTES, PAGE_ROUTE_LIST, API_DOCS_ROUTES)
 for _path, _methods, _endpoint, _options in [r for table in _TABLES for r in table.routes]:
-    # the response cache; the documents API and index operations; conversations and feedback; the chat page
+    # the response cache; the documents API and index operations; conversations and feedback; the chat page;
+    # the API documentation pages
     router.add_api_route(_path, _endpoint, methods=_methods, **_options)
 # (method, path) only an admin key may call: the cache's, every route of serve/documents.py, GET /v1/feedback
 ADMIN_ROUTES: frozenset[tuple[str, str]] = frozenset().union(*(table.admin for table in _TABLES))

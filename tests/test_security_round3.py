@@ -83,3 +83,108 @@ def test_rows_of_a_jsonl_source_name_their_file_relative_to_the_folder(tmp_path)
     (tmp_path / "a.md").write_text("# A\n\ntext\n")
     docs = {d.id: d.source for d in read_source(tmp_path)}
     assert docs == {"r1": "shop/rows.jsonl", "a.md": "a.md"}
+
+
+# ---------------------------------------------------------------------------------------------
+# the API documentation pages run only pinned files of this origin
+
+
+DOC_PAGES = ("/docs", "/redoc")
+
+
+def test_the_api_docs_load_only_pinned_files_of_this_origin_under_a_csp(app):
+    import re
+
+    from serve.apidocs import integrity
+
+    client, cfg = app()
+    for path in DOC_PAGES:
+        r = client.get(path)
+        assert r.status_code == 200, r.text
+        policy = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
+        assert policy["script-src"] == "'self'" and policy["default-src"] == "'none'", policy
+        assert "http" not in r.text and "//" not in r.text, r.text  # no other origin, not even scheme-relative
+        tags = re.findall(r'(?:src|href)="([^"]+)"(?: integrity="([^"]+)")?', r.text)
+        scripts = [(url, sri) for url, sri in tags if not url.endswith(".png")]
+        assert scripts and all(url.startswith("/docs/assets/") for url, _ in tags), tags
+        for url, sri in scripts:  # each file is named with its integrity hash, and is that file
+            body = client.get(url)
+            assert body.status_code == 200 and sri == integrity(body.content), url
+    assert client.get("/docs/assets/../../common/config.py").status_code == 404
+    assert error_of_status(client.get("/docs/assets/nope.js"), 404)["code"] == "not_found"
+    locked, _ = app(auth=True)
+    for path in (*DOC_PAGES, "/docs/assets/swagger-ui-bundle.js"):
+        assert error_of_status(locked.get(path), 401)["code"] == "missing_api_key"
+
+
+def error_of_status(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    return r.json()["error"]
+
+
+def test_changed_doc_files_are_refused(monkeypatch):
+    from serve import apidocs
+
+    apidocs.assets.cache_clear()
+    monkeypatch.setitem(apidocs.PINNED, "swagger-ui.css", "0" * 64)
+    try:
+        with pytest.raises(apidocs.AssetsChanged, match="swagger-ui.css is not the pinned file"):
+            apidocs.assets()
+    finally:
+        apidocs.assets.cache_clear()
+
+
+def test_the_api_docs_render_in_a_browser_under_their_csp():
+    """Swagger UI and ReDoc draw the API's operations with the policy on, and nothing the page asks
+    of another origin is fetched (ReDoc's logo is asked of its CDN and blocked)."""
+    import shutil
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from serve.apidocs import ROUTES
+    from serve.routes import TITLE, make_app
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: `make test` installs it (the test extras)")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is missing: `make test` installs Debian's chromium")
+    schema = make_app().openapi()
+    site = FastAPI(title=TITLE, docs_url=None, redoc_url=None, openapi_url=None)  # the pages without admission
+    for path, methods, endpoint, options in ROUTES.routes:
+        site.add_api_route(path, endpoint, methods=methods, **options)
+    site.add_api_route("/openapi.json", lambda: schema, methods=["GET"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(site, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                for path, operations in (("/docs", ".opblock"), ("/redoc", "[data-section-id^='operation/']")):
+                    page = browser.new_page()
+                    done, errors = [], []
+                    page.on("requestfinished", lambda r: done.append(r.url))
+                    page.on("pageerror", lambda e: errors.append(str(e)))
+                    page.goto(base + path)
+                    page.wait_for_selector(operations, state="attached", timeout=60_000)  # a bound for a busy machine
+                    assert page.locator(operations).count() >= 5, path
+                    assert not errors, errors
+                    assert all(u.startswith((base, "blob:")) for u in done), done
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
