@@ -310,3 +310,26 @@ def test_a_database_keyed_by_request_id_alone_is_rekeyed_with_its_rows(tmp_path)
     assert sorted((f["key_id"], f["score"]) for f in store.feedback()) == [("a", 1), ("b", -1)]
     store.close()
     assert ConversationStore(path).feedback()  # opening again migrates nothing twice
+
+
+def test_the_governor_replica_starts_the_purge_timer(local_cfg, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import deployments.ingest
+    import ray.serve
+
+    from deployments.governor import GovernorDeployment
+
+    monkeypatch.setattr(ray.serve, "get_replica_context",
+                        lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="governor#1")))
+    monkeypatch.setattr(deployments.ingest, "IngestService", lambda cfg: SimpleNamespace(start=lambda: None))
+    data = local_cfg.model_dump()
+    data["governor"]["db"] = str(tmp_path / "gov.sqlite3")
+    data["governor"]["conversations"]["purge_interval_s"] = 3600
+    replica = GovernorDeployment(type(local_cfg).model_validate(data))
+    store = replica._gov.conversations
+    try:
+        assert store._purger is not None and store._purger.is_alive()
+    finally:
+        store.close()
+    assert not store._purger.is_alive()
