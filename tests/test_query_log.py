@@ -1,7 +1,8 @@
 """The query log (serve/querylog.py, issue 18 item 4): one JSON line per request from the in-process
 app (serve/local.py; its engine is never started, so chats answer from the sources) and from the
 routes over a pipeline with a hand-written engine (tokens, engine seconds, cost); the question left
-out or kept; a slow threshold of 0 logging the whole trace; rotation at max_bytes."""
+out or kept; a slow threshold of 0 logging the whole trace; rotation at max_bytes and by age;
+retention of old files."""
 
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ def test_the_file_rotates_by_age_too(local_cfg, tmp_path, monkeypatch):
     assert rotated.stat().st_mode & 0o077 == 0
 
 
-def test_files_past_retention_days_are_deleted_but_a_live_processs_own(local_cfg, tmp_path):
+def test_log_files_past_retention_days_are_deleted_except_a_live_process_file(local_cfg, tmp_path):
     import socket
     import subprocess
     import time

@@ -1,4 +1,5 @@
-"""Index versions: incremental re-index, atomic publish, interrupted builds, refusing bad indexes."""
+"""Index versions: incremental re-index, atomic publish, interrupted builds, refusing bad indexes, private
+file modes."""
 
 import json
 import shutil
