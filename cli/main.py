@@ -241,7 +241,7 @@ def _keys(args: argparse.Namespace) -> int:
             else:
                 for k in keys:
                     state = "revoked" if k.revoked else "active"
-                    print(f"{k.id}  {k.scope:<5}  {state:<7}  {k.name}")
+                    print(f"{k.id}  {k.scope:<7}  {state:<7}  {k.name}")
         else:
             key = store.revoke(args.id)
             print(json.dumps(key.public()) if args.json else f"revoked key {key.id} ({key.name}); it is refused from now on")
@@ -393,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     kc = ksub.add_parser("create", help="make a key; prints it once")
     kc.add_argument("name", help="who or what the key is for")
-    kc.add_argument("--scope", choices=["user", "admin"], default="user",
-                    help="admin may also read every key's usage and clear the response cache")
+    kc.add_argument("--scope", choices=["user", "admin", "metrics"], default="user",
+                    help="admin may also read every key's usage and clear the response cache; metrics may read "
+                    "/metrics and nothing else (a Prometheus scrape key)")
     for kind in ("chat", "search", "other"):
         kc.add_argument(f"--{kind}-per-min", type=float, default=None, help=f"this key's {kind} rate limit (default: config)")
     kc.add_argument("--daily-tokens", type=int, default=None, help="this key's daily token quota (default: config)")

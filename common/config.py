@@ -827,6 +827,30 @@ class DocumentsConfig(_Strict):
         default=64 * 1024 * 1024, ge=1024, description="Largest uncompressed content of one DOCX (a zip bomb fails alone).",
     )
     max_pdf_pages: int = Field(default=2_000, ge=1, description="Most pages read from one PDF (a longer one fails).")
+    max_pdf_page_content_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Most content-stream bytes (decoded, form XObjects included) one "
+        "PDF page hands the text extractor (about 3.5 s per MiB on one core); a page over it fails its file.",
+    )
+    max_pdf_content_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="Most content-stream bytes of all pages of one PDF, a stream "
+        "counted for every page that draws it (pages sharing one big stream); checked before any text is read.",
+    )
+    max_html_elements: int = Field(
+        default=100_000, ge=1, description="Most elements of one HTML file (start tags counted before it is parsed).",
+    )
+    max_html_depth: int = Field(default=256, ge=1, description="Deepest element nesting of one HTML file.")
+    max_rows_per_file: int = Field(
+        default=10_000, ge=1, description="Most rows (documents) of one uploaded JSONL or Parquet file.",
+    )
+    job_timeout_s: float = Field(
+        default=1800, gt=0, description="Wall-clock limit of one ingest job: its files are read in a child process "
+        "that is killed at this limit, its embedding stops at the next batch, the Ray task is cancelled; the job "
+        "fails with the reason (not run again) and the next one runs.",
+    )
+    job_memory_mb: int = Field(
+        default=2048, ge=256, description="Address space (MiB, RLIMIT_AS) of the child process that reads a job's "
+        "files; a file that needs more fails alone with the reason.",
+    )
     default_domain: str = Field(default="uploads", min_length=1, description="Domain of uploaded documents that name none.")
     runner: Literal["auto", "thread", "ray"] = Field(
         default="auto", description="Where a job's build runs: 'ray': a Ray task (num_cpus, resources below) off the "

@@ -109,9 +109,9 @@ class WindowLimiter:
             it = self._items[per_min] = rate_item(per_min)
         return it
 
-    def ip_limit(self, kind: str, ip: str) -> float:
+    def ip_limit(self, kind: str, ip: str, *, exempt: bool = True) -> float:
         limit = self.per_ip[kind]
-        return limit if limit > 0 and not in_networks(ip, self.exempt) else 0.0
+        return limit if limit > 0 and not (exempt and in_networks(ip, self.exempt)) else 0.0
 
     def who(self, ip: str) -> str:
         """The counter name of client address ``ip``: itself (IPv4) or its IPv6 network."""
@@ -225,7 +225,7 @@ class Admission:
     # -----------------------------------------------------------------------------------------
 
     async def admit(self, token: str | None, ip: str, endpoint: str, admin_route: bool = False, *,
-                    verify: Verify, reserve_tokens: int = 0) -> Verdict:
+                    verify: Verify, reserve_tokens: int = 0, exempt: bool = True) -> Verdict:
         """Admit one request to ``endpoint`` from ``ip`` with the bearer ``token`` (None: none sent).
         ``verify(token)`` asks the governor (only on a key-cache miss). Raises :class:`StageError`
         when the governor (on a miss) or the counter store cannot be reached.
@@ -234,12 +234,16 @@ class Admission:
         ``max_tokens``). The quota check counts the key's usage, plus the tokens reserved by its
         requests still in progress on this replica, plus these; when admitted they are reserved
         (``Verdict.reserved``) until :meth:`settle` releases them, so a burst cannot overshoot the
-        quota. 0 reserves nothing (the request is admitted while the quota is not spent)."""
+        quota. 0 reserves nothing (the request is admitted while the quota is not spent).
+
+        ``exempt``: whether ``ip`` may be exempt from the per-address limit (``exempt_ips``); false
+        for a request relayed by a proxy the ingress does not trust, whose peer address (loopback,
+        say) stands for every client behind it."""
         if not (isinstance(reserve_tokens, int) and reserve_tokens >= 0):
             raise ValueError(f"reserve_tokens must be an integer >= 0, got {reserve_tokens!r}")
         kind = kind_of(endpoint)
         lim = self.limiter
-        ip_limit = lim.ip_limit(kind, ip) if lim is not None else 0.0
+        ip_limit = lim.ip_limit(kind, ip, exempt=exempt) if lim is not None else 0.0
         who = lim.who(ip) if ip_limit else ip  # an IPv6 client counts by its network
         ip_taken = False  # the address's allowance already spent by this request
         if ip_limit and self.auth_enabled:  # the address first, before any key is looked at
@@ -287,26 +291,51 @@ class Admission:
         if kv is None:
             return Verdict(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
         if kind == "chat" and entry is not None:
-            # no await from here to the reservation: concurrent admissions see each other's
-            now = self._wall()
-            day_used, month_used = entry.used(now)
-            reserved = self._reserved.get(kv.key_id, 0)
-            qd = check_quota(day_used=day_used, month_used=month_used, daily_limit=kv.daily_tokens,
-                             monthly_limit=kv.monthly_tokens, now=now, reserved=reserved, request=reserve_tokens)
-            if not qd.allowed:
-                return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, kv.key_id, kv.scope)
-            bd = check_budget(spent=entry.spent(now), budget=kv.daily_budget, currency=self.cfg.pricing.currency, now=now)
-            if not bd.allowed:
-                return Verdict(False, 429, bd.message(), "insufficient_quota", bd.retry_after, kv.key_id, kv.scope)
-            if reserve_tokens:
-                self._reserved[kv.key_id] = reserved + reserve_tokens
-            if kv.daily_tokens:
-                left = kv.daily_tokens - day_used - reserved - reserve_tokens
-                headers |= {"x-ratelimit-limit-tokens": str(kv.daily_tokens),
-                            "x-ratelimit-remaining-tokens": str(max(0, left)),
-                            "x-ratelimit-reset-tokens": openai_duration(next_utc_midnight(now) - now)}
-            return Verdict(True, key_id=kv.key_id, scope=kv.scope, reserved=reserve_tokens, headers=headers or None)
+            return self._hold(kv, entry, reserve_tokens, headers)
         return Verdict(True, key_id=kv.key_id, scope=kv.scope, headers=headers or None)
+
+    async def reserve(self, token: str, tokens: int, *, verify: Verify) -> Verdict:
+        """Hold ``tokens`` against the quota of the key ``token``, already admitted by :meth:`admit`
+        (whose quota check had only its spent tokens to go on: the request's size is known once its
+        body is read, after admission). Refused like :meth:`admit`'s quota check (429), or 400 when
+        the request alone is larger than the key's daily or monthly quota, so it could never be
+        admitted. Release the hold with :meth:`settle`."""
+        if not (isinstance(tokens, int) and tokens >= 0):
+            raise ValueError(f"tokens must be an integer >= 0, got {tokens!r}")
+        entry = await self._entry(token, verify)  # the cached verdict: no governor call
+        kv = entry.verdict
+        if not kv.ok:
+            return Verdict(False, kv.status, kv.message, kv.code)
+        return self._hold(kv, entry, tokens, {})
+
+    def _hold(self, kv: KeyVerdict, entry: _Entry, tokens: int, headers: dict[str, str]) -> Verdict:
+        """The quota and budget check of a chat that would hold ``tokens``; reserves them if allowed.
+        No await from the check to the reservation: concurrent admissions see each other's."""
+        for period, limit in (("daily", kv.daily_tokens), ("monthly", kv.monthly_tokens)):
+            if limit is not None and tokens > limit:
+                return Verdict(False, 400, f"this chat may use up to {tokens} tokens (its prompt with the retrieved "
+                               f"passages, and its answer's max_tokens), more than key {kv.key_id}'s whole {period} "
+                               f"quota of {limit} tokens: it could never be admitted; ask for a smaller max_tokens "
+                               "or have the key's quota raised", "request_exceeds_quota", key_id=kv.key_id,
+                               scope=kv.scope)
+        now = self._wall()
+        day_used, month_used = entry.used(now)
+        reserved = self._reserved.get(kv.key_id, 0)
+        qd = check_quota(day_used=day_used, month_used=month_used, daily_limit=kv.daily_tokens,
+                         monthly_limit=kv.monthly_tokens, now=now, reserved=reserved, request=tokens)
+        if not qd.allowed:
+            return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, kv.key_id, kv.scope)
+        bd = check_budget(spent=entry.spent(now), budget=kv.daily_budget, currency=self.cfg.pricing.currency, now=now)
+        if not bd.allowed:
+            return Verdict(False, 429, bd.message(), "insufficient_quota", bd.retry_after, kv.key_id, kv.scope)
+        if tokens:
+            self._reserved[kv.key_id] = reserved + tokens
+        if kv.daily_tokens:
+            left = kv.daily_tokens - day_used - reserved - tokens
+            headers = {**headers, "x-ratelimit-limit-tokens": str(kv.daily_tokens),
+                       "x-ratelimit-remaining-tokens": str(max(0, left)),
+                       "x-ratelimit-reset-tokens": openai_duration(next_utc_midnight(now) - now)}
+        return Verdict(True, key_id=kv.key_id, scope=kv.scope, reserved=tokens, headers=headers or None)
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """What a generation costs at ``governor.pricing``."""

@@ -37,7 +37,7 @@ from typing import Any, Literal, get_args
 
 log = logging.getLogger("ray.serve")
 
-Scope = Literal["user", "admin"]
+Scope = Literal["user", "admin", "metrics"]  # metrics: reads /metrics only (a scrape key)
 SCOPES: tuple[str, ...] = get_args(Scope)
 TOKEN_PREFIX = "rg-"
 ID_LEN = 8

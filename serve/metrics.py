@@ -139,6 +139,9 @@ class _Child:
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+QUOTA_KEYS_KEPT = 10_000  # keys whose quota share rag_key_quota_used_ratio remembers
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -199,9 +202,11 @@ class Metrics:
         )
         self._published: str | None = None
         self.key_quota_used = self._make(Gauge,
-            "rag_key_quota_used_ratio", "Share of a key's daily token quota used or held, as of its last chat admission "
-            "(keys with a daily quota only)", ["key_id"], registry=r,
+            "rag_key_quota_used_ratio", "Highest share of its daily token quota that any key has used or held today "
+            "(UTC), as of each key's last chat admission (keys with a daily quota only). No key id is a label: "
+            "GET /v1/usage?all=true (admin) says which key", registry=r,
         )
+        self._quota_seen: dict[str, tuple[int, float]] = {}  # key id -> (UTC day, share), the most recent keys
 
     def saw_version(self, version: str | None) -> None:
         if version and version != self._version:
@@ -236,15 +241,23 @@ class Metrics:
         if not key_id:
             return
         if spent:
-            self.key_quota_used.labels(key_id).set(1.0)
-            return
-        try:
-            limit = int((headers or {})["x-ratelimit-limit-tokens"])
-            left = int((headers or {})["x-ratelimit-remaining-tokens"])
-        except (KeyError, ValueError):
-            return
-        if limit > 0:
-            self.key_quota_used.labels(key_id).set(min(1.0, max(0.0, 1 - left / limit)))
+            share = 1.0
+        else:
+            try:
+                limit = int((headers or {})["x-ratelimit-limit-tokens"])
+                left = int((headers or {})["x-ratelimit-remaining-tokens"])
+            except (KeyError, ValueError):
+                return
+            if limit <= 0:
+                return
+            share = min(1.0, max(0.0, 1 - left / limit))
+        day = int(time.time() // 86_400)
+        seen = self._quota_seen
+        seen.pop(key_id, None)
+        seen[key_id] = (day, share)
+        while len(seen) > QUOTA_KEYS_KEPT:  # the oldest first (insertion order)
+            seen.pop(next(iter(seen)))
+        self.key_quota_used.set(max((v for d, v in seen.values() if d == day), default=0.0))
 
     def _make(self, cls: type, name: str, doc: str, labels: list[str] | tuple[str, ...] = (), *,
               buckets: tuple[float, ...] = (), registry: CollectorRegistry) -> Family:

@@ -86,13 +86,34 @@ def test_a_revoked_key_is_refused_within_key_cache_s(service):
     assert_openai_error(client.get("/v1/models", headers=bearer(token)), 401, "invalid_api_key")
 
 
-def test_metrics_open_unless_configured(service):
-    client, _, _ = service()
-    assert client.get("/metrics").status_code == 200
-    client, keys, _ = service(auth={"metrics_open": False})
+def test_metrics_need_a_metrics_or_admin_key_unless_opened(service):
+    """With auth on, /metrics is closed by default: a user key gets 403, a key of scope metrics reads it
+    (and nothing else), an admin key reads it; governor.auth.metrics_open opens it. No key id is a label."""
+    client, keys, _ = service()
     assert_openai_error(client.get("/metrics"), 401, "missing_api_key")
-    token, _ = keys.create("prometheus")
-    assert b"rag_http_requests_total" in client.get("/metrics", headers=bearer(token)).content
+    user, _ = keys.create("user")
+    err = assert_openai_error(client.get("/metrics", headers=bearer(user)), 403, "insufficient_scope")
+    assert "metrics" in err["message"]
+    scrape, _ = keys.create("prometheus", "metrics")
+    assert b"rag_http_requests_total" in client.get("/metrics", headers=bearer(scrape)).content
+    assert_openai_error(client.get("/v1/models", headers=bearer(scrape)), 403, "insufficient_scope")
+    admin, _ = keys.create("ops", "admin")
+    assert client.get("/metrics", headers=bearer(admin)).status_code == 200
+    client, keys, _ = service(auth={"metrics_open": True})
+    assert client.get("/metrics").status_code == 200
+
+
+def test_quota_metric_names_no_key(service):
+    """rag_key_quota_used_ratio is the highest share of any key, without a key_id label."""
+    from serve.metrics import METRICS
+
+    METRICS.saw_quota("key-a", {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "100"})
+    METRICS.saw_quota("key-b", {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "800"})
+    text = METRICS.render().decode() if isinstance(METRICS.render(), bytes) else METRICS.render()
+    lines = [ln for ln in text.splitlines() if ln.startswith("rag_key_quota_used_ratio")]
+    assert lines and all("key" not in ln.split(" ")[0] .removeprefix("rag_key_quota_used_ratio") for ln in lines), lines
+    assert "key-a" not in text and "key-b" not in text
+    assert any(abs(float(ln.split()[-1]) - 0.9) < 1e-9 for ln in lines), lines
 
 
 def test_admin_scope(service):

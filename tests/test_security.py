@@ -362,15 +362,15 @@ def test_a_chats_quota_reservation_is_released_however_it_ends(app):
     token, key = KeyStore(cfg.governor.db).create("reserver")
     adm = api.state.pipeline.admission
     held = {}
-    real_admit = adm.admit
+    real_reserve = adm.reserve
 
     async def spy(*a, **kw):
-        v = await real_admit(*a, **kw)
+        v = await real_reserve(*a, **kw)
         held["reserved"] = v.reserved
         held["during"] = adm.reserved(key.id)
         return v
 
-    adm.admit = spy
+    adm.reserve = spy
     auth = {"Authorization": f"Bearer {token}"}
     assert client.post("/v1/chat/completions", json=chat_body(seed=2**64), headers=auth).status_code == 400
     assert 0 < held["reserved"] <= cfg.generator.max_model_len and held["during"] == held["reserved"]

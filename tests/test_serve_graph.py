@@ -688,6 +688,9 @@ def test_prometheus_scrapes_the_graph_and_the_breaker_alert_fires(service, tmp_p
     assert set(jobs) == {"ragraph", "ray"}
     node = next(n for n in ray.nodes() if n["Alive"])
     jobs["ragraph"]["static_configs"] = [{"targets": [service.url.removeprefix("http://")]}]
+    # /metrics needs a key with auth on: Prometheus scrapes with a key of scope metrics, as the file says
+    (tmp_path / "scrape.key").write_text(KeyStore(service.cfg.governor.db).create("prometheus", "metrics")[0])
+    jobs["ragraph"]["authorization"] = {"credentials_file": str(tmp_path / "scrape.key")}
     jobs["ray"].pop("file_sd_configs")
     jobs["ray"]["static_configs"] = [{"targets": [f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"]}]
     cfg["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"}
