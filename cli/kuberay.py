@@ -20,9 +20,19 @@ Ray's token authentication is on (``rayClusterConfig.authOptions``: ``mode: toke
 from the Secret ``<name>-ray-auth``, key ``auth_token``, which the operator does not create); KubeRay
 sets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` in every Ray container and sends the token itself
 when it calls the dashboard. A ``NetworkPolicy`` (:func:`network_policy`) lets into the Ray pods only
-the Serve port from anywhere, everything from the pods of the same RayService, the dashboard from
-namespaces labelled ``ragraph.io/ray-operator=true`` (the KubeRay operator's) and the metrics port
-from namespaces labelled ``ragraph.io/metrics-scraper=true``.
+the Serve port from anywhere, everything from the Ray pods of the same RayService, the dashboard from
+namespaces labelled ``ragraph.io/ray-operator=true`` (the KubeRay operator's) and from the re-index
+CronJob's pods (their own label, :func:`reindex_labels`), and the metrics port from namespaces
+labelled ``ragraph.io/metrics-scraper=true``; out of them only the same Ray pods, the cluster DNS and
+what the config needs (:func:`config_egress`), and from the head HTTPS beyond the cluster
+(:func:`head_egress_policy`: the API server, the model hub). The CronJob's pods have a policy of their
+own (:func:`reindex_network_policy`).
+
+Every pod runs restricted (:func:`pod_security`, :func:`container_security`: uid 1000, no privilege
+escalation, no capability, RuntimeDefault seccomp; read-only root filesystems for the job
+containers) with ``automountServiceAccountToken: false``; only KubeRay's autoscaler sidecar gets
+the head's ServiceAccount token (:func:`autoscaler_token_volume`). Hub models must be pinned to a
+commit (``models.<role>.revision``), and auth off is refused as the app builder refuses it.
 
 The worker groups' bounds are derived from the config (:func:`group_bounds`); the output is
 deterministic (no timestamps, no machine paths) so that the committed copy can be checked.
@@ -59,6 +69,23 @@ GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, METRICS_PORT = 6379, 8265, 10001, 8080
 # need cluster-level rights to set, unlike pod labels.
 OPERATOR_NS_LABEL = {"ragraph.io/ray-operator": "true"}
 SCRAPER_NS_LABEL = {"ragraph.io/metrics-scraper": "true"}
+# The cluster DNS (CoreDNS or kube-dns: the label both carry in kube-system), the one in-cluster service
+# every pod may reach besides its own; NodeLocal DNSCache listens on a link-local address instead.
+DNS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+# What the head reaches beyond the cluster on HTTPS: the Kubernetes API server (KubeRay's autoscaler
+# sidecar scales the worker groups through it; the API server is no pod, so no selector can name it;
+# 443, or 6443 where the endpoint listens there) and, for hub models, the model hub (the models init
+# container). Never the cloud's instance metadata service (link-local: credentials of the node).
+API_PORTS = (443, 6443)
+ANYWHERE = ({"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]},
+            {"cidr": "::/0", "except": ["fe80::/10", "fd00:ec2::254/128"]})
+# The Ray images' user `ray`; every container runs as it, never as root.
+RAY_UID, RAY_GID = 1000, 100
+# Where the projected ServiceAccount token is mounted into the autoscaler sidecar only: the path the Ray
+# autoscaler reads it from (ray.autoscaler._private.kuberay.node_provider.IN_CLUSTER_TOKEN_PATH).
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+COMMIT = re.compile(r"[0-9a-f]{40}")
 # What an index job's driver (chunking, BM25 and FAISS builds) asks for, as cluster.yaml submits it:
 # `ray job submit --entrypoint-num-cpus 4 --entrypoint-resources '{"cpu_pool": 1}'`, on a cpu worker.
 INDEX_DRIVER = {"CPU": 4, "cpu_pool": 1}
@@ -293,6 +320,17 @@ def _check_paths(cfg: AppConfig) -> list[str]:
     exposed = exposure_problem(cfg)  # the same check the app builder makes on the cluster
     if exposed:
         errors.append(f"governor.auth.enabled=false on the pods' network: {exposed}")
+    if not PurePosixPath(cfg.models.dir).is_relative_to(SHARED_MOUNT):
+        errors.append(f"models.dir={cfg.models.dir} is not under {SHARED_MOUNT}: the head's init container fills it "
+                      "and every engine reads it, so it must be on the shared volume")
+    for role in ("embedder", "generator", "reranker"):
+        spec = getattr(cfg.models, role)
+        if spec is not None and spec.source == "hub" and not COMMIT.fullmatch(spec.revision or ""):
+            errors.append(
+                f"models.{role}.revision={spec.revision!r}: a hub model ({spec.name}) must be pinned to a commit "
+                "(40 hex digits) so that every pod and every restart downloads the same weights and code, not "
+                "whatever the branch or tag points to then; the commit of main: `python -c \"from huggingface_hub "
+                f"import model_info; print(model_info('{spec.name}').sha)\"`")
     home = str(Path.home())
     local = [str(REPO_ROOT)] + ([home] if home not in ("/", str(POD_HOME)) else [])
     for key, value in _strings(cfg.model_dump(mode="json")):
@@ -364,10 +402,45 @@ def _container(name: str, image: str, g: NodeGroup, *, ports: list[dict[str, Any
         "resources": {"requests": dict(limits), "limits": limits},
         "ports": ports,
         "volumeMounts": mounts,
+        "securityContext": container_security(read_only=False),
     }
     if env:
         c["env"] = env
     return c
+
+
+def pod_security() -> dict[str, Any]:
+    """Every pod's security context: the image's non-root user ``ray`` (uid 1000, gid 100; the
+    ``users`` group may write the volumes) and the container runtime's default seccomp profile."""
+    return {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_GID, "fsGroup": RAY_GID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security(*, read_only: bool) -> dict[str, Any]:
+    """Every container's security context (Kubernetes' "restricted" pod security standard): no
+    privilege escalation, no capability. ``read_only``: a read-only root filesystem with an emptyDir
+    at ``/tmp``; the job containers (the models init container, the re-index CronJob) write only there
+    and to their volumes. The Ray containers keep a writable root: Ray (its session under /tmp/ray),
+    vLLM, torch and Triton (compile caches under ~/.cache and /tmp) write where it was never listed."""
+    return {"allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True, "readOnlyRootFilesystem": read_only}
+
+
+SCRATCH = {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}  # /tmp of the read-only containers
+SCRATCH_MOUNT = {"name": "scratch", "mountPath": "/tmp"}
+
+
+def autoscaler_token_volume() -> dict[str, Any]:
+    """The head pod's ServiceAccount credentials, as Kubernetes' own auto-mounted volume holds them
+    (a bound token, the cluster's CA, the namespace) but mounted into KubeRay's autoscaler sidecar
+    only (``autoscalerOptions.volumeMounts``): the pods' ``automountServiceAccountToken`` is false,
+    so no Ray or application process holds a Kubernetes credential."""
+    return {"name": "autoscaler-token", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
+                                                                      "fieldPath": "metadata.namespace"}}]}},
+    ]}}
 
 
 def auth_secret(name: str) -> str:
@@ -377,15 +450,27 @@ def auth_secret(name: str) -> str:
 
 
 def pod_labels(name: str) -> dict[str, str]:
-    """The labels of every Ray pod of the RayService ``name`` (the NetworkPolicy selects by them)."""
-    return {"app.kubernetes.io/name": "ragraph", "app.kubernetes.io/instance": name}
+    """The labels of every Ray pod of the RayService ``name`` (the NetworkPolicies select by them)."""
+    return {"app.kubernetes.io/name": "ragraph", "app.kubernetes.io/instance": name, "app.kubernetes.io/component": "ray"}
+
+
+def head_labels(name: str) -> dict[str, str]:
+    """The head pod's: its template's labels plus the one KubeRay adds to a head pod."""
+    return {**pod_labels(name), "ray.io/node-type": "head"}
+
+
+def reindex_labels(name: str) -> dict[str, str]:
+    """The re-index CronJob's pods: their own component, so no rule for the Ray pods selects them."""
+    return {"app.kubernetes.io/name": "ragraph", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/component": "reindex"}
 
 
 def _pod(container: dict[str, Any], volumes: list[dict[str, Any]], *, gpu: bool, name: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # no Ray process talks to Kubernetes (the autoscaler: its own mount)
+        "securityContext": pod_security(),
         "containers": [container],
         "volumes": volumes,
-        "securityContext": {"fsGroup": 100},  # the image's `users` group may write the volumes
     }
     if gpu:
         spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
@@ -432,7 +517,8 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
         env=env,
         mounts=[shared, {"name": "state", "mountPath": str(PurePosixPath(cfg.governor.db).parent)}],
     )
-    head_volumes = volumes + [{"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}}]
+    head_volumes = volumes + [{"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}},
+                              SCRATCH, autoscaler_token_volume()]
     head_pod = _pod(head_container, head_volumes, gpu=False, name=name)
     head_pod["spec"]["initContainers"] = [models_init_container(cfg, image=image, source=source, env=env)]
     head = {
@@ -479,6 +565,12 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
             "rayClusterConfig": {
                 "rayVersion": ray_version(),
                 "enableInTreeAutoscaling": True,
+                # KubeRay's autoscaler sidecar in the head pod: restricted like the Ray containers, and
+                # the one container that holds the pod's ServiceAccount token (it patches the RayCluster).
+                "autoscalerOptions": {
+                    "securityContext": container_security(read_only=False),
+                    "volumeMounts": [{"name": "autoscaler-token", "mountPath": SA_TOKEN_DIR, "readOnly": True}],
+                },
                 # Ray's token authentication (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN from the Secret, set
                 # by the operator in every Ray container): without it anyone reaching the head's GCS,
                 # dashboard or client port can run code on the cluster.
@@ -501,44 +593,87 @@ def models_init_container(cfg: AppConfig, *, image: str, source: str, env: list[
         "command": ["ragraph", "--config", str(APP_DIR / source), "models"],
         **({"env": env} if env else {}),
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-        "volumeMounts": [{"name": "shared", "mountPath": str(SHARED_MOUNT)}],
+        "volumeMounts": [{"name": "shared", "mountPath": str(SHARED_MOUNT)}, SCRATCH_MOUNT],
+        "securityContext": container_security(read_only=True),
     }
 
 
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def _policy(name: str, namespace: str | None, selector: dict[str, str], *, ingress: list[dict[str, Any]] | None,
+            egress: list[dict[str, Any]]) -> dict[str, Any]:
+    """A NetworkPolicy for the pods ``selector`` selects; ``ingress`` None: it restricts egress only."""
+    spec: dict[str, Any] = {"podSelector": {"matchLabels": selector},
+                            "policyTypes": ["Egress"] if ingress is None else ["Ingress", "Egress"]}
+    if ingress is not None:
+        spec["ingress"] = ingress
+    spec["egress"] = egress
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _metadata(name, namespace),
+            "spec": spec}
+
+
+DNS_RULE = {"to": [DNS_PEER], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+
+
+def config_egress(cfg: AppConfig) -> list[dict[str, Any]]:
+    """Egress the config itself needs from the Ray pods beyond the cluster's own: the Redis of
+    ``governor.rate_limits.storage`` (``redis://host:port``, 6379 by default) when the ingress
+    replicas share their rate-limit counters there."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(cfg.governor.rate_limits.storage)
+    if url.scheme in ("redis", "rediss"):
+        return [{"ports": _tcp(url.port or 6379)}]
+    return []
+
+
 def network_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None) -> dict[str, Any]:
-    """The ``NetworkPolicy`` in front of the RayService's Ray pods (the head and the workers):
+    """The ``NetworkPolicy`` of the RayService's Ray pods (the head and the workers). In:
 
     * the Serve port (``http.port``) from anywhere: the ingress controller or load balancer, through
       ``<name>-serve-svc`` (the application checks API keys itself);
-    * every port from the pods of the same RayService (a worker's raylet and workers talk to the head's
-      GCS, raylet, object manager and worker ports, and the head to theirs);
+    * every port from the Ray pods of the same RayService (a worker's raylet and workers talk to the
+      head's GCS, raylet, object manager and worker ports, and the head to theirs);
     * the dashboard port from namespaces labelled ``ragraph.io/ray-operator=true`` (KubeRay's operator
-      deploys ``serveConfigV2`` and polls the application there, with the token);
+      deploys ``serveConfigV2`` and polls the application there, with the token) and from the re-index
+      CronJob's pods (:func:`reindex_labels`: they submit the job there, and reach nothing else);
     * the metrics port from namespaces labelled ``ragraph.io/metrics-scraper=true`` (Prometheus).
+
+    Out: the Ray pods of the same RayService, the cluster DNS, and what the config needs
+    (:func:`config_egress`); the head also HTTPS beyond the cluster (:func:`head_egress_policy`).
 
     Nothing else gets in: the GCS (6379), the dashboard (8265) and the Ray client (10001) are closed to
     every other pod. ``kubectl port-forward`` still reaches the dashboard (it enters through the pod's
     own network namespace). Only enforced where the network plugin implements NetworkPolicy."""
-    meta = _metadata(f"{name}-ray-pods", namespace)
+    ray_pods = {"podSelector": {"matchLabels": pod_labels(name)}}
+    return _policy(f"{name}-ray-pods", namespace, pod_labels(name), ingress=[
+        {"ports": _tcp(cfg.http.port)},
+        {"from": [ray_pods]},
+        {"from": [{"namespaceSelector": {"matchLabels": dict(OPERATOR_NS_LABEL)}}], "ports": _tcp(DASHBOARD_PORT)},
+        {"from": [{"podSelector": {"matchLabels": reindex_labels(name)}}], "ports": _tcp(DASHBOARD_PORT)},
+        {"from": [{"namespaceSelector": {"matchLabels": dict(SCRAPER_NS_LABEL)}}], "ports": _tcp(METRICS_PORT)},
+    ], egress=[{"to": [ray_pods]}, DNS_RULE, *config_egress(cfg)])
 
-    def tcp(*ports: int) -> list[dict[str, Any]]:
-        return [{"protocol": "TCP", "port": p} for p in ports]
 
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": meta,
-        "spec": {
-            "podSelector": {"matchLabels": pod_labels(name)},
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {"ports": tcp(cfg.http.port)},
-                {"from": [{"podSelector": {"matchLabels": pod_labels(name)}}]},
-                {"from": [{"namespaceSelector": {"matchLabels": dict(OPERATOR_NS_LABEL)}}], "ports": tcp(DASHBOARD_PORT)},
-                {"from": [{"namespaceSelector": {"matchLabels": dict(SCRAPER_NS_LABEL)}}], "ports": tcp(METRICS_PORT)},
-            ],
-        },
-    }
+def head_egress_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None) -> dict[str, Any]:
+    """The head pod's egress beyond the cluster: HTTPS (:data:`API_PORTS`) to any address but the
+    link-local ones (the instance metadata service), for the Kubernetes API server (KubeRay's
+    autoscaler sidecar) and the model hub (the models init container, when a model comes from it).
+    It restricts egress only: what gets in is the Ray pods' policy's."""
+    return _policy(f"{name}-head-egress", namespace, head_labels(name), ingress=None, egress=[
+        {"to": [{"ipBlock": dict(b)} for b in ANYWHERE], "ports": _tcp(*API_PORTS)},
+    ])
+
+
+def reindex_network_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None) -> dict[str, Any]:
+    """The re-index CronJob's pods: nothing in; out only the cluster DNS and the head's dashboard port
+    (``ray job submit`` to ``<name>-head-svc``)."""
+    head = {"podSelector": {"matchLabels": head_labels(name)}}
+    return _policy(f"{name}-reindex", namespace, reindex_labels(name), ingress=[], egress=[
+        DNS_RULE, {"to": [head], "ports": _tcp(DASHBOARD_PORT)},
+    ])
 
 
 APP_DIR = POD_HOME / "ragraph"  # where the image holds this repository (configs/kuberay/README.md)
@@ -551,8 +686,9 @@ def reindex_cronjob(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: s
     driver on a cpu worker, as :data:`INDEX_DRIVER` asks; Ray Data's embedder actors where the config
     puts them) and waits for it. Incremental like any ``ragraph index``: only new or changed chunks
     are embedded, documents uploaded over the API are kept, and the new version goes live with the
-    atomic swap. The pod carries the service's pod labels, which the NetworkPolicy lets reach the
-    head's dashboard (job submission), and the Ray token from the Secret."""
+    atomic swap. The pod carries its own labels (:func:`reindex_labels`), which the NetworkPolicies let
+    reach the head's dashboard (job submission) and nothing else, and the Ray token from the Secret;
+    it runs restricted with a read-only root filesystem and no ServiceAccount token."""
     schedule = cfg.indexing.reindex_schedule
     if schedule is None:
         return None
@@ -568,6 +704,8 @@ def reindex_cronjob(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: s
         "env": [{"name": "RAY_AUTH_MODE", "value": "token"},
                 {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": auth_secret(name), "key": "auth_token"}}}],
         "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+        "volumeMounts": [SCRATCH_MOUNT],
+        "securityContext": container_security(read_only=True),
     }
     return {
         "apiVersion": "batch/v1",
@@ -581,8 +719,9 @@ def reindex_cronjob(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: s
             "successfulJobsHistoryLimit": 3,
             "failedJobsHistoryLimit": 3,
             "jobTemplate": {"spec": {"backoffLimit": 1, "template": {
-                "metadata": {"labels": pod_labels(name)},
-                "spec": {"restartPolicy": "Never", "containers": [container]},
+                "metadata": {"labels": reindex_labels(name)},
+                "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False,
+                         "securityContext": pod_security(), "containers": [container], "volumes": [SCRATCH]},
             }}},
         },
     }
@@ -629,6 +768,9 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
     wherever the file is written, so that any copy can be checked) and the sizing."""
     doc = rayservice(cfg, name=name, namespace=namespace, image=image, source=source)
     policy = network_policy(cfg, name=name, namespace=namespace)
+    head_out = head_egress_policy(cfg, name=name, namespace=namespace)
+    cron = reindex_cronjob(cfg, source=source, name=name, namespace=namespace, image=image)
+    docs = [doc, policy, head_out] + ([cron, reindex_network_policy(cfg, name=name, namespace=namespace)] if cron else [])
     bounds = group_bounds(cfg)
 
     def need(d: Mapping[str, float]) -> str:
@@ -643,20 +785,22 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
         "(configs/kuberay/README.md).",
         f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",
         f"# Models: the head pod's init container runs `ragraph --config {APP_DIR / source} models` into "
-        f"{cfg.models.dir} before Ray starts.",
+        f"{cfg.models.dir} before Ray starts; hub models at the commits the config pins.",
         f"# Ray token authentication: create the Secret {auth_secret(name)} (key auth_token) first; the NetworkPolicy",
         f"# {policy['metadata']['name']} (second document) admits the KubeRay operator's namespace only if it is labelled "
         + ", ".join(f"{k}={v}" for k, v in OPERATOR_NS_LABEL.items()) + " (configs/kuberay/README.md).",
+        f"# Pods run as uid {RAY_UID} (non-root, no capability, RuntimeDefault seccomp) without a ServiceAccount token "
+        "(only the autoscaler sidecar has one);",
+        f"# egress: the cluster DNS and this service's pods, the head HTTPS beyond ({head_out['metadata']['name']}: "
+        "the API server, the model hub).",
         "# Worker bounds from the config (cli/kuberay.py group_bounds; pods offer "
         + "; ".join(f"{g.name} {need(g.capacity())}" for g in (CPU_WORKERS, GPU_WORKERS)) + "):",
     ]
     for g, b in bounds.items():
         lines.append(f"#   {g}: min {b.min_replicas} (needs {need(b.min_need)} at min_replicas), "
                      f"max {b.max_replicas} (needs {need(b.max_need)} at max_replicas); {', '.join(b.stages)}")
-    cron = reindex_cronjob(cfg, source=source, name=name, namespace=namespace, image=image)
     if cron is not None:
-        lines.append(f"# Scheduled re-index: the CronJob {cron['metadata']['name']} (third document) submits "
-                     f"`ragraph index {cfg.indexing.source}` as a Ray job at '{cron['spec']['schedule']}' UTC.")
-    return ("\n".join(lines) + "\n" + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
-            + "---\n" + yaml.dump(policy, Dumper=_Dumper, sort_keys=False, width=100)
-            + ("---\n" + yaml.dump(cron, Dumper=_Dumper, sort_keys=False, width=100) if cron is not None else ""))
+        lines.append(f"# Scheduled re-index: the CronJob {cron['metadata']['name']} (fourth document, its NetworkPolicy "
+                     f"the fifth) submits `ragraph index {cfg.indexing.source}` as a Ray job at "
+                     f"'{cron['spec']['schedule']}' UTC.")
+    return "\n".join(lines) + "\n" + "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=100) for d in docs)

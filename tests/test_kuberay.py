@@ -169,7 +169,7 @@ def test_pods_mount_the_volumes_and_gpu_pods_ask_for_a_gpu(manifest, cfg):
     head = cluster["headGroupSpec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
     assert mounts == {"shared": "/mnt/shared", "state": str(Path(cfg.governor.db).parent)}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in head["volumes"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in head["volumes"] if "persistentVolumeClaim" in v}
     assert claims == {"shared": "ragraph-shared", "state": "ragraph-state"}
     assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     for group in ("cpu", "gpu"):
@@ -257,9 +257,17 @@ RAY_CONTROL_PORTS = {6379, 8265, 10001}  # GCS, dashboard (job submission), Ray 
 ALL = "all ports"
 
 
+def committed_list() -> list[dict]:
+    return [d for d in yaml.safe_load_all(COMMITTED.read_text()) if d]
+
+
 def committed_docs() -> dict[str, dict]:
-    docs = [d for d in yaml.safe_load_all(COMMITTED.read_text()) if d]
-    return {d["kind"]: d for d in docs}
+    """The committed manifest's documents by kind (the first NetworkPolicy: the Ray pods'), and every
+    NetworkPolicy by name under ``policies``."""
+    docs = committed_list()
+    out = {d["kind"]: d for d in reversed(docs)}
+    out["policies"] = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    return out
 
 
 def selects(selector: dict, labels: dict) -> bool:
@@ -348,7 +356,9 @@ def test_network_policy_closes_the_head_to_all_but_its_cluster(manifest, cfg):
     the Serve port gets through; the cluster's own pods reach every port; the dashboard only from the
     operator's labelled namespace, the metrics port only from the scrapers'."""
     docs = committed_docs()
-    assert set(docs) == {"RayService", "NetworkPolicy", "CronJob"}, set(docs)  # CronJob: test_reindex_cronjob_...
+    assert [(d["kind"], d["metadata"]["name"]) for d in committed_list()] == [
+        ("RayService", "ragraph"), ("NetworkPolicy", "ragraph-ray-pods"), ("NetworkPolicy", "ragraph-head-egress"),
+        ("CronJob", "ragraph-reindex"), ("NetworkPolicy", "ragraph-reindex")]  # CronJob: test_reindex_cronjob_...
     policy = docs["NetworkPolicy"]
     assert policy == kuberay.network_policy(cfg)
     assert policy_problems(policy, manifest, cfg.http.port) == []
@@ -394,13 +404,11 @@ def test_no_ray_was_started():
 def test_reindex_cronjob_submits_ragraph_index_as_a_ray_job(cfg):
     """The scheduled re-index (indexing.reindex_schedule) is the committed manifest's third document: a
     CronJob whose pod submits `ragraph index SOURCE` to the head's dashboard with the Ray token, one
-    run at a time; its pod carries the service's labels (the NetworkPolicy lets those reach the head).
-    Without a schedule there is none."""
+    run at a time. Without a schedule there is none."""
     cron = committed_docs()["CronJob"]
     assert cron == kuberay.reindex_cronjob(cfg)
     assert cron["spec"]["schedule"] == cfg.indexing.reindex_schedule and cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]
-    assert pod["metadata"]["labels"] == kuberay.pod_labels("ragraph")
     (c,) = pod["spec"]["containers"]
     cmd = c["command"]
     assert cmd[:5] == ["ray", "job", "submit", "--address", "http://ragraph-head-svc:8265"]
@@ -410,3 +418,233 @@ def test_reindex_cronjob_submits_ragraph_index_as_a_ray_job(cfg):
     assert token["valueFrom"]["secretKeyRef"] == {"name": "ragraph-ray-auth", "key": "auth_token"}
     off = cfg.model_copy(update={"indexing": cfg.indexing.model_copy(update={"reindex_schedule": None})})
     assert kuberay.reindex_cronjob(off) is None and "CronJob" not in kuberay.render(off)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pods run restricted, hold no Kubernetes credential, reach only what they need; hub models pinned
+
+
+def pods_of(docs: list[dict]) -> list[tuple[str, dict, list[dict]]]:
+    """(what, pod spec, its containers and init containers) for every pod the manifest makes, plus the
+    autoscaler sidecar KubeRay adds to the head (its securityContext and mounts from autoscalerOptions)."""
+    out = []
+    for d in docs:
+        if d["kind"] == "RayService":
+            cluster = d["spec"]["rayClusterConfig"]
+            groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+            for what, g in groups:
+                spec = g["template"]["spec"]
+                extra = []
+                if what == "head":
+                    a = cluster.get("autoscalerOptions") or {}
+                    extra = [{"name": "autoscaler (KubeRay's sidecar)", "securityContext": a.get("securityContext"),
+                              "volumeMounts": a.get("volumeMounts", [])}]
+                out.append((what, spec, spec["containers"] + spec.get("initContainers", []) + extra))
+        elif d["kind"] == "CronJob":
+            spec = d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            out.append(("reindex", spec, spec["containers"] + spec.get("initContainers", [])))
+    return out
+
+
+def restricted_problems(what: str, pod: dict, containers: list[dict]) -> list[str]:
+    """What breaks Kubernetes' "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/
+    pod-security-standards), and a mounted ServiceAccount token, in one pod."""
+    problems = []
+    psc = pod.get("securityContext") or {}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(host):
+            problems.append(f"{what}: {host}")
+    if any("hostPath" in v for v in pod.get("volumes", [])):
+        problems.append(f"{what}: a hostPath volume")
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append(f"{what}: the ServiceAccount token is mounted into every container")
+    if psc.get("runAsUser") == 0:
+        problems.append(f"{what}: runAsUser 0")
+    for c in containers:
+        sc = c.get("securityContext") or {}
+        who = f"{what}/{c['name']}"
+        if not (sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+            problems.append(f"{who}: runAsNonRoot is not true")
+        if sc.get("runAsUser", psc.get("runAsUser")) in (None, 0):
+            problems.append(f"{who}: no non-zero runAsUser (the image's USER decides)")
+        if (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{who}: no RuntimeDefault seccomp profile")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{who}: allowPrivilegeEscalation is not false")
+        if sc.get("privileged"):
+            problems.append(f"{who}: privileged")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []) or set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{who}: capabilities not dropped (drop ALL, add at most NET_BIND_SERVICE)")
+    return problems
+
+
+def test_every_pod_runs_restricted_without_a_serviceaccount_token(manifest, cfg):
+    """Every pod (head, workers, the CronJob's) and container (the models init container and KubeRay's
+    autoscaler sidecar included) meets the restricted Pod Security Standard: non-root uid, no privilege
+    escalation, every capability dropped, RuntimeDefault seccomp; no pod mounts the ServiceAccount
+    token, and only the autoscaler (which scales the worker groups through the API) gets a projected
+    one; the job containers have a read-only root filesystem. Fails on the manifest before (only
+    fsGroup was set)."""
+    docs = committed_list()
+    cron = kuberay.reindex_cronjob(cfg)
+    for ds in (docs, [manifest, cron]):
+        pods = pods_of(ds)
+        assert {w for w, _, _ in pods} == {"head", "cpu", "gpu", "reindex"}
+        assert [p for w, spec, cs in pods for p in restricted_problems(w, spec, cs)] == []
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    mounts = [(c["name"], m["mountPath"]) for _, _, cs in pods_of([manifest, cron]) for c in cs
+              for m in c.get("volumeMounts", []) if m["mountPath"].startswith("/var/run/secrets")]
+    assert mounts == [("autoscaler (KubeRay's sidecar)", kuberay.SA_TOKEN_DIR)]
+    from ray.autoscaler._private.kuberay import node_provider
+
+    assert node_provider.IN_CLUSTER_TOKEN_PATH == f"{kuberay.SA_TOKEN_DIR}/token"  # where it reads the token
+    (token,) = [v for v in head["volumes"] if v["name"] == "autoscaler-token"]
+    sources = {k for src in token["projected"]["sources"] for k in src}
+    assert sources == {"serviceAccountToken", "configMap", "downwardAPI"}  # token, ca.crt, namespace
+    read_only = {c["name"]: (c.get("securityContext") or {}).get("readOnlyRootFilesystem")
+                 for _, _, cs in pods_of([manifest, cron]) for c in cs}
+    assert read_only["models"] is read_only["reindex"] is True
+    for _, spec, cs in pods_of([manifest, cron]):  # a read-only root has a writable /tmp
+        for c in cs:
+            if (c.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+                tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+                assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == tmp["name"])
+
+
+@pytest.mark.parametrize("breaker, problem", [
+    (lambda pod, c: pod["securityContext"].pop("runAsNonRoot") and c["securityContext"].pop("runAsNonRoot"),
+     "runAsNonRoot"),
+    (lambda pod, c: c["securityContext"].update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+    (lambda pod, c: c["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "capabilities"),
+    (lambda pod, c: pod["securityContext"].pop("seccompProfile"), "seccomp"),
+    (lambda pod, c: pod.pop("automountServiceAccountToken"), "ServiceAccount token"),
+    (lambda pod, c: pod.update(hostNetwork=True), "hostNetwork"),
+])
+def test_restricted_check_catches_each_break(manifest, breaker, problem):
+    import copy
+
+    m = copy.deepcopy(manifest)
+    what, pod, containers = pods_of([m])[1]  # a cpu worker
+    breaker(pod, containers[0])
+    assert any(problem in p for p in restricted_problems(what, pod, containers))
+
+
+def _peer_matches(peer: dict, dest: dict) -> bool:
+    import ipaddress
+
+    if "ipBlock" in peer:
+        if "ip" not in dest:
+            return False
+        ip, block = ipaddress.ip_address(dest["ip"]), peer["ipBlock"]
+        net = ipaddress.ip_network(block["cidr"])
+        return ip.version == net.version and ip in net and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except", []) if ipaddress.ip_network(e).version == ip.version)
+    if "ip" in dest:  # an address outside the cluster is no pod
+        return False
+    if "namespaceSelector" in peer:
+        return selects(peer["namespaceSelector"], dest["namespace"]) and selects(peer.get("podSelector", {}), dest["pod"])
+    return dest["same_namespace"] and selects(peer["podSelector"], dest["pod"])
+
+
+def egress_allowed(policies: list[dict], source: dict, dest: dict, port: int, protocol: str = "TCP") -> bool:
+    """Kubernetes' egress rule: a pod no Egress policy selects may go anywhere; else it may reach
+    ``dest`` (a pod: its labels and namespace's, or ``{"ip": ...}``) on ``port`` when a rule of a policy
+    selecting it allows it."""
+    mine = [p for p in policies if selects(p["spec"]["podSelector"], source)
+            and "Egress" in p["spec"].get("policyTypes", [])]
+    if not mine:
+        return True
+    for p in mine:
+        for rule in p["spec"].get("egress") or []:
+            peers_ok = not rule.get("to") or any(_peer_matches(peer, dest) for peer in rule["to"])
+            ports = rule.get("ports")
+            port_ok = not ports or any(x.get("protocol", "TCP") == protocol and x.get("port") == port for x in ports)
+            if peers_ok and port_ok:
+                return True
+    return False
+
+
+def manifest_pods(docs: list[dict]) -> dict[str, dict]:
+    """The labels each pod kind ends up with (KubeRay adds its own to the Ray pods)."""
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    head, workers = head_and_worker_labels(rs)
+    cron = next(d for d in docs if d["kind"] == "CronJob")
+    return {"head": head, "worker": workers[0], "gpu worker": workers[1],
+            "reindex": cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]}
+
+
+def test_egress_is_dns_and_the_cluster_plus_what_the_config_needs(cfg):
+    """Every pod is egress-isolated: the Ray pods reach each other on any port and the cluster DNS; the
+    head also HTTPS beyond the cluster (the API server for the autoscaler, the model hub for the init
+    container) but never the instance metadata service; the CronJob only the DNS and the head's
+    dashboard. A Redis for the rate limits (governor.rate_limits.storage) opens its port. Fails on the
+    manifest before (no policy restricted egress)."""
+    docs = committed_list()
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    pods = manifest_pods(docs)
+    dns = {"pod": {"k8s-app": "kube-dns"}, "namespace": {"kubernetes.io/metadata.name": "kube-system"},
+           "same_namespace": False}
+
+    def pod(labels: dict) -> dict:
+        return {"pod": labels, "namespace": {}, "same_namespace": True}
+
+    stranger = {"pod": {"app": "postgres"}, "namespace": {"kubernetes.io/metadata.name": "db"}, "same_namespace": False}
+    internet, metadata = {"ip": "93.184.216.34"}, {"ip": "169.254.169.254"}
+    for who, labels in pods.items():
+        assert egress_allowed(policies, labels, dns, 53, "UDP") and egress_allowed(policies, labels, dns, 53), who
+        assert not egress_allowed(policies, labels, stranger, 5432), who
+        assert not egress_allowed(policies, labels, metadata, 80) and not egress_allowed(policies, labels, metadata, 443)
+        assert not egress_allowed(policies, labels, internet, 80), who
+    for who in ("head", "worker", "gpu worker"):
+        for other in ("head", "worker", "gpu worker"):
+            assert egress_allowed(policies, pods[who], pod(pods[other]), 6379) and \
+                egress_allowed(policies, pods[who], pod(pods[other]), 41234)
+        assert not egress_allowed(policies, pods[who], pod(pods["reindex"]), 8265)
+    assert egress_allowed(policies, pods["head"], internet, 443) and egress_allowed(policies, pods["head"], internet, 6443)
+    assert egress_allowed(policies, pods["head"], {"ip": "2001:db8::1"}, 443)
+    assert not egress_allowed(policies, pods["worker"], internet, 443)
+    assert not egress_allowed(policies, pods["gpu worker"], internet, 443)
+    r = pods["reindex"]
+    assert egress_allowed(policies, r, pod(pods["head"]), 8265)
+    assert not egress_allowed(policies, r, pod(pods["head"]), 6379)
+    assert not egress_allowed(policies, r, pod(pods["worker"]), 8265)
+    assert not egress_allowed(policies, r, internet, 443)
+
+    redis = changed(cfg, governor__rate_limits__storage="redis://ratelimits.cache:6380/0")
+    rules = kuberay.network_policy(redis)["spec"]["egress"]
+    assert {"ports": [{"protocol": "TCP", "port": 6380}]} in rules
+    assert egress_allowed([kuberay.network_policy(redis)], pods["worker"], stranger, 6380)
+    assert not any(p["port"] == 6380 for rule in kuberay.network_policy(cfg)["spec"]["egress"] for p in rule.get("ports", []))
+
+
+def test_the_cronjob_has_its_own_label_and_reaches_only_the_dashboard():
+    """The CronJob's pod carries its own component label, so the rule that gives the Ray pods every
+    port of each other does not select it: from it the head admits only the dashboard (job
+    submission) and the Serve port. Fails on the manifest before (the pod had the Ray pods' labels
+    and got every port)."""
+    docs = committed_docs()
+    pods = manifest_pods(committed_list())
+    got = admitted(docs["NetworkPolicy"], source=pods["reindex"], namespace={}, same_namespace=True)
+    assert got == {8000, kuberay.DASHBOARD_PORT}, got
+    assert pods["reindex"].get("app.kubernetes.io/component") == "reindex" != pods["head"].get("app.kubernetes.io/component")
+    assert not selects(docs["NetworkPolicy"]["spec"]["podSelector"], pods["reindex"])
+    inbound = docs["policies"]["ragraph-reindex"]
+    assert admitted(inbound, source=pods["head"], namespace={}, same_namespace=True) == set()  # nothing gets in
+
+
+def test_hub_models_are_pinned_to_a_commit(cfg):
+    """A hub model without a commit (the revision null before) or with a branch or tag is refused, with
+    the command that finds the commit; gpu.yaml pins its three; models.dir must be on the shared volume
+    (the init container writes there, every engine reads there)."""
+    import re
+
+    args = yaml.safe_load(committed_docs()["RayService"]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    for role in ("embedder", "generator", "reranker"):
+        assert args["models"][role]["source"] == "hub" and re.fullmatch(r"[0-9a-f]{40}", str(args["models"][role]["revision"])), role
+    with pytest.raises(KubeRayError) as e:
+        kuberay.rayservice(changed(cfg, models__generator__revision=None, models__reranker__revision="main"))
+    assert "models.generator.revision=None" in str(e.value) and "models.reranker.revision='main'" in str(e.value)
+    assert "model_info('Qwen/Qwen2.5-7B-Instruct').sha" in str(e.value) and "embedder" not in str(e.value)
+    with pytest.raises(KubeRayError, match="models.dir=/models is not under /mnt/shared"):
+        kuberay.rayservice(changed(cfg, models__dir="/models"))
