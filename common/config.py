@@ -61,7 +61,8 @@ class ModelSpec(_Strict):
         "elsewhere `ragraph models` copies it to models.dir/<name>.",
     )
     revision: str | None = Field(
-        default=None, description="For source 'hub': a branch, tag or commit to pin (default: the hub's main)."
+        default=None, description="For source 'hub': a branch, tag or commit to pin (default: the hub's main); "
+        "`ragraph kuberay` requires a commit (40 hex digits)."
     )
 
     @model_validator(mode="after")
