@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import StageError
-from serve.ids import request_id
+from serve.ids import id_headers, request_id
 
 log = logging.getLogger("ray.serve")
 
@@ -111,18 +111,18 @@ def status_of(e: BaseException) -> int:
     return getattr(e, "status_code", 500)
 
 
-def error_response(err: ApiError, rid: str) -> JSONResponse:
+def error_response(err: ApiError, request: Request) -> JSONResponse:
     body = err.body()
     body["error"]["message"] = redact(body["error"]["message"])
-    return JSONResponse(body, status_code=err.status, headers={**err.headers, "X-Request-ID": rid})
+    return JSONResponse(body, status_code=err.status, headers={**err.headers, **id_headers(request)})
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(validation_error(list(exc.errors())), request_id(request))
+    return error_response(validation_error(list(exc.errors())), request)
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc, request_id(request))
+    return error_response(exc, request)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -140,7 +140,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     else:
         err = ApiError(status, detail or "request refused", code=f"http_{status}")
     err.headers.update(exc.headers or {})
-    return error_response(err, request_id(request))
+    return error_response(err, request)
 
 
 def install(app: FastAPI, *, on_unexpected=None) -> None:
@@ -154,7 +154,7 @@ def install(app: FastAPI, *, on_unexpected=None) -> None:
         return error_response(
             ApiError(500, f"internal error ({type(exc).__name__}); quote request id {rid} when reporting it",
                      type="server_error", code="internal_error"),
-            rid,
+            request,
         )
 
     app.add_exception_handler(RequestValidationError, _invalid)

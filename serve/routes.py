@@ -39,7 +39,7 @@ from serve.conversations import ROUTES as HISTORY_ROUTES, check_conversation, re
 from serve.documents import DOCUMENTS, ROUTES as DOCUMENT_ROUTES
 from serve.errors import ApiError, governor_call, install, stage_unavailable, status_of
 from serve.events import ChatEvent, Done, Reservation
-from serve.ids import request_id
+from serve.ids import id_headers, request_id
 from serve.metrics import METRICS
 from serve.pipeline import Pipeline
 from serve.querylog import QueryLog, note, question_of
@@ -481,7 +481,7 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
         result = await openai.completion(recorded(request, body, pipeline.chat_events(body, prep)),
                                          request_id=rid, model=pipeline.model)
         note(request, rag=result.get("rag"), usage=result.get("usage"))
-        return JSONResponse(result, headers={"X-Request-ID": rid})
+        return JSONResponse(result, headers=id_headers(request))
     events = recorded(request, body, pipeline.chat_events(body, prep))  # the answered request id, the turn
     first = await anext(events)  # generation has started (or degraded, or raised a 503)
 
@@ -507,7 +507,7 @@ async def chat_response(pipeline: Pipeline, body: ChatRequest, request: Request)
 
     return StreamingResponse(
         body_iter(), media_type="text/event-stream",
-        headers={"X-Request-ID": rid, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={**id_headers(request), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
@@ -516,7 +516,7 @@ async def search_response(pipeline: Pipeline, body: SearchRequest, request: Requ
     note(request, question=body.query, strategy=body.strategy or pipeline.cfg.retriever.strategy)
     result = await pipeline.search(body, rid)
     note(request, search=result)
-    return JSONResponse(result, headers={"X-Request-ID": rid})
+    return JSONResponse(result, headers=id_headers(request))
 
 
 async def ready_response(pipeline: Pipeline, request: Request) -> JSONResponse:

@@ -516,6 +516,83 @@ def test_auth_rate_limit_and_open_health_on_the_graph(service):
     assert "ingress" in logs and not any(k in logs for k in KEYS.values())  # no key is ever logged
 
 
+def _raw_request(head: str, *, send_body: bytes = b"", timeout: float = 10) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers) and ``send_body`` on a raw socket, then read the
+    response: (status, everything read). No body beyond ``send_body`` is ever sent."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", PORT), timeout=timeout) as s:
+        s.sendall(head.encode() + b"\r\n" + send_body)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got) < got.index(b"\r\n\r\n") + 4 + 2:
+            part = s.recv(65536)
+            if not part:
+                break
+            got += part
+    return int(got.split(b" ", 2)[1]), got
+
+
+def test_no_body_byte_is_read_before_the_key_over_http(service):
+    """A keyless upload declaring 30 MiB (under documents.max_upload_bytes) gets its 401 with no
+    body byte sent (before, the ingress read the whole body first and the client waited); a user
+    key's upload its 403 (the read deadline is tested in process, test_ingress_admission.py)."""
+    head = ("POST /v1/documents HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {30 * 1024 * 1024}\r\n")
+    t = time.monotonic()
+    status, raw = _raw_request(head)
+    assert status == 401 and b"missing_api_key" in raw, raw[:300]
+    assert time.monotonic() - t < 10
+    from deployments.auth import KeyStore
+
+    user = KeyStore(service.cfg.governor.db).create("uploader, not admin")[0]
+    status, raw = _raw_request(head + f"Authorization: Bearer {user}\r\n")
+    assert status == 403 and b"insufficient_scope" in raw, raw[:300]
+
+
+def test_serve_timeout_overrides_cross_site_and_unknown_proxies_over_http(service):
+    url = service.url
+    body = {"query": "parking"}
+    code, _, raw = http("POST", f"{url}/v1/search", body, headers={"x-request-timeout-seconds": "0"})
+    assert code == 400 and json.loads(raw)["error"]["code"] == "header_not_allowed", raw
+    code, _, raw = http("DELETE", f"{url}/v1/cache", headers={"Origin": "http://evil.example"})
+    assert code == 403 and json.loads(raw)["error"]["code"] == "cross_site_request", raw
+    code, _, raw = http("POST", f"{url}/v1/search", body, headers={"Sec-Fetch-Site": "cross-site"})
+    assert code == 403 and json.loads(raw)["error"]["code"] == "cross_site_request", raw
+    # loopback is in exempt_ips (configs/local.yaml), but not a client relayed by an unknown proxy:
+    # the per-address limit of "other" requests (100 a minute) applies to it
+    limit = int(service.cfg.governor.rate_limits.per_ip.other)
+    codes = [http("GET", f"{url}/v1/models", headers={"X-Forwarded-For": "198.51.100.9"})[0] for _ in range(limit + 1)]
+    assert codes[:limit] == [200] * limit and codes[-1] == 429, codes[-5:]
+    assert http("GET", f"{url}/v1/models")[0] == 200  # the operator on this machine is still exempt
+
+
+def test_one_request_id_header_and_metrics_need_a_key_over_http(service):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+    chat = {"model": "ragraph", "max_tokens": 4, "rag": {"cache": False},
+            "messages": [{"role": "user", "content": "Is parking free?"}]}
+    for headers in ({}, {"X-Request-ID": f"one-id-{time.time_ns()}"}):
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat), {
+            "Content-Type": "application/json", "Authorization": f"Bearer {KEYS['admin']}", **headers})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        ids = [v for k, v in r.getheaders() if k.lower() == "x-request-id"]
+        assert r.status == 200 and ids == [body["rag"]["metadata"]["request_id"]], (ids, r.status)
+        if headers:
+            assert ids == [headers["X-Request-ID"]]
+    conn.request("GET", "/v1/models")  # an error response too
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 401 and len([k for k, _ in r.getheaders() if k.lower() == "x-request-id"]) == 1
+    conn.close()
+    code, _, raw = http("GET", f"{service.url}/metrics", key=None)
+    assert code == 401, raw[:200]
+    assert http("GET", f"{service.url}/metrics")[0] == 200  # an admin key
+    code, _, text = http("GET", f"{service.url}/metrics")
+    assert not re.search(rb"key_id=", text)
+
+
 def test_cache_hit_and_usage_through_the_graph(service):
     body = {"model": "ragraph", "max_tokens": 16, "rag": {"rerank": False},
             "messages": [{"role": "user", "content": "What do club members receive?"}]}
