@@ -26,6 +26,8 @@ limits in a shared counter store, quotas checked against a cached usage snapshot
    tokens this replica has recorded since (:meth:`Admission.note_usage`, :meth:`Admission.settle`),
    plus the tokens reserved by the key's requests in progress here (``reserve_tokens``): a request
    is admitted only if its own reservation fits too, and holds it until :meth:`Admission.settle`.
+   The ingress admits a chat before reading its body, then reserves (:meth:`Admission.reserve`)
+   once the body tells its size; a chat larger than its key's whole quota is refused with 400.
    Other replicas' usage is seen at the next verification, so N replicas can overshoot a quota by
    at most what the others admit within ``key_cache_s``.
 5. **Daily budget** (chats): the key's cost today (``governor.pricing``) from the same snapshot,

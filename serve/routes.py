@@ -8,10 +8,13 @@ Routes: ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream`` as SSE), ``
 is in OpenAI's format (``serve.errors``); nothing returns a bare 500.
 
 Every routed request but ``/health*`` (and ``/metrics`` when ``governor.auth.metrics_open``) is
-admitted first, in :class:`ObservedRoute`: body size, then :class:`deployments.admission.Admission`
-(per-address limit, the API key as verified by the governor and cached, per-key limits, quota:
-401/403/429/413 in OpenAI's format; the key itself is never logged). A cached key costs no
-governor call.
+admitted first, in :class:`ObservedRoute`, from its headers alone: Serve's client timeout headers
+refused, the Host (auth off), the Origin of a state-changing request, a declared body size, then
+:class:`deployments.admission.Admission` (per-address limit, the API key as verified by the
+governor and cached, its scope, per-key limits, quota: 401/403/429/413 in OpenAI's format; the key
+itself is never logged). Only then, inside the replica's queue slot (:class:`Gate`), is the body
+read, within its size limit and read deadline, and a chat's tokens held against its key's quota.
+A cached key costs no governor call.
 """
 
 from __future__ import annotations
