@@ -269,6 +269,12 @@ class GeneratorConfig(_Strict):
     max_tokens: int = Field(default=256, ge=1, description="Answer length when the request gives none.")
     max_tokens_limit: int = Field(default=1024, ge=1, description="Largest `max_tokens` a request may ask for.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature when the request gives none.")
+    schema_compile_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="Longest a `response_format` JSON schema may take to compile (xgrammar, in a worker process "
+        "that is killed at the limit) before the engine is given it; a slower one is a 400. Each distinct schema "
+        "is compiled once (deployments/schemas.py).",
+    )
     context_tokens: int = Field(
         default=1200, ge=64,
         description="Tokenizer tokens the numbered context blocks may fill; further cut to what fits in "
@@ -339,8 +345,9 @@ class GeneratorConfig(_Strict):
         return kw
 
     def engine_env(self) -> dict[str, str]:
-        """Environment variables the engine reads at start-up."""
-        return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_space_gib)} if self.device == "cpu" else {}
+        """Environment variables the engine (and its schema gate, deployments/schemas.py) reads at start-up."""
+        env = {"RAGRAPH_SCHEMA_COMPILE_TIMEOUT_S": f"{self.schema_compile_timeout_s:g}"}
+        return {**env, "VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kvcache_space_gib)} if self.device == "cpu" else env
 
     @model_validator(mode="after")
     def _limits(self) -> GeneratorConfig:

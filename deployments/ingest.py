@@ -12,6 +12,11 @@ durable, queued batch jobs.
   atomic ``current`` swap), and records the outcome. The build runs in a Ray task (``documents.runner``
   ``ray``: on the cluster, off this process, Ray Data embedding from ``indexing.ray_min_chunks``
   chunks up) or in a thread (``thread``: the in-process app); the runner reports a heartbeat meanwhile.
+* Limits: a job's uploaded files are read (:func:`read_files`) in a child process forked from a
+  forkserver, its address space capped at ``documents.job_memory_mb`` (a file that needs more fails
+  alone); a job has ``documents.job_timeout_s`` of wall clock: the reading child is killed at it, the
+  embedding stops at its next progress report, a Ray task that has not answered soon after is
+  cancelled. A job over its time fails with that reason (it is not run again) and the next one runs.
 * Restarts: at start (and then every poll) a ``running`` job whose runner is gone (another instance
   of the service, its process dead or silent for ``documents.stale_after_s``) is queued again, up to
   ``documents.max_attempts`` runs, then failed with the reason. Running a job again is safe: the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -73,6 +79,10 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 
 class JobError(ValueError):
     """A job cannot be accepted (the message says why)."""
+
+
+class JobLimitError(RuntimeError):
+    """A job went over ``documents.job_timeout_s`` (the message says where); it fails, not run again."""
 
 
 def paths(cfg) -> tuple[Path, Path]:
@@ -328,26 +338,135 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# reading a job's files in a child process it can kill
+
+# what the reader's children import once, in the forkserver they are forked from
+_READER_PRELOAD = ["indexing.formats", "indexing.documents", "bs4", "lxml.etree", "pypdf", "docx", "pyarrow.parquet"]
+
+
+def _reader_context():
+    ctx = multiprocessing.get_context("forkserver")  # a fresh, single-threaded parent: safe to fork
+    ctx.set_forkserver_preload(_READER_PRELOAD)  # applies when this process's forkserver starts
+    return ctx
+
+
+def _read_child(conn, files: list[tuple[str, bytes]], domain: str, limits, memory_mb: int, cpu_s: int) -> None:
+    """The child: address space capped at ``memory_mb`` (a file that needs more fails alone), CPU time
+    at ``cpu_s`` (it ends itself if its parent is gone); sends ``("reading", name)`` before each
+    file, then ``("read", name, documents)`` or ``("failed", name, reason)``, then ``("done",)``."""
+    import resource
+
+    limit = memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+    from indexing.documents import SourceError
+    from indexing.formats import read_upload
+
+    for name, data in files:
+        conn.send(("reading", name))
+        try:
+            docs = [asdict(doc) for doc in read_upload(name, data, domain=domain, limits=limits)]
+        except SourceError as e:
+            conn.send(("failed", name, str(e)))
+        except MemoryError:
+            conn.send(("failed", name, f"{name}: reading it needed more memory than documents.job_memory_mb "
+                                       f"({memory_mb} MiB) allows"))
+        except Exception as e:  # a parser bug on a hostile file fails that file, never the job
+            conn.send(("failed", name, f"{name}: could not be read ({type(e).__name__})"))
+        else:
+            conn.send(("read", name, docs))
+    conn.send(("done",))
+    conn.close()
+
+
+def read_files(files: list[tuple[str, bytes]], *, domain: str, limits, memory_mb: int, deadline: float,
+               timeout_s: float, log: Callable[[str], None] = lambda _: None
+               ) -> tuple[list[tuple[str, Any]], list[dict[str, str]]]:
+    """((file name, document) pairs, failures) of ``files``, read by
+    :func:`indexing.formats.read_upload` in a child process with ``memory_mb`` of address space. A
+    child that dies on a file fails that file and a new one reads the rest; at ``deadline``
+    (``time.monotonic()``) the child is killed and :class:`JobLimitError` raised, naming the file
+    it was reading."""
+    from indexing.documents import Document
+
+    ctx = _reader_context()
+    docs: list[tuple[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    pending = list(files)
+    while pending:
+        here, there = ctx.Pipe(duplex=False)
+        cpu_s = max(1, int(deadline - time.monotonic()) + 1)
+        child = ctx.Process(target=_read_child, args=(there, pending, domain, limits, memory_mb, cpu_s),
+                            name="ragraph-read", daemon=True)
+        child.start()
+        there.close()
+        current, heard = None, False
+        try:
+            while pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    where = f" while reading {current}" if current else ""
+                    raise JobLimitError(f"took longer than documents.job_timeout_s ({timeout_s:g} s){where}")
+                if not here.poll(min(left, 1.0)):
+                    continue
+                try:
+                    msg = here.recv()
+                except EOFError:  # the child died (a crash in a parser's native code, or killed)
+                    child.join(5)
+                    why = f"the process reading it died (exit code {child.exitcode})"
+                    if not heard:  # it died before reading anything: the rest would fare no better
+                        failures += [{"file": name, "reason": f"{name}: {why}"} for name, _ in pending]
+                        pending = []
+                    else:
+                        name = pending.pop(0)[0]
+                        failures.append({"file": name, "reason": f"{name}: {why}"})
+                    break
+                heard = True
+                if msg[0] == "reading":
+                    current = msg[1]
+                    log(f"reading {current}")
+                elif msg[0] == "read":
+                    pending.pop(0)
+                    docs += [(msg[1], Document(**d)) for d in msg[2]]
+                elif msg[0] == "failed":
+                    pending.pop(0)
+                    failures.append({"file": msg[1], "reason": msg[2]})
+                elif msg[0] == "done":
+                    pending = []
+        finally:
+            if child.is_alive():
+                child.kill()
+            child.join(5)
+            here.close()
+    return docs, failures
+
+
+# ---------------------------------------------------------------------------------------------
 # the build of one job (plain function: runs in a thread or as a Ray task)
 
 _EMBEDDERS: dict[str, Any] = {}  # per process: a Ray worker that built once keeps its model loaded
 
 
 def build_job(cfg, *, documents: list[dict], files: list[tuple[str, bytes]], deletes: list[str],
-              domain: str | None, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+              domain: str | None, log: Callable[[str], None] = lambda _: None,
+              timeout_s: float | None = None) -> dict[str, Any]:
     """Read the job's documents and files, apply them (or the deletions) to the live version of
     ``indexing.dir`` and publish. Returns ``{"report", "failures", "error"}``: a file or document that
     cannot be read is a failure of its own; ``error`` is set (and nothing published) when nothing is
-    left to apply or the build itself fails."""
+    left to apply, the build itself fails or it takes longer than ``timeout_s`` (default
+    ``documents.job_timeout_s``): the files are read in a child process killed at that limit
+    (:func:`read_files`), and the embedding stops at its next progress report (always before the
+    version is published)."""
     from indexing.documents import Document, SourceError, _row_to_doc
-    from indexing.formats import Limits, read_upload
+    from indexing.formats import Limits
     from indexing.jobs import embed_fn, embedder_from_config, settings_from_config
     from indexing.store import IndexBuildError, apply_changes
 
     d = cfg.documents
     dom = domain or d.default_domain
-    limits = Limits(max_chars=d.max_document_chars, max_extracted_bytes=d.max_extracted_bytes,
-                    max_pdf_pages=d.max_pdf_pages)
+    limits = Limits.from_config(d)
+    timeout_s = d.job_timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
     failures: list[dict[str, str]] = []
     upserts: dict[str, Document] = {}
     origin: dict[str, str] = {}
@@ -371,27 +490,34 @@ def build_job(cfg, *, documents: list[dict], files: list[tuple[str, bytes]], del
         if not meta.get("source"):
             doc = Document(**{**asdict(doc), "source": f"api:{doc.id}"})
         add(doc, "the JSON body")
-    for name, data in files:
-        try:
-            docs = list(read_upload(name, data, domain=dom, limits=limits))
-        except SourceError as e:
-            failures.append({"file": name, "reason": str(e)})
-            continue
-        except Exception as e:  # a parser bug on a hostile file fails that file, never the job
-            failures.append({"file": name, "reason": f"{name}: could not be read ({type(e).__name__})"})
-            continue
-        for doc in docs:
-            add(doc, name)
-    if (documents or files) and not upserts:
-        return {"report": None, "failures": failures,
-                "error": f"every document failed ({len(failures)}); nothing was published"}
-    log(f"read {len(upserts)} documents ({len(failures)} failed)")
-    key = cfg.models.location("embedder")
-    embedder = _EMBEDDERS.get(key) or _EMBEDDERS.setdefault(key, embedder_from_config(cfg))
+    def note(line: str) -> None:  # reading and embedding check the deadline at each report, before publishing
+        if time.monotonic() > deadline:
+            raise JobLimitError(f"took longer than documents.job_timeout_s ({timeout_s:g} s)")
+        log(line)
+
     try:
+        if files:
+            docs, bad = read_files(files, domain=dom, limits=limits, memory_mb=d.job_memory_mb, deadline=deadline,
+                                   timeout_s=timeout_s, log=note)
+            failures += bad
+            for name, doc in docs:
+                add(doc, name)
+        if (documents or files) and not upserts:
+            return {"report": None, "failures": failures,
+                    "error": f"every document failed ({len(failures)}); nothing was published"}
+        note(f"read {len(upserts)} documents ({len(failures)} failed)")
+        key = cfg.models.location("embedder")
+        embedder = _EMBEDDERS.get(key) or _EMBEDDERS.setdefault(key, embedder_from_config(cfg))
+        embed_checked = embed_fn(cfg, embedder, log=note)
+
+        def embed(texts: list[str]):
+            note(f"embedding {len(texts)} texts")
+            return embed_checked(texts)
+
         report = apply_changes(Path(cfg.indexing.dir), settings_from_config(cfg), upserts=list(upserts.values()),
-                               deletes=deletes, embed=embed_fn(cfg, embedder, log=log),
-                               keep_versions=cfg.indexing.keep_versions, log=log)
+                               deletes=deletes, embed=embed, keep_versions=cfg.indexing.keep_versions, log=log)
+    except JobLimitError as e:
+        return {"report": None, "failures": failures, "error": f"{e}; nothing was published"}
     except IndexBuildError as e:
         return {"report": None, "failures": failures, "error": str(e).replace(str(cfg.indexing.dir), "<index>")}
     return {"report": asdict(report), "failures": failures, "error": None}
@@ -526,12 +652,20 @@ class IngestService:
             d = self.cfg.documents
             task = ray.remote(_ray_build).options(num_cpus=d.build_num_cpus, resources=dict(d.build_resources) or None,
                                                   max_retries=0)
-            ref = task.remote(self.cfg, payload)
+            ref = task.remote(self.cfg, {**payload, "timeout_s": d.job_timeout_s})
             progress = {**progress, "runner": "ray"}
+            # the task keeps its own deadline; one that does not answer by this one is killed
+            cancel_at = time.monotonic() + d.job_timeout_s + _CANCEL_GRACE_S
             while True:
-                ready, _ = ray.wait([ref], timeout=beat)
+                ready, _ = ray.wait([ref], timeout=max(0.1, min(beat, cancel_at - time.monotonic())))
                 if ready:
                     return ray.get(ref)
+                if time.monotonic() >= cancel_at:
+                    ray.cancel(ref, force=True)
+                    return {"report": None, "failures": [],
+                            "error": f"took longer than documents.job_timeout_s ({d.job_timeout_s:g} s); its Ray task "
+                                     "was cancelled (a version is published whole or not at all: GET /v1/index "
+                                     "shows what is live)"}
                 self.store.heartbeat(jid, self.owner, progress)
         box: dict[str, Any] = {}
         progress = {**progress, "runner": "thread"}
@@ -554,6 +688,9 @@ class IngestService:
         if "error" in box:
             raise box["error"]
         return box["out"]
+
+
+_CANCEL_GRACE_S = 30.0  # past documents.job_timeout_s, for a Ray task to report its own timeout
 
 
 def _ray_running() -> bool:

@@ -2,8 +2,8 @@
 
 Markdown is split at headings first (ATX headings, ``#`` to ``######``, read with string methods in
 time linear in the line; a line over :data:`MAX_HEADING_LINE` characters is body text, never a
-heading); each section is then cut into windows of ``size`` words overlapping by ``overlap`` words. A chunk's id is ``<document_id>#<n>`` (stable while the document
-keeps its shape) and its checksum is the sha256 of what gets embedded, so an unchanged chunk is
+heading); each section is then cut into windows of ``size`` words overlapping by ``overlap``
+words. A chunk's id is ``<document_id>#<n>`` (stable while the document keeps its shape) and its checksum is the sha256 of what gets embedded, so an unchanged chunk is
 recognised, and its vector reused, even if its position moves.
 """
 
