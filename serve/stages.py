@@ -103,6 +103,8 @@ class InProcessStages:
         self.engine: EngineGenerator | None = None
 
     async def start(self) -> None:
+        # expired conversations go on a timer (a daemon thread), as in the governor's replica
+        self.governor.conversations.start_purging(self.cfg.governor.conversations.purge_interval_s)
         self.engine = EngineGenerator.start(self.cfg)
 
     def stop(self) -> None:
