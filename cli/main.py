@@ -189,10 +189,15 @@ def _serve(args: argparse.Namespace) -> int:
         args.export.write_text(export_serve_config(cfg))
         print(f"wrote {args.export}; deploy it with: serve deploy {args.export}")
         return 0
-    from serve.launch import LaunchError, launch
+    from serve.launch import LaunchError, RayGoneError, launch
 
     try:
         return launch(cfg, address=args.address, verbose=args.verbose, block=not args.no_block)
+    except RayGoneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # Ray's exit handlers would wait for the GCS that is gone
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
 """Everything ragraph takes from ``ray.serve.llm``'s internals, in one version-checked place.
 
-``ray.serve.llm`` exposes ``LLMConfig`` and builders that start Ray; ragraph also needs, without
+``ray.serve.llm`` exposes ``LLMConfig`` and builders that start Ray; ragraph also needs a local Ray
+on loopback (:func:`init_local_ray`) and, without
 starting Ray, the Serve options its ``LLMServer`` computes (placement bundles, builder defaults),
 a callback that skips the per-node model "download" of a local folder, and an ``LLMServer`` whose
-replica hands the ingress structured token deltas instead of OpenAI SSE text. Those live under
+replica hands the ingress structured token deltas instead of OpenAI SSE text and guards its engine's
+processes (they die with the replica). Those live under
 ``ray.llm._internal``, which may change between Ray releases: :data:`TESTED_RAY` names the version
 this module was written against, and :func:`check_ray_version` refuses any other at graph build
 (``RAGRAPH_ALLOW_UNTESTED_RAY=1`` overrides, for trying a new Ray).
@@ -39,6 +41,28 @@ def check_ray_version() -> None:
         )
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def init_local_ray(**kwargs: Any) -> Any:
+    """``ray.init(**kwargs)`` for a new local Ray whose node registers on :data:`LOOPBACK`, so its
+    GCS, raylet, object manager, workers and agents listen on loopback only.
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray turns a loopback node
+    address into the machine's network address (``ray._private.services.resolve_ip_for_localhost``)
+    unless its local-only switch is off (``ray_constants.ENABLE_RAY_CLUSTER``, off by default on
+    macOS and Windows). It is turned off for this one call; the processes it starts get the node
+    address on their command lines. (Nodes of ``ray.cluster_utils.Cluster`` take
+    ``node_ip_address=LOOPBACK`` as it is.)"""
+    from unittest import mock
+
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    check_ray_version()
+    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False):
+        return ray.init(_node_ip_address=LOOPBACK, **kwargs)
+
+
 class LocalModelCallback(_CallbackBase):  # type: ignore[misc,valid-type]
     """Skips ``ray.serve.llm``'s per-node model download when the model is a local folder that
     `ragraph models` has provisioned: the download task only re-imports vLLM in a fresh worker (13 s
@@ -53,7 +77,22 @@ class LocalModelCallback(_CallbackBase):  # type: ignore[misc,valid-type]
 class DeltaLLMServer(_LLMServer):  # type: ignore[misc,valid-type]
     """``ray.serve.llm``'s ``LLMServer`` (engine start, health checks, placement) plus
     :meth:`deltas`: the engine's output as :class:`deployments.generator.GenDelta` lists, straight
-    from vLLM's ``AsyncLLM``, with no OpenAI text between the engine and the ingress."""
+    from vLLM's ``AsyncLLM``, with no OpenAI text between the engine and the ingress. Before the
+    engine starts, the replica starts its engine guard (:mod:`deployments.engine_guard`): the
+    engine's processes die with the replica however it dies, its Ray included; a health check
+    restarts a guard that is gone."""
+
+    async def start(self):
+        from deployments.engine_guard import ensure_guard
+
+        ensure_guard()
+        await super().start()
+
+    async def check_health(self) -> None:
+        from deployments.engine_guard import ensure_guard
+
+        ensure_guard()
+        await super().check_health()
 
     async def deltas(self, request: Any) -> AsyncIterator[list[Any]]:
         from deployments.engine import EngineGenerator

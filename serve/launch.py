@@ -1,5 +1,7 @@
-"""Starting the graph: a local Ray (or a running cluster), Serve on host:port, then waiting for
-``/health/ready`` while showing each deployment's progress. Also the Serve config export."""
+"""Starting the graph: a local Ray on loopback (or a running cluster), Serve on host:port, then
+waiting for ``/health/ready`` while showing each deployment's progress; ``ragraph serve`` refuses to
+start beside orphaned vLLM engines of an earlier run and exits when its local Ray goes away. Also
+the Serve config export."""
 
 from __future__ import annotations
 
@@ -20,6 +22,42 @@ from serve.graph import APP_NAME
 
 class LaunchError(RuntimeError):
     pass
+
+
+class RayGoneError(LaunchError):
+    """The local Ray under a running ``ragraph serve`` went away (``ray stop``, a kill, the OOM killer)."""
+
+
+RAY_DAEMONS = ("gcs_server", "raylet")  # the local Ray's processes that ``ragraph serve`` watches
+WATCH_S = 1.0  # ... this often
+
+
+def local_ray_daemons() -> list:
+    """The GCS and raylet that this process's ``ray.init`` started (its children)."""
+    import psutil
+
+    return [p for p in psutil.Process().children() if p.name() in RAY_DAEMONS]
+
+
+def wait_while_ray_lives(daemons: list, *, poll_s: float = WATCH_S) -> None:
+    """Return never; raise :class:`RayGoneError` once one of ``daemons`` has exited."""
+    import psutil
+
+    def gone(p) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    while True:
+        dead = [p for p in daemons if gone(p)]
+        if dead:
+            which = ", ".join(f"{p.name()} (pid {p.pid})" for p in dead)
+            raise RayGoneError(
+                f"the local Ray stopped under ragraph serve: {which} exited (`ray stop`, a kill or the OOM "
+                "killer); the service is down and its engines stop with it. Start it again with `ragraph serve`"
+            )
+        time.sleep(poll_s)
 
 
 def ready_status(url: str, timeout: float = 5) -> tuple[int, dict[str, Any]]:
@@ -52,9 +90,9 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
     import ray
 
     # RAY_AUTH_MODE stays as the user set it. Unset, the local Ray started below gets Ray's token
-    # authentication (Ray 2.60's default for ray.init(); the token in ~/.ray/auth_token): its GCS
-    # answers on the node's address, not only on loopback. A cluster's token comes from
-    # RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH.
+    # authentication (Ray 2.60's default for ray.init(); the token in ~/.ray/auth_token), and it
+    # listens on loopback only (init_local_ray). A cluster's token comes from RAY_AUTH_TOKEN or
+    # RAY_AUTH_TOKEN_PATH.
     if ray.is_initialized():
         return
     if address:
@@ -66,8 +104,11 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
     # ... but request logs written as they happen: the fast paths buffer 1,000 lines per replica, so
     # a quiet service would show an operator no request (and no request id) for hours
     os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose,
-             _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
+    from deployments.llm_adapter import init_local_ray
+
+    # on loopback: its GCS, raylet, object manager and workers listen on 127.0.0.1 only
+    init_local_ray(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose,
+                   _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
 
 
 def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=print) -> float:
@@ -191,6 +232,11 @@ def quiet_console(log_file: Path) -> Path:
 def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
     from ray import serve
 
+    if not address:  # a local Ray: refuse to start beside engines that an earlier run left holding memory
+        from deployments.engine_guard import describe_orphans, orphaned_engines
+
+        if orphans := orphaned_engines():
+            raise LaunchError(f"refusing to start: {describe_orphans(orphans)}")
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     print(f"ragraph serve: starting the graph on {'Ray at ' + address if address else 'a local Ray'}")
     log_file = None
@@ -226,9 +272,9 @@ def launch(cfg, *, address: str | None, verbose: bool, block: bool) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    daemons = local_ray_daemons()
     try:
-        while True:
-            time.sleep(3600)
+        wait_while_ray_lives(daemons)  # raises RayGoneError when the local Ray goes away
     except KeyboardInterrupt:
         print("\nstopping ragraph (the generator's engine processes stop with it)")
         serve.shutdown()

@@ -30,6 +30,7 @@ from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_o
 pytestmark = pytest.mark.slow
 PORT = 8150
 DASHBOARD_PORT = 8275
+LOOPBACK = "127.0.0.1"  # both nodes register (and listen) there
 RATE = 3.0  # requests/s, half searches, half 8-token chats (below the 2-core machine's knee)
 REPLICATED = ("ingress", "router", "retriever")
 REPORT = results_file("multinode.json")  # None: report printed, not written (RAGRAPH_RESULTS_DIR)
@@ -71,9 +72,10 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     data = indexed_config(local_cfg, base)
     root = base / "index"
 
-    c = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 4, "resources": {"ragraph_head": 1}, "include_dashboard": True, "dashboard_port": DASHBOARD_PORT})
-    worker = c.add_node(num_cpus=4, resources={"cpu_pool": 1000})
+    c = Cluster(initialize_head=True, connect=False, head_node_args={  # both nodes on loopback: nothing listens beyond it
+        "num_cpus": 4, "resources": {"ragraph_head": 1}, "include_dashboard": True, "dashboard_port": DASHBOARD_PORT,
+        "node_ip_address": LOOPBACK})
+    worker = c.add_node(num_cpus=4, resources={"cpu_pool": 1000}, node_ip_address=LOOPBACK)
     c.wait_for_nodes()
 
     for stage in ("http", "router", "retriever"):  # http: the ingress
@@ -169,7 +171,7 @@ def redeploy(cluster, attempt_timeout_s: float | None):
 
     c = cluster["cluster"]
     if cluster["worker"] is None:
-        cluster["worker"] = c.add_node(num_cpus=4, resources={"cpu_pool": 1000})
+        cluster["worker"] = c.add_node(num_cpus=4, resources={"cpu_pool": 1000}, node_ip_address=LOOPBACK)
         c.wait_for_nodes()
     data = cluster["cfg"].model_dump(mode="json")
     data["http"]["retries"]["attempt_timeout_s"] = attempt_timeout_s
