@@ -2,9 +2,11 @@
 
 Markdown is split at headings first (ATX headings, ``#`` to ``######``, read with string methods in
 time linear in the line; a line over :data:`MAX_HEADING_LINE` characters is body text, never a
-heading); each section is then cut into windows of ``size`` words overlapping by ``overlap``
-words. A chunk's id is ``<document_id>#<n>`` (stable while the document keeps its shape) and its checksum is the sha256 of what gets embedded, so an unchanged chunk is
-recognised, and its vector reused, even if its position moves.
+heading); each section is then cut into windows of ``size`` words overlapping by ``overlap`` words.
+A chunk carries at most :data:`MAX_TITLE` characters of its document's title. A chunk's id is
+``<document_id>#<n>`` (stable while the document keeps its shape) and its checksum is the sha256 of
+what gets embedded, so an unchanged chunk is recognised, and its vector reused, even if its position
+moves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from dataclasses import dataclass
 
 from indexing.documents import Document
 
-MAX_HEADING_LINE = 1000  # characters; a longer line is body text (its title would ride along in every chunk)
+# A heading's text and the document's title ride along in every chunk of their section (embedded and
+# BM25-indexed): a longer heading line is body text, a longer title is cut to this length.
+MAX_HEADING_LINE = 300  # characters
+MAX_TITLE = 300  # characters
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
@@ -100,7 +105,7 @@ def chunk_document(doc: Document, *, size: int, overlap: int) -> list[Chunk]:
                 id=f"{doc.id}#{len(chunks)}",
                 document_id=doc.id,
                 text=text,
-                title=doc.title,
+                title=doc.title[:MAX_TITLE],
                 heading_path=heading,
                 source=doc.source,
                 domain=doc.domain,

@@ -233,3 +233,15 @@ def test_a_heading_line_over_the_cap_is_body_text():
     long = chunk_document(doc(f"# {title}x\n\nshort body"), size=50, overlap=10)
     assert [c.heading_path for c in ok] == [title] and ok[0].text == "short body"
     assert [c.heading_path for c in long] == [""] and long[0].text == f"# {title}x short body"
+
+
+def test_a_huge_title_is_cut_so_the_text_to_embed_stays_linear():
+    """A 500 000-character first heading used to ride along in each of the document's 625 chunks
+    (313 M characters to embed for a 0.5 MB file); now it is body text and the title is cut."""
+    from indexing.formats import read_upload
+
+    data = ("# " + "word " * 100_000 + "\n\nbody").encode()
+    (d,) = read_upload("t.md", data, domain="d")
+    chunks = chunk_document(d, size=200, overlap=40)
+    assert {len(c.title) for c in chunks} == {300} and {c.heading_path for c in chunks} == {""}
+    assert sum(len(c.embed_text) for c in chunks) < 2 * len(data)
