@@ -2,6 +2,9 @@
 
 :class:`EngineGenerator` runs in the in-process app and inside the generator's Serve replica
 (``deployments.llm_adapter.DeltaLLMServer``), so both paths share one piece of generation code.
+Both start the process's engine guard (``deployments.engine_guard``) before the engine. A
+``response_format`` JSON schema passes :class:`deployments.schemas.SchemaGate` (compiled once per
+schema, time-limited) before the engine is given its canonical JSON.
 """
 
 from __future__ import annotations
@@ -84,18 +87,26 @@ class EngineGenerator:
     """:class:`Generator` over a vLLM ``AsyncLLM`` in this process (the chat template applied here,
     deltas straight from the engine's ``DELTA`` output)."""
 
-    def __init__(self, engine: Any, tokenizer: Any = None) -> None:
+    def __init__(self, engine: Any, tokenizer: Any = None, *, schemas: Any = None) -> None:
+        from deployments.schemas import SchemaGate
+
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else engine.get_tokenizer()
+        # a response_format schema is compiled once, time-limited, before the engine is given it
+        self.schemas = schemas if schemas is not None else SchemaGate(self.tokenizer)
 
     @classmethod
     def start(cls, cfg) -> EngineGenerator:
-        """Start the configured engine in this process (the in-process app and benchmarks)."""
+        """Start the configured engine in this process (the in-process app and benchmarks), with
+        this process's engine guard: the engine's processes die with this process."""
         import os
 
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from deployments.engine_guard import ensure_guard
+
+        ensure_guard()
         g = cfg.generator
         os.environ.update(g.engine_env())
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**g.engine_kwargs(cfg.models.location("generator"))))
@@ -104,15 +115,15 @@ class EngineGenerator:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def _inputs(self, request: GenRequest) -> tuple[list[int], Any]:
+    def _inputs(self, request: GenRequest, schema: str | None = None) -> tuple[list[int], Any]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         text = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         extra = {k: v for k in EXTENSIONS if (v := getattr(request, k)) is not None}
-        if request.json_schema is not None:
-            extra["structured_outputs"] = StructuredOutputsParams(json=request.json_schema)
+        if request.json_schema is not None:  # ``schema``: its canonical JSON, checked by self.schemas
+            extra["structured_outputs"] = StructuredOutputsParams(json=schema or request.json_schema)
         elif request.json_object:
             extra["structured_outputs"] = StructuredOutputsParams(json_object=True)
         params = SamplingParams(
@@ -142,8 +153,9 @@ class EngineGenerator:
         return out
 
     async def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]:
+        schema = await self.schemas.check(request.json_schema) if request.json_schema is not None else None
         try:
-            ids, params = self._inputs(request)
+            ids, params = self._inputs(request, schema)
         except (ValueError, TypeError, OverflowError) as e:
             raise StageError("generator", "invalid", str(e).splitlines()[0][:300]) from None
         produced = 0

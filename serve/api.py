@@ -8,12 +8,15 @@ body field, ``rag``. What the engine honours is passed on; what changes nothing 
 model may leave uncalled) is accepted and ignored; what would change the answer and cannot be
 honoured (a tool call the client requires) is refused with a 400 that names the field. Unknown
 parameters are refused with a 400 that names them, as OpenAI does. Every number is bounded to what
-the engine accepts, so that no value reaches vLLM only to be refused there.
+the engine accepts, so that no value reaches vLLM only to be refused there. A ``response_format``
+JSON schema is bounded in size, nesting, numbers, length bounds and patterns
+(:func:`check_schema_bounds`) before the generator compiles it (``deployments/schemas.py``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,7 +35,18 @@ MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300
 TOKEN_ID_MAX = 2**31 - 1
-MAX_SCHEMA_CHARS = 8_000  # a structured-output grammar is compiled per request
+# A response_format JSON schema is compiled into a grammar by xgrammar (in the generator, once per distinct
+# schema, with a time limit: deployments/schemas.py); these bounds keep that compile small before it is tried.
+MAX_SCHEMA_CHARS = 8_000  # the schema as JSON
+MAX_SCHEMA_DEPTH = 32  # objects and arrays nested in the schema's JSON
+MAX_SCHEMA_VALUES = 1_000  # JSON values in it (subschemas, property names' schemas, enum members, ...)
+MAX_SCHEMA_NUMBER = 10**15  # |minimum|, |maximum|, ... (xgrammar refuses integers beyond 64 bits)
+MAX_SCHEMA_COUNT = 4_096  # minItems/maxItems/minProperties/maxProperties, and minLength/maxLength
+# Each string with a length bound costs xgrammar 1-4 s to compile on 2 busy CPU cores (no bound: 10 ms).
+MAX_SCHEMA_LENGTH_BOUNDS = 4
+MAX_SCHEMA_PATTERNS = 8  # `pattern` and `patternProperties` regexes
+MAX_PATTERN_CHARS = 256
+MAX_PATTERN_REPEAT = 64  # n and m of a {n,m} in a pattern
 
 
 class ChatMessage(_Body):
@@ -123,11 +137,81 @@ class ResponseFormat(_Body):
             if size > MAX_SCHEMA_CHARS:
                 raise ValueError(f"response_format.json_schema.schema is {size} characters as JSON; the limit is "
                                  f"{MAX_SCHEMA_CHARS}")
+            check_schema_bounds(self.json_schema["schema"])
         return self
 
     @property
     def schema(self) -> dict[str, Any] | None:
         return self.json_schema["schema"] if self.type == "json_schema" and self.json_schema else None
+
+
+_SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties", "contentSchema")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_NUMBERS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+_COUNTS = ("minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains", "minLength",
+           "maxLength")
+_REPEAT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def check_schema_bounds(schema: dict[str, Any]) -> None:
+    """Raise ValueError naming the first bound ``schema`` exceeds: nesting, size in values, its
+    numbers, string length bounds and patterns (the constants above)."""
+    where = "response_format.json_schema.schema"
+    values, stack = 0, [(schema, 1)]
+    while stack:  # the JSON as a whole: depth and size
+        node, depth = stack.pop()
+        values += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"{where} nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep; the limit is "
+                             f"{MAX_SCHEMA_DEPTH}")
+        if values > MAX_SCHEMA_VALUES:
+            raise ValueError(f"{where} holds more than {MAX_SCHEMA_VALUES} JSON values; the limit is {MAX_SCHEMA_VALUES}")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children)
+    length_bounds, patterns, todo = 0, 0, [schema]
+    while todo:  # the schemas in it (never enum, const or default values, nor property names): their keywords
+        sub = todo.pop()
+        if not isinstance(sub, dict):
+            continue
+        for key in _NUMBERS:
+            v = sub.get(key)
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool) or v != v
+                                  or abs(v) > MAX_SCHEMA_NUMBER):
+                raise ValueError(f"{where}: {key}={v!r}; it must be a number of at most {MAX_SCHEMA_NUMBER:.0e} "
+                                 "in magnitude")
+        for key in _COUNTS:
+            v = sub.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SCHEMA_COUNT):
+                raise ValueError(f"{where}: {key}={v!r}; it must be an integer from 0 to {MAX_SCHEMA_COUNT}")
+        if "minLength" in sub or "maxLength" in sub:
+            length_bounds += 1
+            if length_bounds > MAX_SCHEMA_LENGTH_BOUNDS:
+                raise ValueError(f"{where} bounds the length of more than {MAX_SCHEMA_LENGTH_BOUNDS} strings "
+                                 f"(minLength/maxLength); the limit is {MAX_SCHEMA_LENGTH_BOUNDS}")
+        regexes = [sub["pattern"]] if "pattern" in sub else []
+        if isinstance(sub.get("patternProperties"), dict):
+            regexes += list(sub["patternProperties"])
+        for rx in regexes:
+            patterns += 1
+            if patterns > MAX_SCHEMA_PATTERNS:
+                raise ValueError(f"{where} has more than {MAX_SCHEMA_PATTERNS} patterns; the limit is "
+                                 f"{MAX_SCHEMA_PATTERNS}")
+            if not isinstance(rx, str) or len(rx) > MAX_PATTERN_CHARS:
+                raise ValueError(f"{where}: a pattern must be a string of at most {MAX_PATTERN_CHARS} characters")
+            for m in _REPEAT.finditer(rx):
+                n = max(int(x) for x in m.groups() if x)
+                if n > MAX_PATTERN_REPEAT:
+                    raise ValueError(f"{where}: the pattern repeat {m.group(0)} exceeds {MAX_PATTERN_REPEAT}; the "
+                                     f"limit is {MAX_PATTERN_REPEAT}")
+        todo.extend(sub.get(k) for k in _SUBSCHEMA)
+        for k in _SUBSCHEMA_LISTS:
+            if isinstance(sub.get(k), list):
+                todo.extend(sub[k])
+        for k in _SUBSCHEMA_MAPS:
+            if isinstance(sub.get(k), dict):
+                todo.extend(sub[k].values())
 
 
 class ChatRequest(_Body):

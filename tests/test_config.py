@@ -34,14 +34,14 @@ def test_gpu_config_names_hub_models_and_gpu_engine_args():
     assert cfg.models.location("generator") == "Qwen/Qwen2.5-7B-Instruct"
     kw = cfg.generator.engine_kwargs(cfg.models.location("generator"))
     assert kw["gpu_memory_utilization"] == 0.9 and kw["tensor_parallel_size"] == 1
-    assert cfg.generator.engine_env() == {}
+    assert cfg.generator.engine_env() == {"RAGRAPH_SCHEMA_COMPILE_TIMEOUT_S": "10"}
 
 
 def test_cpu_engine_args_leave_out_gpu_settings():
     cfg = load_config(LOCAL, environ={})
     kw = cfg.generator.engine_kwargs("m")
     assert "gpu_memory_utilization" not in kw and kw["max_model_len"] == 2048
-    assert cfg.generator.engine_env() == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    assert cfg.generator.engine_env() == {"RAGRAPH_SCHEMA_COMPILE_TIMEOUT_S": "10", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 def test_ragraph_config_env_var_picks_the_file():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from fastapi.testclient import TestClient
@@ -188,3 +189,128 @@ def test_the_api_docs_render_in_a_browser_under_their_csp():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# ---------------------------------------------------------------------------------------------
+# a response_format schema is bounded before any compile, compiled once, and its compile is time-limited
+
+FAST = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]}}, "required": ["city"]}
+# two strings with length bounds: several seconds of xgrammar on 2 CPU cores (1-2 s on a fast machine)
+SLOW = {"type": "object", "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 4096},
+                                         "b": {"type": "string", "minLength": 2, "maxLength": 4095}}}
+
+
+def nested(depth: int) -> dict:
+    d: dict = {"type": "string"}
+    for _ in range(depth):
+        d = {"type": "array", "items": d}
+    return d
+
+
+@pytest.mark.parametrize(("schema", "bound"), [
+    (nested(40), "more than 32 deep"),
+    ({"enum": list(range(1200))}, "more than 1000 JSON values"),
+    ({"type": "integer", "minimum": -10**30}, "minimum="),
+    ({"type": "number", "maximum": 1e300}, "maximum="),
+    ({"type": "array", "items": {"type": "integer"}, "maxItems": 10**6}, "maxItems=1000000"),
+    ({"type": "string", "maxLength": 100_000}, "maxLength=100000"),
+    ({"type": "object", "properties": {f"s{i}": {"type": "string", "maxLength": 10 + i} for i in range(5)}},
+     "more than 4 strings"),
+    ({"type": "string", "pattern": "^a{0,1000}$"}, "pattern repeat {0,1000}"),
+    ({"type": "string", "pattern": "a" * 300}, "at most 256 characters"),
+    ({"anyOf": [{"type": "string", "pattern": f"^x{i}$"} for i in range(9)]}, "more than 8 patterns"),
+])
+def test_a_schema_over_a_bound_is_refused_naming_it(schema, bound):
+    from pydantic import ValidationError
+
+    body = chat_body(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    with pytest.raises(ValidationError, match=re.escape(bound)):
+        ChatRequest(**body)
+
+
+def test_a_schema_over_a_bound_is_a_400_over_http(app):
+    client, _ = app()
+    body = chat_body(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": nested(40)}})
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "more than 32 deep" in r.json()["error"]["message"], r.text
+    # a property called like a keyword is a name, not a bound; a realistic schema passes
+    ok = {"type": "object", "properties": {"maxLength": {"type": "integer", "minimum": 0, "maximum": 10}}}
+    ChatRequest(**chat_body(response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": ok}}))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(app_config, provisioned):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(app_config.models.location("generator"))
+
+
+def test_a_schema_is_compiled_once_by_its_hash_and_a_slow_one_is_killed_and_refused(tokenizer):
+    import os
+
+    from deployments.errors import StageError
+    from deployments.schemas import SchemaGate, canonical
+
+    gate = SchemaGate(tokenizer, timeout_s=0.5, cache_size=8)
+    try:
+        spec = asyncio.run(gate.check(FAST))
+        assert spec == canonical(FAST) and json.loads(spec) == FAST and gate.compiles == 1
+        reordered = dict(reversed(list(FAST.items())))
+        assert asyncio.run(gate.check(reordered)) == spec and gate.compiles == 1  # the same sha256: no compile
+        worker = gate.pid
+        with pytest.raises(StageError) as e:
+            asyncio.run(gate.check(SLOW))
+        assert e.value.kind == "invalid" and "did not compile within 0.5 s" in str(e.value)
+        assert "generator.schema_compile_timeout_s" in str(e.value)
+        assert gate.pid is None and not os.path.exists(f"/proc/{worker}/status") or _zombie(worker)
+        with pytest.raises(StageError, match="did not compile"):
+            asyncio.run(gate.check(SLOW))  # refused from the cache
+        assert gate.compiles == 2
+        with pytest.raises(StageError, match="cannot be compiled") as e:  # a fresh worker answers
+            asyncio.run(gate.check({"type": "integer", "minimum": -1e30}))
+        assert "json_schema_converter" not in str(e.value) and gate.compiles == 3
+    finally:
+        gate.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" in f.read()
+    except FileNotFoundError:
+        return True
+
+
+class Capturing:
+    """Just enough of vLLM's AsyncLLM for EngineGenerator: records the sampling params it is given."""
+
+    def __init__(self):
+        self.params = []
+
+    async def generate(self, inputs, params, request_id):
+        self.params.append(params)
+        out = type("O", (), {"token_ids": [1], "text": "{}", "finish_reason": "stop", "logprobs": None})()
+        yield type("R", (), {"outputs": [out], "finished": True, "metrics": None})()
+
+
+def test_the_engine_gets_the_canonical_schema_and_never_a_refused_one(tokenizer):
+    from deployments.engine import EngineGenerator, GenRequest
+    from deployments.errors import StageError
+    from deployments.schemas import SchemaGate, canonical
+
+    engine = Capturing()
+    gate = SchemaGate(tokenizer, timeout_s=0.5)
+    gen = EngineGenerator(engine, tokenizer, schemas=gate)
+    msgs = [{"role": "user", "content": "The capital of France as JSON."}]
+
+    async def run(schema):
+        return [d async for d in gen.generate(GenRequest(messages=msgs, max_tokens=8, json_schema=schema))]
+
+    try:
+        assert asyncio.run(run(FAST))[-1].finish_reason == "stop"
+        assert engine.params[-1].structured_outputs.json == canonical(FAST)
+        with pytest.raises(StageError, match="cannot be compiled"):
+            asyncio.run(run({"type": "integer", "minimum": -1e30}))
+        assert len(engine.params) == 1  # the refused schema never reached the engine
+    finally:
+        gate.close()
