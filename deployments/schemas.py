@@ -13,7 +13,8 @@ engine also sees one key per schema. One compile runs at a time; a schema that p
 engine about what it cost here. The ingress bounds the schema's size, nesting and numbers before
 any of this (``serve.api.check_schema_bounds``).
 
-The worker reads compile requests from a pipe: it ends when this process closes its end (or dies).
+The worker reads compile requests from a pipe: it ends when this process closes its end or dies
+(a compile under way finishes first).
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ class SchemaGate:
             self.close()  # the compile is killed with its process; the next schema gets a fresh one
             return (f"the response_format schema did not compile within {self.timeout_s:g} s "
                     "(generator.schema_compile_timeout_s); simplify it (fewer length bounds, patterns, properties)")
-        status, detail = conn.recv()
+        try:
+            status, detail = conn.recv()
+        except (EOFError, OSError):  # the worker died (killed from outside): no verdict, the next call starts one
+            self.close()
+            raise StageError("generator", "error", "the schema compiler process ended during a compile") from None
         self.last_compile_s = time.perf_counter() - start
         return None if status == "ok" else f"the response_format schema cannot be compiled: {detail}"
 

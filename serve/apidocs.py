@@ -84,6 +84,11 @@ def integrity(body: bytes) -> str:
     return "sha384-" + base64.b64encode(hashlib.sha384(body).digest()).decode()
 
 
+@cache
+def _integrities() -> dict[str, str]:
+    return {name: integrity(body) for name, body in assets().items()}
+
+
 def _files() -> dict[str, bytes]:
     try:
         return assets()
@@ -91,9 +96,9 @@ def _files() -> dict[str, bytes]:
         raise ApiError(503, f"the API documentation is unavailable: {e}", code="docs_unavailable") from None
 
 
-def _tag(name: str, files: dict[str, bytes]) -> str:
+def _tag(name: str) -> str:
     url = ASSETS.format(name=name)
-    sri = integrity(files[name])
+    sri = _integrities()[name]
     if name.endswith(".css"):
         return f'<link rel="stylesheet" href="{url}" integrity="{sri}">'
     return f'<script src="{url}" integrity="{sri}"></script>'
@@ -108,16 +113,18 @@ def _page(path: str, title: str, body: str) -> Response:
 
 @ROUTES.route("GET", SWAGGER, include_in_schema=False)
 async def swagger_page(request: Request) -> Response:
-    files, title = _files(), f"{request.app.title} API"
-    return _page(SWAGGER, title, f'{_tag("swagger-ui.css", files)}</head><body><div id="swagger-ui"></div>'
-                                 f'{_tag("swagger-ui-bundle.js", files)}{_tag("swagger-start.js", files)}</body>')
+    _files()  # 503 when the installed files are not the pinned ones
+    title = f"{request.app.title} API"
+    return _page(SWAGGER, title, f'{_tag("swagger-ui.css")}</head><body><div id="swagger-ui"></div>'
+                                 f'{_tag("swagger-ui-bundle.js")}{_tag("swagger-start.js")}</body>')
 
 
 @ROUTES.route("GET", REDOC, include_in_schema=False)
 async def redoc_page(request: Request) -> Response:
-    files, title = _files(), f"{request.app.title} API"
+    _files()  # 503 when the installed files are not the pinned ones
+    title = f"{request.app.title} API"
     return _page(REDOC, title, f'</head><body><redoc spec-url="{OPENAPI}"></redoc>'
-                               f'{_tag("redoc.standalone.js", files)}</body>')
+                               f'{_tag("redoc.standalone.js")}</body>')
 
 
 @ROUTES.route("GET", ASSETS, include_in_schema=False)
