@@ -93,8 +93,11 @@ def watch(owner_pid: int, owner_created: float, *, poll_s: float = POLL_S) -> li
         time.sleep(poll_s)
     # an engine may have started a process since the last scan: what is under a recorded one counts too
     for p in list(known.values()):
-        for q in engine_processes(p):
-            known.setdefault(q.pid, q)
+        try:
+            for q in p.children(recursive=True):
+                known.setdefault(q.pid, q)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
     killed = []
     for p in known.values():
         try:
