@@ -352,10 +352,20 @@ def _reader_context():
 
 def _read_child(conn, files: list[tuple[str, bytes]], domain: str, limits, memory_mb: int, cpu_s: int) -> None:
     """The child: address space capped at ``memory_mb`` (a file that needs more fails alone), CPU time
-    at ``cpu_s`` (it ends itself if its parent is gone); sends ``("reading", name)`` before each
-    file, then ``("read", name, documents)`` or ``("failed", name, reason)``, then ``("done",)``."""
+    at ``cpu_s``; it ends as soon as the job's end of ``conn`` is closed (the job's process is gone:
+    a reader never outlives it, and its forkserver, which lives while a child of it does, ends too);
+    sends ``("reading", name)`` before each file, then ``("read", name, documents)`` or
+    ``("failed", name, reason)``, then ``("done",)``."""
     import resource
+    import select
 
+    def orphaned() -> None:
+        watch = select.poll()
+        watch.register(conn.fileno(), select.POLLERR)  # a pipe's writer gets POLLERR when its reader is gone
+        watch.poll()
+        os._exit(1)
+
+    threading.Thread(target=orphaned, name="ragraph-read-watch", daemon=True).start()
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))

@@ -187,14 +187,14 @@ def test_a_job_over_its_time_is_killed_failed_with_the_reason_and_the_next_job_r
 
 
 def test_a_file_over_the_memory_limit_fails_alone(local_cfg, built_index, tmp_path):
-    """A 20 kB Parquet file of 1000 dictionary-encoded rows unpacks to 300 MB of text: its reader
+    """A 40 kB Parquet file of 4000 dictionary-encoded rows unpacks to 1.2 GB of text: its reader
     runs out of documents.job_memory_mb, that file fails with the reason, the job's other file goes in."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    text = pa.DictionaryArray.from_arrays(pa.array([0] * 1000, pa.int32()), pa.array(["w " * 150_000]))
+    text = pa.DictionaryArray.from_arrays(pa.array([0] * 4000, pa.int32()), pa.array(["w " * 150_000]))
     buf = io.BytesIO()
-    pq.write_table(pa.table({"id": [str(i) for i in range(1000)], "text": text}), buf)
+    pq.write_table(pa.table({"id": [str(i) for i in range(4000)], "text": text}), buf)
     svc = _service(local_cfg, built_index, tmp_path, job_memory_mb=640, max_document_chars=100_000)
     svc.submit("job_mem", "upsert", files=[("bomb.parquet", buf.getvalue()),
                                            ("fine.md", b"# Fine\n\nThe press house opens at eight.")])
@@ -268,3 +268,49 @@ def test_a_ray_task_past_the_time_limit_is_cancelled(local_cfg, tmp_path, monkey
     assert calls["cancel"] == [(("ref", 0.3), True)], calls
     assert job["status"] == "failed" and job["attempts"] == 1, job
     assert job["error"].startswith("took longer than documents.job_timeout_s (0.3 s); its Ray task was cancelled"), job
+
+
+def test_the_reader_dies_with_the_process_that_runs_the_job(tmp_path):
+    """A job's process killed outright (SIGKILL, as by `ray stop --force`) leaves no reader behind
+    still parsing its file (nor its forkserver, which lives while a child of it does): the reader
+    ends when the job's end of its pipe closes."""
+    import os
+    import signal
+
+    import psutil
+
+    (tmp_path / "slow.pdf").write_bytes(shared_stream_pdf(8, TEXTLESS * 170_000))
+    code = f"""
+import multiprocessing, threading, time
+from deployments.ingest import read_files
+from indexing.formats import Limits
+if __name__ == "__main__":
+    data = open({str(tmp_path / "slow.pdf")!r}, "rb").read()
+    def started(line):  # the reader has the file: it is parsing it now
+        time.sleep(0.5)
+        print(multiprocessing.active_children()[0].pid, flush=True)
+    threading.Thread(target=read_files, args=([("slow.pdf", data)],), daemon=True,
+                     kwargs=dict(domain="d", limits=Limits(), memory_mb=1024, deadline=time.monotonic() + 120,
+                                 timeout_s=120, log=started)).start()
+    time.sleep(120)
+"""
+    job = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        line = job.stdout.readline()
+        assert line.strip().isdigit(), f"no reader process started: {line!r}"
+        reader = psutil.Process(int(line))
+        assert reader.status() != psutil.STATUS_ZOMBIE
+    finally:
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(10)
+
+    def gone() -> bool:
+        try:
+            return reader.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    end = time.monotonic() + 15
+    while not gone() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert gone(), f"the reader {reader.pid} still runs after its job's process was killed"
