@@ -91,12 +91,14 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
 
     # RAY_AUTH_MODE stays as the user set it. Unset, the local Ray started below gets Ray's token
     # authentication (Ray 2.60's default for ray.init(); the token in ~/.ray/auth_token), and it
-    # listens on loopback only (init_local_ray). A cluster's token comes from RAY_AUTH_TOKEN or
+    # listens on loopback only (init_ray). A cluster's token comes from RAY_AUTH_TOKEN or
     # RAY_AUTH_TOKEN_PATH.
+    from deployments.llm_adapter import init_ray
+
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, runtime_env=runtime_env(cfg), log_to_driver=verbose)
+    if address:  # a cluster on a loopback address is joined there (init_ray)
+        init_ray(address=address, runtime_env=runtime_env(cfg), log_to_driver=verbose)
         return
     cpus = cfg.http.ray_num_cpus or max(os.cpu_count() or 1, 8)
     # read by every Ray process this starts (controller, proxy, replicas); an explicit variable wins
@@ -104,11 +106,9 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
     # ... but request logs written as they happen: the fast paths buffer 1,000 lines per replica, so
     # a quiet service would show an operator no request (and no request id) for hours
     os.environ.setdefault("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1")
-    from deployments.llm_adapter import init_local_ray
-
     # on loopback: its GCS, raylet, object manager and workers listen on 127.0.0.1 only
-    init_local_ray(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose,
-                   _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
+    init_ray(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env(cfg), log_to_driver=verbose,
+             _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
 
 
 def deploy(cfg, *, address: str | None = None, verbose: bool = False, progress=print) -> float:

@@ -10,10 +10,10 @@ from indexing.embedding import Embedder, embed_local, embed_with_ray
 def ray_session():
     import ray
 
-    from deployments.llm_adapter import init_local_ray
+    from deployments.llm_adapter import init_ray
     from indexing.embedding import ensure_ray
 
-    init_local_ray(include_dashboard=False, log_to_driver=False)  # on loopback, as serve.launch starts it
+    init_ray(include_dashboard=False, log_to_driver=False)  # on loopback, as serve.launch starts it
     ensure_ray()  # finds it started
     yield
     ray.shutdown()

@@ -67,6 +67,7 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
 
     started = time.time()
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local-only mode: nodes and job drivers stay on LOOPBACK
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # the job's `ragraph` is this venv's
     base = tmp_path_factory.mktemp("multinode")
     data = indexed_config(local_cfg, base)
