@@ -81,8 +81,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     check_ray_version()
     with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
             mock.patch.dict(os.environ, {LOCAL_ONLY_ENV: "0"}):  # inherited by what ray.init starts
-        if new:
-            return ray.init(address=address or None, _node_ip_address=LOOPBACK, **kwargs)
+        if new:  # "local": always a Ray of its own, never another session's that happens to be running here
+            return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
         return ray.init(address=address, **kwargs)
 
 
