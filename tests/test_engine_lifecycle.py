@@ -52,6 +52,13 @@ def _title(p: psutil.Process) -> str:
         return ""
 
 
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
 def _alive(pids: list[int]) -> list[int]:
     out = []
     for pid in pids:
@@ -85,10 +92,10 @@ def _wait_for(what, timeout: float, poll: float = 0.2):
         time.sleep(poll)
 
 
-def ray_stop_force(root: psutil.Process) -> list[psutil.Process]:
+def ray_stop_force(root: psutil.Process) -> list[str]:
     """``ray stop --force`` for the Ray under ``root`` only: SIGKILL, at once, every process below
     ``root`` that ``ray stop`` matches (its own list, ``RAY_PROCESSES``: a keyword matched against
-    the process name, or against the joined command line). Returns the processes killed."""
+    the process name, or against the joined command line). Returns the names of those killed."""
     from ray.autoscaler._private.constants import RAY_PROCESSES
 
     matched = []
@@ -98,11 +105,11 @@ def ray_stop_force(root: psutil.Process) -> list[psutil.Process]:
         except psutil.Error:
             continue
         if any(keyword in (name if by_name else cmd) for keyword, by_name in RAY_PROCESSES):
-            matched.append(p)
-    for p in matched:
+            matched.append((p, name))
+    for p, _ in matched:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-    return matched
+    return [name for _, name in matched]
 
 
 def listening_sockets(procs: list[psutil.Process]) -> dict[str, list[str]]:
@@ -290,11 +297,11 @@ def test_local_ray_listens_on_loopback_and_serve_exits_when_it_goes(tmp_path):
         root = psutil.Process(proc.pid)
         time.sleep(2)  # the raylet's first idle worker
         ray_procs = [root, *root.children(recursive=True)]
-        assert any(p.name() == "raylet" for p in ray_procs), [p.name() for p in ray_procs]
+        assert "raylet" in {_name(p) for p in ray_procs}, [_name(p) for p in ray_procs]
         sockets = listening_sockets(ray_procs)
         assert sockets and not not_loopback(sockets), f"Ray listens beyond loopback: {not_loopback(sockets)}"
         killed = ray_stop_force(root)
-        assert {p.name() for p in killed} >= {"raylet", "gcs_server"}, [p.name() for p in killed]
+        assert set(killed) >= {"raylet", "gcs_server"}, killed
         t0 = time.monotonic()
         try:
             rc = proc.wait(15)
