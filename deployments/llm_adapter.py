@@ -1,7 +1,6 @@
 """Everything ragraph takes from ``ray.serve.llm``'s internals, in one version-checked place.
 
-``ray.serve.llm`` exposes ``LLMConfig`` and builders that start Ray; ragraph also needs a local Ray
-on loopback (:func:`init_ray`) and, without
+``ray.serve.llm`` exposes ``LLMConfig`` and builders that start Ray; ragraph also needs, without
 starting Ray, the Serve options its ``LLMServer`` computes (placement bundles, builder defaults),
 a callback that skips the per-node model "download" of a local folder, and an ``LLMServer`` whose
 replica hands the ingress structured token deltas instead of OpenAI SSE text and guards its engine's
@@ -39,51 +38,6 @@ def check_ray_version() -> None:
             f"{ray.__version__} is installed; pin ray=={TESTED_RAY} (pyproject.toml) or re-check this module "
             "and set RAGRAPH_ALLOW_UNTESTED_RAY=1"
         )
-
-
-LOOPBACK = "127.0.0.1"
-LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's local-only switch, read at import: "0" is on
-
-
-def _on_loopback(address: str) -> bool:
-    import ipaddress
-
-    host = address.split("://")[-1].rpartition(":")[0].strip("[]") or address
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def init_ray(address: str | None = None, **kwargs: Any) -> Any:
-    """``ray.init(address, **kwargs)``, on loopback when it starts a new local Ray (no ``address``)
-    or joins one at a loopback address: the node registers on :data:`LOOPBACK`, so its GCS,
-    raylet, object manager, workers and agents listen on loopback only.
-
-    ``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it, nor does joining
-    ``127.0.0.1:PORT``: Ray turns a loopback address into the machine's network address
-    (``ray._private.services.resolve_ip_for_localhost``) unless its local-only switch is on
-    (``ray_constants.ENABLE_RAY_CLUSTER`` false, the default on macOS and Windows, from
-    :data:`LOCAL_ONLY_ENV` at import). It is switched on for this call in this process, and in the
-    environment of the Ray processes the call starts (GCS, raylet, agents; the raylet's workers
-    and job drivers inherit it). (Nodes of ``ray.cluster_utils.Cluster`` take
-    ``node_ip_address=LOOPBACK`` as it is; their processes need :data:`LOCAL_ONLY_ENV` too.)"""
-    from unittest import mock
-
-    import ray
-    import ray._private.ray_constants as ray_constants
-
-    new = address in (None, "", "local")
-    if not new and not _on_loopback(address):
-        return ray.init(address=address, **kwargs)
-    check_ray_version()
-    with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
-            mock.patch.dict(os.environ, {LOCAL_ONLY_ENV: "0"}):  # inherited by what ray.init starts
-        if new:  # "local": always a Ray of its own, never another session's that happens to be running here
-            return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
-        return ray.init(address=address, **kwargs)
 
 
 class LocalModelCallback(_CallbackBase):  # type: ignore[misc,valid-type]

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from common.local_ray import init_ray, running_cluster
+
 Log = Callable[[str], None]
 
 
@@ -89,13 +91,10 @@ def ensure_ray(address: str | None = None) -> None:
 
     if not ray.is_initialized():
         # RAY_AUTH_MODE as the user set it (a local Ray gets token auth by default; a cluster's
-        # token comes from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, or RAY_AUTH_MODE is inherited in a job)
-        ray.init(
-            address=address or os.environ.get("RAY_ADDRESS"),
-            include_dashboard=False,
-            log_to_driver=False,
-            ignore_reinit_error=True,
-        )
+        # token comes from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH, or RAY_AUTH_MODE is inherited in a job).
+        # The cluster this machine runs is joined; without one, a local Ray of its own, on loopback.
+        init_ray(address or os.environ.get("RAY_ADDRESS") or running_cluster(), include_dashboard=False,
+                 log_to_driver=False, ignore_reinit_error=True)
 
 
 def embed_with_ray(

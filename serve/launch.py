@@ -93,7 +93,7 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
     # authentication (Ray 2.60's default for ray.init(); the token in ~/.ray/auth_token), and it
     # listens on loopback only (init_ray). A cluster's token comes from RAY_AUTH_TOKEN or
     # RAY_AUTH_TOKEN_PATH.
-    from deployments.llm_adapter import init_ray
+    from common.local_ray import init_ray
 
     if ray.is_initialized():
         return

@@ -700,8 +700,8 @@ def test_launchers_never_set_ray_auth_mode(monkeypatch, target, address, mode):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda *a, **k: seen.append((k.get("address"), os.environ.get("RAY_AUTH_MODE"))))
     _launch(target, address)
-    local = "local" if target == "serve.launch.start_ray" else None  # init_ray: a Ray of its own, never one already running
-    assert seen == [(address or local, mode)]
+    monkeypatch.setattr("indexing.embedding.running_cluster", lambda: None)  # no cluster recorded on this machine
+    assert seen == [(address or "local", mode)]  # init_ray: a Ray of its own, never one already running
 
 
 def test_no_code_sets_ray_auth_mode():

@@ -10,13 +10,34 @@ from indexing.embedding import Embedder, embed_local, embed_with_ray
 def ray_session():
     import ray
 
-    from deployments.llm_adapter import init_ray
+    import indexing.embedding
     from indexing.embedding import ensure_ray
 
-    init_ray(include_dashboard=False, log_to_driver=False)  # on loopback, as serve.launch starts it
-    ensure_ray()  # finds it started
+    found = indexing.embedding.running_cluster
+    indexing.embedding.running_cluster = lambda: None  # another session's recorded cluster is not ours to join
+    try:
+        ensure_ray()  # `ragraph index`'s own Ray: a new local one, on loopback
+    finally:
+        indexing.embedding.running_cluster = found
     yield
     ray.shutdown()
+
+
+def test_ragraph_index_ray_listens_on_loopback_only(ray_session):
+    """The local Ray that Ray Data embedding starts (ensure_ray) listens on 127.0.0.1 only: its GCS,
+    raylet, object manager and agents (old code: the machine's network address and ``::``)."""
+    import time
+
+    import psutil
+
+    from test_engine_lifecycle import listening_sockets, not_loopback
+
+    time.sleep(1)
+    procs = psutil.Process().children(recursive=True)
+    names = {p.name() for p in procs if p.is_running()}
+    assert {"gcs_server", "raylet"} <= names, names
+    sockets = listening_sockets([psutil.Process(), *procs])
+    assert sockets and not not_loopback(sockets), f"listening beyond loopback: {not_loopback(sockets)}"
 
 
 def test_ray_data_matches_local_encoding(ray_session, provisioned):
