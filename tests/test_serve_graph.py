@@ -567,9 +567,9 @@ def test_serve_timeout_overrides_cross_site_and_unknown_proxies_over_http(servic
 
 
 def test_one_request_id_header_and_metrics_need_a_key_over_http(service):
-    import http.client
+    from http.client import HTTPConnection
 
-    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=120)
+    conn = HTTPConnection("127.0.0.1", PORT, timeout=120)
     chat = {"model": "ragraph", "max_tokens": 4, "rag": {"cache": False},
             "messages": [{"role": "user", "content": "Is parking free?"}]}
     for headers in ({}, {"X-Request-ID": f"one-id-{time.time_ns()}"}):
