@@ -1,10 +1,9 @@
-"""Starting or joining Ray from this machine so that a local Ray listens on loopback only:
-:func:`init_ray` (``ragraph serve``'s embedded default, ``ragraph index``'s Ray Data embedding,
-the test clusters) and :func:`on_loopback`.
+"""Starting Ray on this machine so that a local Ray listens on loopback only (:func:`init_ray`:
+``ragraph serve``'s embedded default, ``ragraph index``'s Ray Data embedding, the tests' Rays), and
+the cluster this machine runs (:func:`running_cluster`).
 
-``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it, nor does joining
-``127.0.0.1:PORT``: Ray 2.60 turns a loopback address into the machine's network address
-(``ray._private.services.resolve_ip_for_localhost``) unless its local-only switch is on
+``ray.init(_node_ip_address="127.0.0.1")`` alone does not do it: Ray 2.60 turns a loopback
+address into the machine's network address (``ray._private.services.resolve_ip_for_localhost``) unless its local-only switch is on
 (``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` false, the default on macOS and Windows, read
 from :data:`LOCAL_ONLY_ENV` at import). :func:`init_ray` turns it on for its one call in this
 process, and in the environment of the Ray processes the call starts (GCS, raylet, agents; the
@@ -14,7 +13,6 @@ raylet's workers and job drivers inherit it). Nodes of ``ray.cluster_utils.Clust
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from typing import Any
 
@@ -22,26 +20,16 @@ LOOPBACK = "127.0.0.1"
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's local-only switch, read at import: "0" is on
 
 
-def on_loopback(address: str) -> bool:
-    """``address`` (``host:port``, ``ray://host:port``) names this machine's loopback."""
-    host = address.split("://")[-1].rpartition(":")[0].strip("[]") or address
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     """``ray.init(address, **kwargs)``, on loopback when it starts a new local Ray (``address``
     None, empty or ``"local"``: always a Ray of its own, never another session's that happens to
-    be running here) or joins one at a loopback address; any other address is joined as given."""
+    be running here); a cluster's address is joined as given."""
     import ray
     import ray._private.ray_constants as ray_constants
 
-    new = address in (None, "", "local")
-    if not new and not on_loopback(address):
+    if address not in (None, "", "local"):
+        # a cluster is joined as it is, also at a loopback address: on a cluster's head that address
+        # still belongs to a cluster whose other nodes must reach this driver at its network address
         return ray.init(address=address, **kwargs)
     if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
         raise RuntimeError(f"Ray {ray.__version__} has no ray_constants.ENABLE_RAY_CLUSTER: common/local_ray.py "
@@ -50,9 +38,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ[LOCAL_ONLY_ENV] = "0"  # inherited by what ray.init starts
     try:
-        if new:
-            return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
-        return ray.init(address=address, **kwargs)
+        return ray.init(address="local", _node_ip_address=LOOPBACK, **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = switch
         if env is None:

@@ -97,7 +97,7 @@ def start_ray(cfg, *, address: str | None, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    if address:  # a cluster on a loopback address is joined there (init_ray)
+    if address:  # a cluster, joined as it is
         init_ray(address=address, runtime_env=runtime_env(cfg), log_to_driver=verbose)
         return
     cpus = cfg.http.ray_num_cpus or max(os.cpu_count() or 1, 8)
