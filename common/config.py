@@ -624,6 +624,12 @@ class HttpConfig(_Strict):
         "the client IP. A request with such a header from any other peer is never taken as loopback nor as an "
         "exempt address (a reverse proxy on this host would otherwise make every client 127.0.0.1).",
     )
+    forwarded_header: Literal["x-forwarded-for", "forwarded", "x-real-ip"] = Field(
+        default="x-forwarded-for",
+        description="The one header http.trusted_proxies write the client's address in (X-Forwarded-For, "
+        "appended to; RFC 7239 Forwarded; or X-Real-IP); no other is read, since a header the proxy does not "
+        "set is the client's own, passed through.",
+    )
     allowed_origins: list[str] = Field(
         default_factory=list,
         description="Web origins (scheme://host:port) besides the service's own whose pages may send "

@@ -78,33 +78,34 @@ def _trusted(proxies: tuple[str, ...]):
     return parse_networks("http.trusted_proxies", proxies)  # parsed once, not per request
 
 
-def _forwarded_hops(request: Request) -> list[str]:
-    """The client addresses a proxy wrote, nearest last: X-Forwarded-For, else the ``for=`` of
-    RFC 7239 ``Forwarded``, else X-Real-IP."""
-    h = request.headers
-    if h.get("x-forwarded-for"):
-        return [x.strip() for x in h["x-forwarded-for"].split(",") if x.strip()]
-    if h.get("forwarded"):
-        hops = []
-        for element in h["forwarded"].split(","):
-            for pair in element.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if name.lower() == "for" and value:
-                    v = value.strip().strip('"')
-                    hops.append(v[1:v.index("]")] if v.startswith("[") and "]" in v else v.rsplit(":", 1)[0]
-                                if v.count(":") == 1 else v)
-        return hops
-    return [h["x-real-ip"].strip()] if h.get("x-real-ip", "").strip() else []
+def _forwarded_hops(request: Request, header: str) -> list[str]:
+    """The client addresses the trusted proxy wrote in ``header`` (``http.forwarded_header``), nearest
+    last: X-Forwarded-For, the ``for=`` of RFC 7239 ``Forwarded``, or X-Real-IP. Only that header is
+    read: one the proxy does not set may be the client's own, passed through."""
+    value = request.headers.get(header, "")
+    if header == "x-real-ip":
+        return [value.strip()] if value.strip() else []
+    if header == "x-forwarded-for":
+        return [x.strip() for x in value.split(",") if x.strip()]
+    hops = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            name, _, v = pair.strip().partition("=")
+            if name.lower() == "for" and v:
+                v = v.strip().strip('"')
+                hops.append(v[1:v.index("]")] if v.startswith("[") and "]" in v
+                            else v.rsplit(":", 1)[0] if v.count(":") == 1 else v)
+    return hops
 
 
-def client_ip(request: Request, trusted_proxies: list[str]) -> str:
-    """The caller's address: the nearest untrusted address a trusted proxy forwarded (X-Forwarded-For,
-    Forwarded, X-Real-IP), else the peer (a forged header from anyone else is ignored)."""
+def client_ip(request: Request, trusted_proxies: list[str], header: str = "x-forwarded-for") -> str:
+    """The caller's address: the nearest untrusted address a trusted proxy wrote in ``header``
+    (``http.forwarded_header``), else the peer (a forged header from anyone else is ignored)."""
     peer = request.client.host if request.client else "unknown"
     nets = _trusted(tuple(trusted_proxies))
     if not nets or not in_networks(peer, nets):
         return peer
-    for hop in reversed(_forwarded_hops(request)):
+    for hop in reversed(_forwarded_hops(request, header)):
         if not in_networks(hop, nets):
             return hop
     return peer
@@ -139,21 +140,27 @@ def check_request_headers(request: Request) -> None:
 def check_origin(request: Request, allowed: list[str]) -> None:
     """A state-changing request sent by a web page of another site is refused (cross-site request
     forgery: a page the operator visits could post to ``http://127.0.0.1:8000``, which with auth off
-    is admin). Browsers say where a request comes from: ``Sec-Fetch-Site: cross-site``, and an
-    ``Origin`` other than this service's own (its Host) or one of ``http.allowed_origins``. Clients
-    that are not browsers send neither and are not affected."""
+    is admin). Browsers say where a request comes from: ``Sec-Fetch-Site`` (``same-origin`` and
+    ``none``, typed by the user, pass; ``cross-site`` is refused; ``same-site``, another port or
+    subdomain, passes only with an Origin of this service), and ``Origin``, which without
+    ``Sec-Fetch-Site`` must be this service's own (its Host). ``http.allowed_origins`` are let in
+    whatever the browser says. Clients that are not browsers send neither and are not affected; a
+    proxy that rewrites Host does not break the chat page (its browser says ``same-origin``)."""
     if request.method not in STATE_CHANGING:
         return
     site = request.headers.get("sec-fetch-site", "").strip().lower()
     origin = request.headers.get("origin")
+    o = origin.strip().lower().rstrip("/") if origin is not None else None
+    if o is not None and ("*" in allowed or o in {a.strip().lower().rstrip("/") for a in allowed}):
+        return
+    if site in ("same-origin", "none"):
+        return
+    own = o is None or o.partition("://")[2] == request.headers.get("host", "").strip().lower()
     why = None
     if site == "cross-site":
         why = "Sec-Fetch-Site: cross-site"
-    elif origin is not None:
-        o = origin.strip().lower().rstrip("/")
-        own = o.partition("://")[2] == request.headers.get("host", "").strip().lower()
-        if not own and o not in {a.strip().lower().rstrip("/") for a in allowed} and "*" not in allowed:
-            why = f"Origin {origin!r} is not this service's own"
+    elif not own:
+        why = f"Origin {origin!r} is not this service's own"
     if why:
         METRICS.admission.labels("cross_site").inc()
         raise ApiError(403, f"{request.method} {request.url.path} from another web site is refused ({why}); "
@@ -202,7 +209,7 @@ async def admit(request: Request, endpoint: str) -> None:
     if endpoint == "/metrics" and cfg.governor.auth.metrics_open:
         return
     token = bearer(request)
-    ip = client_ip(request, cfg.http.trusted_proxies)
+    ip = client_ip(request, cfg.http.trusted_proxies, cfg.http.forwarded_header)
     local = is_local(request, ip, cfg.http.trusted_proxies)
     admin_route = (request.method, endpoint) in ADMIN_ROUTES
     if not cfg.governor.auth.enabled and admin_route and not local:
@@ -544,7 +551,7 @@ async def ready_response(pipeline: Pipeline, request: Request) -> JSONResponse:
 async def _is_admin(pipeline: Pipeline, request: Request) -> bool:
     """Whether the caller of an open route may see details (never raises: no key is no details)."""
     cfg = pipeline.cfg
-    ip = client_ip(request, cfg.http.trusted_proxies)
+    ip = client_ip(request, cfg.http.trusted_proxies, cfg.http.forwarded_header)
     if not cfg.governor.auth.enabled:
         return is_local(request, ip, cfg.http.trusted_proxies)
     token = bearer(request)

@@ -226,6 +226,11 @@ def test_same_origin_and_non_browser_posts_pass(app):
                                                         "Sec-Fetch-Site": "same-origin"}).status_code == 200
     assert client.post("/v1/search", json=q, headers={"Origin": "https://console.example"}).status_code == 200
     assert client.delete("/v1/cache", headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
+    # behind a proxy that rewrites Host, the chat page's own requests still pass: the browser says same-origin
+    assert client.post("/v1/search", json=q, headers={"Origin": "https://rag.example.com",
+                                                        "Sec-Fetch-Site": "same-origin"}).status_code == 200
+    r = client.post("/v1/search", json=q, headers={"Origin": "http://127.0.0.1:3000", "Sec-Fetch-Site": "same-site"})
+    assert r.status_code == 403  # another port of the same site is another origin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +247,25 @@ def test_a_forwarded_request_from_loopback_is_not_local_with_auth_off(app, heade
     assert client.delete("/v1/cache").status_code == 200  # the operator on this machine, no proxy
 
 
-def test_a_trusted_proxys_client_is_counted_by_its_own_address(app):
-    api, _ = app(auth=False, http={"trusted_proxies": ["127.0.0.1"]})
-    client = TestClient(api, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
-    r = client.delete("/v1/cache", headers={"X-Real-IP": "203.0.113.7"})
-    assert r.status_code == 403  # the proxy says the client is 203.0.113.7: not loopback
-    r = client.delete("/v1/cache", headers={"Forwarded": 'for="[::1]:4711"'})
-    assert r.status_code == 200  # a trusted proxy relaying a loopback client
+@pytest.mark.parametrize(("header", "client", "forged"), [
+    ("x-real-ip", {"X-Real-IP": "203.0.113.7"}, {"X-Forwarded-For": "127.0.0.1"}),
+    ("forwarded", {"Forwarded": "for=203.0.113.7"}, {"X-Real-IP": "::1"}),
+    ("x-forwarded-for", {"X-Forwarded-For": "127.0.0.1, 203.0.113.7"}, {"Forwarded": "for=127.0.0.1"}),
+])
+def test_a_trusted_proxys_client_is_read_from_its_header_only(app, header, client, forged):
+    """Behind a trusted proxy the client's address comes from the one header that proxy writes
+    (http.forwarded_header); another forwarding header, which the client may have sent through the
+    proxy, never makes it loopback."""
+    api, _ = app(auth=False, http={"trusted_proxies": ["127.0.0.1"], "forwarded_header": header})
+    c = TestClient(api, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
+    r = c.delete("/v1/cache", headers={**client, **forged})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope", r.text
+
+
+def test_a_trusted_proxy_relaying_a_loopback_client_is_local(app):
+    api, _ = app(auth=False, http={"trusted_proxies": ["127.0.0.1"], "forwarded_header": "forwarded"})
+    c = TestClient(api, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
+    assert c.delete("/v1/cache", headers={"Forwarded": 'for="[::1]:4711"'}).status_code == 200
 
 
 def test_exempt_loopback_does_not_exempt_clients_of_an_unknown_proxy(app):
