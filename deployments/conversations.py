@@ -98,6 +98,7 @@ _REKEYED = {"chat_requests": "owner, request_id, conversation_id, created",
 PURGE_STATEMENTS = {
     "expired conversations": "SELECT id FROM conversations WHERE updated < ? LIMIT ?",
     "their turns": "DELETE FROM turns WHERE conversation_id = ?",
+    "their feedback": "DELETE FROM feedback WHERE conversation_id = ?",
     "the conversations": "DELETE FROM conversations WHERE id = ?",
     "expired request ids": "DELETE FROM chat_requests WHERE rowid IN "
                            "(SELECT rowid FROM chat_requests WHERE created < ? LIMIT ?)",
@@ -164,7 +165,7 @@ class ConversationStore:
 
     def purge(self, now: float | None = None, *, conn: sqlite3.Connection | None = None,
               batch: int = PURGE_BATCH) -> int:
-        """Delete conversations (with their turns) and request ids older than the retention, and
+        """Delete conversations (with their turns and feedback) and request ids older than the retention, and
         feedback older than its own; returns how many conversations went. In transactions of at
         most ``batch`` rows each; on ``conn`` (the purge thread's) when given, else on the store's."""
         now = time.time() if now is None else now
@@ -182,6 +183,7 @@ class ConversationStore:
                 if cutoff is not None:
                     ids = [(r[0],) for r in c.execute(q["expired conversations"], (cutoff, batch))]
                     c.executemany(q["their turns"], ids)
+                    c.executemany(q["their feedback"], ids)  # feedback goes with its conversation
                     c.executemany(q["the conversations"], ids)
                     requests = c.execute(q["expired request ids"], (cutoff, batch)).rowcount
                 if fb_cutoff is not None:

@@ -287,6 +287,17 @@ def test_feedback_goes_with_its_conversation_and_after_its_retention(tmp_path):
     assert store.feedback() == []
 
 
+def test_feedback_goes_when_its_conversation_expires(tmp_path):
+    """A conversation past its retention takes its feedback with it, before the feedback's own retention."""
+    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=30, feedback_retention_days=90)
+    cid = store.create("k")["id"]
+    store.chat_done("k", "r1", cid, {"question": "q", "answer": "a", "rag": {}})
+    store.chat_done("k", "r2", None)
+    assert store.put_feedback("k", "r1", -1, "about a turn") and store.put_feedback("k", "r2", 1)
+    store.purge(now=time.time() + 31 * 86400)
+    assert [f["request_id"] for f in store.feedback()] == ["r2"]  # r1's conversation went, and its feedback
+
+
 def test_a_database_keyed_by_request_id_alone_is_rekeyed_with_its_rows(tmp_path):
     import sqlite3
 
