@@ -9,8 +9,10 @@ process of its own, which it kills when the compile takes longer than
 client's error (``StageError`` ``invalid``: a 400). The verdict is kept in a bounded LRU keyed by
 the sha256 of the schema's canonical JSON (sorted keys, no spaces), so a repeated schema is never
 compiled again here, and the engine is handed that canonical text, so xgrammar's own cache in the
-engine also sees one key per schema. One compile runs at a time; a schema that passed costs the
-engine about what it cost here. The ingress bounds the schema's size, nesting and numbers before
+engine also sees one key per schema; "did not compile in time" is kept for
+:data:`SLOW_VERDICT_TTL_S` only (the machine may have been busy). One compile runs at a time, and a
+schema that would wait behind more than :data:`QUEUE_WAITS` of them is told to retry
+(``overloaded``: a 503); a schema that passed costs the engine about what it cost here. The ingress bounds the schema's size, nesting and numbers before
 any of this (``serve.api.check_schema_bounds``).
 
 The worker reads compile requests from a pipe: it ends when this process closes its end or dies
@@ -74,17 +76,23 @@ def _default_timeout() -> float:
     return float(os.environ.get(TIMEOUT_ENV) or GeneratorConfig.model_fields["schema_compile_timeout_s"].default)
 
 
+SLOW_VERDICT_TTL_S = 600  # how long "did not compile in time" is the answer before the schema is tried again
+QUEUE_WAITS = 3  # a compile waits for at most this many others (each up to the limit) before a 503
+
+
 class SchemaGate:
     """Compile-once, time-limited admission of JSON schemas (see the module's docstring)."""
 
     def __init__(self, tokenizer: Any, *, timeout_s: float | None = None, cache_size: int = 1024) -> None:
-        from cachetools import LRUCache
+        from cachetools import LRUCache, TTLCache
 
         self.tokenizer = tokenizer
         self.timeout_s = float(timeout_s) if timeout_s is not None else _default_timeout()
         if not self.timeout_s > 0:
             raise ValueError(f"schema compile timeout must be > 0 s, got {self.timeout_s}")
         self.verdicts: LRUCache = LRUCache(maxsize=cache_size)  # sha256 -> None (compiled in time) or why not
+        # ... but "too slow" only for SLOW_VERDICT_TTL_S: a schema slow because the machine was busy is tried again
+        self.slow: TTLCache = TTLCache(maxsize=cache_size, ttl=SLOW_VERDICT_TTL_S)
         self.compiles = 0  # schemas compiled here (cache misses)
         self.last_compile_s: float | None = None
         self._serial = threading.Lock()  # one compile at a time, across event loops
@@ -97,34 +105,44 @@ class SchemaGate:
         did not compile within the limit, or cannot be compiled."""
         spec = canonical(schema)
         key = hashlib.sha256(spec.encode()).hexdigest()
-        if key not in self.verdicts:
+        if key not in self.verdicts and key not in self.slow:
             await asyncio.to_thread(self._decide, key, spec)
-        reason = self.verdicts.get(key)
+        reason = self.verdicts.get(key) or self.slow.get(key)
         if reason is not None:
             raise StageError("generator", "invalid", reason)
         return spec
 
     def _decide(self, key: str, spec: str) -> None:
-        with self._serial:
-            if key not in self.verdicts:  # another request may have compiled it meanwhile
-                self.verdicts[key] = self._compile(spec)
+        # compiles wait for each other at most QUEUE_WAITS compile limits: a flood of new schemas is
+        # told to come back (503) instead of holding the replica's threads for ever
+        if not self._serial.acquire(timeout=self.timeout_s * QUEUE_WAITS):
+            raise StageError("generator", "overloaded", "other response_format schemas are being compiled; "
+                             "retry shortly")
+        try:
+            if key not in self.verdicts and key not in self.slow:  # another request may have compiled it meanwhile
+                reason, in_time = self._compile(spec)
+                (self.verdicts if in_time else self.slow)[key] = reason
+        finally:
+            self._serial.release()
 
-    def _compile(self, spec: str) -> str | None:
+    def _compile(self, spec: str) -> tuple[str | None, bool]:
+        """(why the schema is refused or None, whether it compiled within the limit)."""
         conn = self._worker()
         self.compiles += 1
         start = time.perf_counter()
-        conn.send(spec)
-        if not conn.poll(self.timeout_s):
-            self.close()  # the compile is killed with its process; the next schema gets a fresh one
-            return (f"the response_format schema did not compile within {self.timeout_s:g} s "
-                    "(generator.schema_compile_timeout_s); simplify it (fewer length bounds, patterns, properties)")
         try:
+            conn.send(spec)
+            if not conn.poll(self.timeout_s):
+                self.close()  # the compile is killed with its process; the next schema gets a fresh one
+                return (f"the response_format schema did not compile within {self.timeout_s:g} s "
+                        "(generator.schema_compile_timeout_s); simplify it (fewer length bounds, patterns, "
+                        "properties)"), False
             status, detail = conn.recv()
         except (EOFError, OSError):  # the worker died (killed from outside): no verdict, the next call starts one
             self.close()
             raise StageError("generator", "error", "the schema compiler process ended during a compile") from None
         self.last_compile_s = time.perf_counter() - start
-        return None if status == "ok" else f"the response_format schema cannot be compiled: {detail}"
+        return (None if status == "ok" else f"the response_format schema cannot be compiled: {detail}"), True
 
     def _worker(self) -> Any:
         if self._proc is not None and self._proc.is_alive():

@@ -11,6 +11,7 @@ engine is never started) or on the pipeline with hand-written stages (as in test
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 import re
 
@@ -249,7 +250,7 @@ def test_a_schema_is_compiled_once_by_its_hash_and_a_slow_one_is_killed_and_refu
     import os
 
     from deployments.errors import StageError
-    from deployments.schemas import SchemaGate, canonical
+    from deployments.schemas import SLOW_VERDICT_TTL_S, SchemaGate, canonical
 
     gate = SchemaGate(tokenizer, timeout_s=0.5, cache_size=8)
     try:
@@ -266,9 +267,22 @@ def test_a_schema_is_compiled_once_by_its_hash_and_a_slow_one_is_killed_and_refu
         with pytest.raises(StageError, match="did not compile"):
             asyncio.run(gate.check(SLOW))  # refused from the cache
         assert gate.compiles == 2
+        # "too slow" is kept for SLOW_VERDICT_TTL_S only (the machine may have been busy): then tried again
+        gate.slow.expire(time.monotonic() + SLOW_VERDICT_TTL_S + 1)
+        with pytest.raises(StageError, match="did not compile"):
+            asyncio.run(gate.check(SLOW))
+        assert gate.compiles == 3
         with pytest.raises(StageError, match="cannot be compiled") as e:  # a fresh worker answers
             asyncio.run(gate.check({"type": "integer", "minimum": -1e30}))
-        assert "json_schema_converter" not in str(e.value) and gate.compiles == 3
+        assert "json_schema_converter" not in str(e.value) and gate.compiles == 4
+        # a schema that would wait behind compiles for longer than QUEUE_WAITS limits is told to retry
+        assert gate._serial.acquire()
+        try:
+            with pytest.raises(StageError) as e:
+                asyncio.run(gate.check({"type": "string", "maxLength": 7}))
+            assert e.value.kind == "overloaded" and gate.compiles == 4
+        finally:
+            gate._serial.release()
     finally:
         gate.close()
 
