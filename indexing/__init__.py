@@ -1,1 +1,3 @@
-"""Chunking, Ray Data embedding, FAISS/BM25 index build, index versions, evaluation (issue #3)."""
+"""Documents in, searchable index versions out: reading and capping uploaded formats, chunking,
+embedding (in process or with Ray Data), the FAISS and BM25 indexes, versioned publishing,
+fusion calibration, reranker adaptation and retrieval evaluation."""
