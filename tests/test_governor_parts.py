@@ -111,7 +111,8 @@ def test_verify(store):
 def test_scopes_and_bad_arguments(store):
     assert store.create("ops", "admin")[1].scope == "admin"
     assert store.create("app")[1].scope == "user"
-    with pytest.raises(AuthError, match=r"scope must be one of \['user', 'admin'\], got 'root'"):
+    assert store.create("prometheus", "metrics")[1].scope == "metrics"
+    with pytest.raises(AuthError, match=r"scope must be one of \['user', 'admin', 'metrics'\], got 'root'"):
         store.create("x", "root")
     with pytest.raises(AuthError, match="name must be 1 to 100 characters"):
         store.create("   ")
@@ -119,7 +120,7 @@ def test_scopes_and_bad_arguments(store):
         store.create("n" * 101)
     with pytest.raises(AuthError, match=r"2 error\(s\).*chat_per_min must be a number > 0.*daily_tokens must be an integer"):
         store.create("x", chat_per_min=0, daily_tokens=1.5)
-    assert store.count_active() == 2  # nothing was written by the refused calls
+    assert store.count_active() == 3  # nothing was written by the refused calls
 
 
 def test_overrides_round_trip(store, db):
