@@ -241,5 +241,5 @@ def test_feedback_from_the_page_is_stored(page, server):
         time.sleep(0.5)
     assert [(r["score"], r["comment"]) for r in mine] == [(-1, "it did not say eighteen months")]
     assert mine[0]["conversation_id"]  # the turn's conversation
-    metrics = httpx.get(base + "/metrics", timeout=10).text
+    metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {admin}"}, timeout=10).text  # auth on
     assert 'rag_feedback_total{score="down"}' in metrics
