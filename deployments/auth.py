@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from common.files import private_dir
+
 log = logging.getLogger("ray.serve")
 
 Scope = Literal["user", "admin", "metrics"]  # metrics: reads /metrics only (a scrape key)
@@ -120,17 +122,7 @@ def private_file(path: Path) -> None:
     missing file 0600; an existing file (and its SQLite -wal/-shm files) owned by this user with
     group or other bits is tightened to 0600. Folders that already exist are left as they are."""
     path = Path(path)
-    missing = []
-    d = path.parent
-    while not d.exists():
-        missing.append(d)
-        d = d.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:  # made by someone else meanwhile: not ours to change
-            continue
-        os.chmod(d, 0o700)
+    private_dir(path.parent)
     try:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:

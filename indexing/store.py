@@ -41,6 +41,7 @@ import numpy as np
 from indexing.calibrate import VERSION as CALIBRATION_VERSION
 from indexing.chunking import Chunk, chunk_document
 from indexing.documents import Document, read_source
+from common.files import private_dir
 from common.manifest import first_bad_file, tree_checksums
 
 FORMAT_VERSION = 1
@@ -142,21 +143,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _private_dir(path: Path) -> None:
-    """``path`` made (with its missing parents) 0700, whatever the umask; one that exists is left alone."""
-    missing = []
-    d = Path(path)
-    while not d.exists():
-        missing.append(d)
-        d = d.parent
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:  # made by someone else meanwhile: not ours to change
-            continue
-        os.chmod(d, 0o700)
-
-
 def _private_tree(path: Path) -> None:
     """``path`` and everything under it: folders 0700, files 0600 (links are not followed; what
     another user owns is left as it is)."""
@@ -179,7 +165,7 @@ def _private_tree(path: Path) -> None:
 
 @contextmanager
 def _build_lock(root: Path) -> Iterator[None]:
-    _private_dir(root)
+    private_dir(root)
     fd = os.open(root / ".build.lock", os.O_WRONLY | os.O_CREAT, 0o600)
     with os.fdopen(fd, "w") as f:
         try:
@@ -432,7 +418,7 @@ def apply_changes(
 
 def _clear_tmp(root: Path) -> None:
     versions = root / "versions"
-    _private_dir(versions)
+    private_dir(versions)
     _private_tree(versions)  # versions written before they were private are tightened too
     for stale in versions.glob(".tmp-*"):  # left by an interrupted build; the lock says none runs now
         shutil.rmtree(stale, ignore_errors=True)
