@@ -47,6 +47,11 @@ def make_pdf(pages: list[str], title: str | None = None) -> bytes:
     if title:
         objs.append(f"<< /Title ({title}) >>".encode())
         info = len(objs)
+    return pdf_file(objs, f" /Info {info} 0 R" if info else "")
+
+
+def pdf_file(objs: list[bytes], trailer_extra: str = "") -> bytes:
+    """``objs`` (object 1 the catalog) as a PDF file: header, numbered objects, xref table, trailer."""
     out = io.BytesIO()
     out.write(b"%PDF-1.4\n")
     offsets = []
@@ -55,10 +60,8 @@ def make_pdf(pages: list[str], title: str | None = None) -> bytes:
         out.write(f"{n} 0 obj\n".encode() + body + b"\nendobj\n")
     xref = out.tell()
     out.write(f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode())
-    for off in offsets:
-        out.write(f"{off:010d} 00000 n \n".encode())
-    trailer = f"<< /Size {len(objs) + 1} /Root 1 0 R" + (f" /Info {info} 0 R" if info else "") + " >>"
-    out.write(f"trailer\n{trailer}\nstartxref\n{xref}\n%%EOF\n".encode())
+    out.write("".join(f"{off:010d} 00000 n \n" for off in offsets).encode())
+    out.write(f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R{trailer_extra} >>\nstartxref\n{xref}\n%%EOF\n".encode())
     return out.getvalue()
 
 

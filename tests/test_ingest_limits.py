@@ -18,6 +18,7 @@ import pytest
 from deployments.ingest import IngestService
 from indexing.documents import SourceError
 from indexing.formats import Limits, html_text, read_upload
+from test_documents_api import pdf_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTLESS = b"BT /F1 1 Tf () Tj ET\n"  # a text operator that draws nothing: the extractor parses it all
@@ -31,17 +32,7 @@ def shared_stream_pdf(pages: int, stream: bytes) -> bytes:
     objs = [b"<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {pages} >>".encode(),
             b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(data) + data + b"\nendstream"]
     objs += [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 3 0 R " + font + b" >>"] * pages
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for n, body in enumerate(objs, 1):
-        offsets.append(out.tell())
-        out.write(f"{n} 0 obj\n".encode() + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode())
-    out.write("".join(f"{off:010d} 00000 n \n" for off in offsets).encode())
-    out.write(f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
-    return out.getvalue()
+    return pdf_file(objs)
 
 
 def read_in_child(tmp_path: Path, name: str, data: bytes, timeout_s: float = 20) -> dict:
