@@ -7,8 +7,9 @@
   naming their pids.
 - The embedded default's local Ray (``serve.launch.start_ray``) listens on loopback only, and
   ``ragraph serve`` exits with a clear message when that Ray goes away (``ray stop --force``).
-- Slow (``-m slow``): the real thing, ``ragraph serve`` on the embedded default with the real vLLM
-  CPU engine, then ``ray stop --force``: no engine process is left within 10 s.
+- The real thing (in the default run, 1.5 to 3 minutes): ``ragraph serve`` on the embedded
+  default with the real vLLM CPU engine, then ``ray stop --force``: no engine process is left
+  within 10 s.
 
 ``ray stop --force`` is emulated, scoped to the Ray under test (the real one would stop every Ray
 on the machine): :func:`ray_stop_force` SIGKILLs, at once, every process under the test's
@@ -315,9 +316,8 @@ def test_local_ray_listens_on_loopback_and_serve_exits_when_it_goes(tmp_path):
         _stop(proc)
 
 
-# --- the real thing ------------------------------------------------------------------------------
+# --- the real thing (about 1.5 to 3 minutes: a cold start of the graph with the real engine) ---------
 
-@pytest.mark.slow
 def test_ray_stop_force_leaves_no_engine_behind(tmp_path, local_cfg, provisioned):
     """``ragraph serve`` on the embedded default (configs/local.yaml, auth off, a temporary index,
     the real vLLM CPU engine under a Serve replica), over real HTTP: every process of its Ray and
