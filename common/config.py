@@ -779,6 +779,55 @@ class ConversationsConfig(_Strict):
     )
 
 
+class StateConfig(_Strict):
+    """Where the service's state lives (``state/``): API keys, usage, conversations, feedback, ingest jobs.
+    Every ingress replica reads and writes it directly; no Serve deployment holds any of it."""
+
+    url: str | None = Field(
+        default=None,
+        description="The state database: `postgresql+psycopg://user:password@host:5432/ragraph` on a cluster "
+        "(every replica shares it), `sqlite:////path/file.sqlite3` for one machine; null: the SQLite file governor.db.",
+    )
+    migrate: Literal["auto", "manual"] = Field(
+        default="auto",
+        description="auto: the schema is created or upgraded when the service opens the database (under a lock: "
+        "replicas starting together upgrade once); manual: a schema behind the code is refused until "
+        "`ragraph db upgrade` has run.",
+    )
+    pool_size: int = Field(default=5, ge=1, le=100, description="Connections each process keeps open (PostgreSQL).")
+    connect_timeout_s: float = Field(default=3, gt=0, le=60, description="Seconds to reach the database server.")
+    statement_timeout_s: float = Field(default=5, gt=0, le=600, description="Longest one statement may run (PostgreSQL).")
+    call_timeout_s: float = Field(
+        default=5, gt=0, le=120,
+        description="Longest a request waits on the state database; past it the request is answered 503 with "
+        "Retry-After (a server that is down fails requests fast, never hangs them).",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        hint = "use postgresql+psycopg://user:password@host:5432/dbname or sqlite:////absolute/path.sqlite3"
+        try:
+            u = urlsplit(v)
+            u.port  # noqa: B018 (a bad port raises here)
+        except ValueError as e:
+            raise ValueError(f"not a database URL ({e}); {hint}") from None
+        if u.scheme == "sqlite":
+            path = v.removeprefix("sqlite:///")
+            if u.netloc or not path or path == ":memory:" or path == v:
+                raise ValueError(f"a SQLite state needs a file; {hint}")
+            return f"sqlite:///{Path(path).expanduser()}"
+        if u.scheme not in ("postgresql+psycopg", "postgresql"):
+            raise ValueError(f"unsupported database {u.scheme or '(no scheme)'!r}; {hint}")
+        if not u.hostname or not u.path.strip("/"):
+            raise ValueError(f"a PostgreSQL state needs a host and a database name; {hint}")
+        return v
+
+
 class GovernorConfig(_Strict):
     """The governor stage: API keys, token usage and the response cache, in one deployment (one
     replica). The ingress admits requests itself (``deployments.admission``): it asks the governor
@@ -942,6 +991,7 @@ class AppConfig(_Strict):
     http: HttpConfig = HttpConfig()
     governor: GovernorConfig = GovernorConfig()
     documents: DocumentsConfig = DocumentsConfig()
+    state: StateConfig = StateConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
 
     @model_validator(mode="after")

@@ -1,0 +1,37 @@
+"""The state database every store test runs against, twice: a SQLite file and a real PostgreSQL
+server (``postgres_url``, tests/conftest.py), each test on a database of its own at the code's
+schema head. ``from state_fixtures import state_db`` in a test module."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+
+def fresh_postgres(url: str) -> str:
+    """A new, empty database on the server of ``url``; its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_db(request, tmp_path):
+    """A :class:`state.db.Database` upgraded to head: SQLite in ``tmp_path``, or a fresh PostgreSQL database."""
+    from state.db import Database
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.sqlite3'}"
+    else:
+        url = fresh_postgres(request.getfixturevalue("postgres_url"))
+    db = Database(url)
+    db.upgrade()
+    yield db
+    db.close()
