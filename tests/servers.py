@@ -1,0 +1,138 @@
+"""Real PostgreSQL and Redis servers for the tests, each on a free loopback port in a folder of its
+own, started and stopped by the fixtures in tests/conftest.py (``postgres_url``, ``redis_url``, and
+``postgres_server``/``redis_server`` for a test that stops its server).
+
+`make test` installs Debian's ``postgresql`` and ``redis-server``; a missing binary fails the fixture
+with the command that installs it. PostgreSQL refuses to run as root, so as root it runs as the
+``postgres`` user (made by Debian's package) in a folder that user owns."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+INSTALL_HINT = "`make test` installs it (Debian's postgresql and redis-server packages)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not answer within {timeout:g} s (last error: {last})")
+
+
+def postgres_bin() -> Path:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        raise RuntimeError(f"PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); {INSTALL_HINT}")
+    return Path(found[-1]).parent
+
+
+class PostgresServer:
+    """One PostgreSQL cluster in a temporary folder: trust authentication on loopback only, user
+    ``ragraph``, database ``ragraph``. ``stop()`` then ``start()`` keeps its data and port."""
+
+    def __init__(self) -> None:
+        self.bin = postgres_bin()
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="ragraph-pg-"))
+        self.data = self.root / "data"
+        self.user = None if os.getuid() != 0 else "postgres"
+        if self.user is not None:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "ragraph", "--no-sync", "-E", "UTF8")
+        self.start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "ragraph", "ragraph")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://ragraph@127.0.0.1:{self.port}/ragraph"
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        if self.user is not None:
+            cmd = ["runuser", "-u", self.user, "--", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """One ``redis-server`` on a free loopback port, nothing saved to disk. ``stop()`` then
+    ``start()`` keeps the port (the data is gone: it was never saved)."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError(f"redis-server is not installed; {INSTALL_HINT}")
+        self.exe = exe
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="ragraph-redis-"))
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            _wait(client.ping, f"redis-server on port {self.port}")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
