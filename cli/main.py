@@ -217,11 +217,20 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from deployments.auth import AuthError, KeyStore
+    from state.db import Database, StateError, describe, sqlite_url, url_of
+    from state.keys import AuthError, SqlKeys
 
     cfg = load_config(args.config)
-    db = args.db or cfg.governor.db
-    store = KeyStore(db)
+    url = sqlite_url(args.db) if args.db else url_of(cfg)
+    db = describe(url)
+    try:
+        database = Database(url, connect_timeout_s=cfg.state.connect_timeout_s)
+        if cfg.state.migrate == "auto" or args.db:
+            database.upgrade()
+    except StateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    store = SqlKeys(database)
     try:
         if args.keys_command == "create":
             token, key = store.create(
@@ -250,9 +259,11 @@ def _keys(args: argparse.Namespace) -> int:
         else:
             key = store.revoke(args.id)
             print(json.dumps(key.public()) if args.json else f"revoked key {key.id} ({key.name}); it is refused from now on")
-    except AuthError as e:
+    except (AuthError, StateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        database.close()
     return 0
 
 
@@ -393,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--json", action="store_true", help="print the raw JSON response")
     ch.set_defaults(func=_chat)
 
-    k = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed in governor.db)")
-    k.add_argument("--db", type=Path, default=None, help="key database (default: governor.db of the config)")
+    k = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed in the state database)")
+    k.add_argument("--db", type=Path, default=None,
+                   help="a SQLite state file to use (default: the config's state.url, else its governor.db)")
     ksub = k.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     kc = ksub.add_parser("create", help="make a key; prints it once")
     kc.add_argument("name", help="who or what the key is for")
