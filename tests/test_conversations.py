@@ -10,9 +10,15 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import KeyStore
-from deployments.conversations import ConversationStore
 from serve.metrics import METRICS
+from state.conversations import SqlConversations
+from state.db import open_database
+from state.keys import SqlKeys
+from state_fixtures import state_db  # noqa: F401 (a fixture)
+
+
+def store_on(db, **options) -> SqlConversations:
+    return SqlConversations(db, **options)
 
 
 def make_cfg(local_cfg, built_index, tmp_path, *, auth: bool, **conversations):
@@ -132,7 +138,7 @@ def test_feedback_export_pages_by_update_time(service):
 
 def test_with_auth_on_only_the_page_loads_without_a_key_and_keys_see_only_their_own(service):
     client, cfg = service(auth=True)
-    keys = KeyStore(cfg.governor.db)
+    keys = SqlKeys(open_database(cfg))
     alice, _ = keys.create("alice")
     bob, _ = keys.create("bob")
     admin, _ = keys.create("ops", scope="admin")
@@ -162,8 +168,8 @@ def test_with_auth_on_only_the_page_loads_without_a_key_and_keys_see_only_their_
     assert [(f["request_id"], f["conversation_id"], f["score"]) for f in rows] == [(rid, cid, 1)]
 
 
-def test_conversations_past_their_retention_are_deleted(tmp_path):
-    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=1)
+def test_conversations_past_their_retention_are_deleted(state_db):
+    store = store_on(state_db, retention_days=1)
     old = store.create("k1", "old")
     new = store.create("k1", "new")
     store.chat_done("k1", "r-old", old["id"], {"question": "q", "answer": "a", "rag": {}})
@@ -172,13 +178,13 @@ def test_conversations_past_their_retention_are_deleted(tmp_path):
     assert store.list("k1") == [] and store.get("k1", new["id"]) is None
     assert store.put_feedback("k1", "r-old", 1) is None  # its request id went with it
     assert store.put_feedback("k1", "r-new", 1)["score"] == 1
-    kept = ConversationStore(tmp_path / "h.sqlite3", retention_days=None)
+    kept = store_on(state_db, retention_days=None)
     c = kept.create("k1")
     assert kept.purge(now=time.time() + 10 * 365 * 86400) == 0 and kept.get("k1", c["id"]) is not None
 
 
-def test_a_conversation_keeps_its_last_max_turns(tmp_path):
-    store = ConversationStore(tmp_path / "g.sqlite3", max_turns=2)
+def test_a_conversation_keeps_its_last_max_turns(state_db):
+    store = store_on(state_db, max_turns=2)
     cid = store.create("k", None)["id"]
     for i in range(3):
         assert store.chat_done("k", f"r{i}", cid, {"question": f"q{i}", "answer": f"a{i}", "rag": {}})
@@ -188,27 +194,32 @@ def test_a_conversation_keeps_its_last_max_turns(tmp_path):
     assert len(store.get("k", cid)["turns"]) == 2
 
 
-def _age(store: ConversationStore, days: float) -> None:
+def _age(store: SqlConversations, days: float) -> None:
     """Make everything in ``store`` ``days`` older (as if written then)."""
-    with store._lock:
-        for table, columns in (("conversations", ("created", "updated")), ("turns", ("created",)),
-                               ("chat_requests", ("created",)), ("feedback", ("created", "updated"))):
-            store._conn.execute(f"UPDATE {table} SET " + ", ".join(f"{c} = {c} - {days * 86400}" for c in columns))
+    for table, columns in (("conversations", ("created", "updated")), ("turns", ("created",)),
+                           ("chat_requests", ("created",)), ("feedback", ("created", "updated"))):
+        store.db.execute(f"UPDATE {table} SET " + ", ".join(f"{c} = {c} - {days * 86400}" for c in columns))
 
 
-def _count(store: ConversationStore, table: str) -> int:
-    with store._lock:
-        return store._conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+def _count(store: SqlConversations, table: str) -> int:
+    return store.db.execute(f"SELECT COUNT(*) FROM {table}")[0][0]
 
 
-def test_requests_never_purge_and_the_purge_reads_only_indexes(tmp_path):
-    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=1)
+def _statements(db) -> list[str]:
+    from sqlalchemy import event
+
+    ran: list[str] = []
+    event.listen(db.engine, "before_cursor_execute", lambda conn, cur, stmt, *a: ran.append(stmt))
+    return ran
+
+
+def test_requests_never_purge_and_the_purge_reads_only_indexes(state_db):
+    store = store_on(state_db, retention_days=1)
     old = store.create("k", "old")
     store.chat_done("k", "r-old", old["id"], {"question": "q", "answer": "a", "rag": {}})
     assert store.put_feedback("k", "r-old", 1, "fine")
     _age(store, 2)
-    ran: list[str] = []
-    store._conn.set_trace_callback(ran.append)
+    ran = _statements(state_db)
     new = store.create("k", "new")
     listed = store.list("k")
     assert not [s for s in ran if s.lstrip().upper().startswith("DELETE")], ran  # no purge on the request path
@@ -216,16 +227,22 @@ def test_requests_never_purge_and_the_purge_reads_only_indexes(tmp_path):
     assert store.get("k", old["id"]) is None and not store.exists("k", old["id"])
     assert not store.chat_done("k", "r-late", old["id"], {"question": "q", "answer": "a", "rag": {}})
     assert _count(store, "conversations") == 2  # still on disk until the purge
-    ran.clear()
     assert store.purge() == 1
-    plans = {s: [row[3] for row in store._conn.execute("EXPLAIN QUERY PLAN " + s)]
-             for s in ran if s.lstrip().upper().startswith(("SELECT", "DELETE"))}
-    assert len(plans) >= 3 and not {s: p for s, p in plans.items() if any(d.startswith("SCAN") for d in p)}, plans
     assert _count(store, "turns") == 0 and store.get("k", new["id"]) is not None
+    if state_db.dialect == "sqlite":  # the purge's statements each use an index, none scans a table
+        from state.conversations import PURGE_STATEMENTS
+
+        args = {"cutoff": 0.0, "batch": 10, "id": "x"}
+        with state_db.read() as c:
+            plans = {s: [row[3] for row in c.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + s.replace(":cutoff", "?").replace(":batch", "?").replace(":id", "?"),
+                tuple(args[k] for k in ("cutoff", "batch", "id") if ":" + k in s))]
+                for s in PURGE_STATEMENTS.values()}
+        assert not {s: p for s, p in plans.items() if any(d.startswith("SCAN") and "INDEX" not in d for d in p)}, plans
 
 
-def test_the_purge_runs_on_a_timer_in_its_own_thread(tmp_path):
-    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=1)
+def test_the_purge_runs_on_a_timer_in_its_own_thread(state_db):
+    store = store_on(state_db, retention_days=1)
     for i in range(3):
         store.chat_done("k", f"r{i}", store.create("k")["id"], {"question": "q", "answer": "a", "rag": {}})
     _age(store, 2)
@@ -235,8 +252,8 @@ def test_the_purge_runs_on_a_timer_in_its_own_thread(tmp_path):
         time.sleep(0.05)
     assert _count(store, "conversations") == _count(store, "turns") == _count(store, "chat_requests") == 0
     purger = store._purger
-    store.close()
-    assert purger is not None and not purger.is_alive()  # close stops it
+    store.stop_purging()
+    assert purger is not None and not purger.is_alive()  # stop_purging stops it
 
 
 def test_a_key_past_max_conversations_is_refused_with_409(service):
@@ -252,7 +269,7 @@ def test_a_key_past_max_conversations_is_refused_with_409(service):
 
 def test_a_key_reusing_another_keys_request_id_takes_over_nothing(service):
     client, cfg = service(auth=True)
-    keys = KeyStore(cfg.governor.db)
+    keys = SqlKeys(open_database(cfg))
     alice, alice_key = keys.create("alice")
     bob, bob_key = keys.create("bob")
     admin, _ = keys.create("ops", scope="admin")
@@ -271,8 +288,8 @@ def test_a_key_reusing_another_keys_request_id_takes_over_nothing(service):
         sorted([(alice_key.id, rid, 1, None, cid), (bob_key.id, rid, -1, "bob's", None)])
 
 
-def test_feedback_goes_with_its_conversation_and_after_its_retention(tmp_path):
-    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=None, feedback_retention_days=10)
+def test_feedback_goes_with_its_conversation_and_after_its_retention(state_db):
+    store = store_on(state_db, retention_days=None, feedback_retention_days=10)
     cid = store.create("k")["id"]
     store.chat_done("k", "r1", cid, {"question": "q", "answer": "a", "rag": {}})
     store.chat_done("k", "r2", None)
@@ -287,9 +304,9 @@ def test_feedback_goes_with_its_conversation_and_after_its_retention(tmp_path):
     assert store.feedback() == []
 
 
-def test_feedback_goes_when_its_conversation_expires(tmp_path):
+def test_feedback_goes_when_its_conversation_expires(state_db):
     """A conversation past its retention takes its feedback with it, before the feedback's own retention."""
-    store = ConversationStore(tmp_path / "g.sqlite3", retention_days=30, feedback_retention_days=90)
+    store = store_on(state_db, retention_days=30, feedback_retention_days=90)
     cid = store.create("k")["id"]
     store.chat_done("k", "r1", cid, {"question": "q", "answer": "a", "rag": {}})
     store.chat_done("k", "r2", None)
@@ -299,7 +316,11 @@ def test_feedback_goes_when_its_conversation_expires(tmp_path):
 
 
 def test_a_database_keyed_by_request_id_alone_is_rekeyed_with_its_rows(tmp_path):
+    """A file from before the tables were keyed by (owner, request id) is brought to the schema by the
+    baseline migration, its rows kept."""
     import sqlite3
+
+    from state.db import Database
 
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
@@ -314,33 +335,58 @@ def test_a_database_keyed_by_request_id_alone_is_rekeyed_with_its_rows(tmp_path)
     db.execute("INSERT INTO feedback VALUES ('r1', 'a', NULL, 1, 'kept', ?, ?)", (now, now))
     db.commit()
     db.close()
-    store = ConversationStore(path)
+    database = Database(f"sqlite:///{path}")
+    database.upgrade()
+    store = store_on(database)
     assert [(f["key_id"], f["comment"]) for f in store.feedback()] == [("a", "kept")]
     store.chat_done("b", "r1", None)
     assert store.put_feedback("b", "r1", -1) and store.put_feedback("a", "r1", 1, "still mine")
     assert sorted((f["key_id"], f["score"]) for f in store.feedback()) == [("a", 1), ("b", -1)]
-    store.close()
-    assert ConversationStore(path).feedback()  # opening again migrates nothing twice
+    assert database.upgrade()[0] == database.upgrade()[1]  # upgrading again changes nothing
 
 
-def test_the_governor_replica_starts_the_purge_timer(local_cfg, tmp_path, monkeypatch):
-    from types import SimpleNamespace
+def test_creates_from_many_threads_hold_the_conversation_limit(state_db):
+    from concurrent.futures import ThreadPoolExecutor
 
-    import deployments.ingest
-    import ray.serve
+    from state.conversations import ConversationLimitError
 
-    from deployments.governor import GovernorDeployment
+    store = store_on(state_db, max_conversations=10)
 
-    monkeypatch.setattr(ray.serve, "get_replica_context",
-                        lambda: SimpleNamespace(replica_id=SimpleNamespace(unique_id="governor#1")))
-    monkeypatch.setattr(deployments.ingest, "IngestService", lambda cfg: SimpleNamespace(start=lambda: None))
+    def make(_):
+        try:
+            return store.create("k")["id"]
+        except ConversationLimitError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        made = [m for m in pool.map(make, range(40)) if m]
+    assert len(made) == 10 and len(store.list("k", 100)) == 10
+
+
+def test_turns_appended_from_many_threads_get_distinct_numbers(state_db):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = store_on(state_db, max_turns=1000)
+    cid = store.create("k")["id"]
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda i: store.chat_done("k", f"r{i}", cid, {"question": f"q{i}", "answer": "a", "rag": {}}),
+                             range(40)))
+    assert all(done)
+    seqs = [r[0] for r in state_db.execute("SELECT seq FROM turns WHERE conversation_id = :c ORDER BY seq", {"c": cid})]
+    assert seqs == list(range(1, 41))
+
+
+def test_every_ingress_replica_starts_the_purge_timer(local_cfg, tmp_path, monkeypatch):
+    """A replica of the Serve ingress (no Ray needed to build one) purges on a timer of its own."""
+    from serve.app import RagIngress
+
     data = local_cfg.model_dump()
     data["governor"]["db"] = str(tmp_path / "gov.sqlite3")
     data["governor"]["conversations"]["purge_interval_s"] = 3600
-    replica = GovernorDeployment(type(local_cfg).model_validate(data))
-    store = replica._gov.conversations
+    monkeypatch.setattr("serve.pipeline.Pipeline.ingest", lambda self: None)
+    replica = RagIngress.__wrapped__(type(local_cfg).model_validate(data), None, None, None, None)
+    store = replica.pipeline.governor.conversations
     try:
         assert store._purger is not None and store._purger.is_alive()
     finally:
-        store.close()
-    assert not store._purger.is_alive()
+        store.stop_purging()
