@@ -525,10 +525,14 @@ class StageTimeouts(_Strict):
     router: float = Field(default=5, gt=0)
     retriever: float = Field(default=10, gt=0)
     reranker: float = Field(default=10, gt=0)
-    governor: float = Field(default=3, gt=0, description="Admission, usage and cache calls.")
+    governor: float = Field(
+        default=3, gt=0, description="Each try of a call on the service's state (key checks, usage, the answer cache, "
+        "conversations, jobs); past it the call is tried again, then answered 503 with Retry-After: a state database "
+        "that is down fails requests within seconds, never hangs them.",
+    )
     ingest_submit: float = Field(
-        default=60, gt=0, description="Writing an ingest job on the governor (its uploaded files fsync'd, up to "
-        "documents.max_upload_bytes): longer than a governor call, so that a large upload is not cut off and sent again.",
+        default=60, gt=0, description="Writing an ingest job (its uploaded files fsync'd to the spool, up to "
+        "documents.max_upload_bytes, then its row): longer than a state call, so that a large upload is not cut off.",
     )
     generator_first_token: float = Field(
         default=60, gt=0, description="Seconds until the generator's first token before the answer degrades."
@@ -723,6 +727,10 @@ class RateLimitConfig(_Strict):
         return v
 
 
+def _check_storage_url(v: str) -> str:
+    return RateLimitConfig._storage(v)
+
+
 class QuotaConfig(_Strict):
     daily_tokens: int | None = Field(default=200_000, ge=1, description="Tokens (prompt + completion) per key per UTC day; null: none.")
     monthly_tokens: int | None = Field(default=3_000_000, ge=1, description="Tokens per key per UTC month; null: none.")
@@ -743,6 +751,11 @@ class PricingConfig(_Strict):
 
 class CacheConfig(_Strict):
     enabled: bool = True
+    storage: str = Field(
+        default="memory://",
+        description="Where answers are cached: `memory://` in each ingress process, `redis://host:port[/db]` (or "
+        "`rediss://`) shared by every ingress replica (an answer one replica gave, another can serve).",
+    )
     max_entries: int = Field(default=2048, ge=1)
     ttl_s: float = Field(default=600, gt=0, description="Seconds an answer stays servable.")
     shared_across_keys: bool = Field(
@@ -751,6 +764,12 @@ class CacheConfig(_Strict):
         "true: any key may be served any key's cached answer (fewer generations; who asked what is then visible "
         "to other keys as a fast, uncharged answer, and hits show no cached_request_id).",
     )
+
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        return _check_storage_url(v)
 
 
 class ConversationsConfig(_Strict):
@@ -797,11 +816,6 @@ class StateConfig(_Strict):
     pool_size: int = Field(default=5, ge=1, le=100, description="Connections each process keeps open (PostgreSQL).")
     connect_timeout_s: float = Field(default=3, gt=0, le=60, description="Seconds to reach the database server.")
     statement_timeout_s: float = Field(default=5, gt=0, le=600, description="Longest one statement may run (PostgreSQL).")
-    call_timeout_s: float = Field(
-        default=5, gt=0, le=120,
-        description="Longest a request waits on the state database; past it the request is answered 503 with "
-        "Retry-After (a server that is down fails requests fast, never hangs them).",
-    )
 
     @field_validator("url")
     @classmethod
@@ -829,13 +843,14 @@ class StateConfig(_Strict):
 
 
 class GovernorConfig(_Strict):
-    """The governor stage: API keys, token usage and the response cache, in one deployment (one
-    replica). The ingress admits requests itself (``deployments.admission``): it asks the governor
-    about a key once per ``auth.key_cache_s`` and keeps rate-limit counters in ``rate_limits.storage``."""
+    """Who may ask and how much: API keys, rate limits, token quotas, pricing, the response cache and
+    the chat page's conversations. No deployment of its own: every ingress replica applies it over
+    the shared state (``state``) and the shared counters (``rate_limits.storage``)."""
 
     db: Path = Field(
         default=Path("~/.cache/ragraph/governor.sqlite3"),
-        description="SQLite file (WAL) of API keys (hashed) and token usage. `ragraph keys` manages it.",
+        description="SQLite file (WAL, 0600) of the service's state when state.url is not set: API keys (hashed), "
+        "token usage, conversations, feedback, ingest jobs. `ragraph keys` manages the keys.",
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     rate_limits: RateLimitConfig = Field(default_factory=RateLimitConfig)
@@ -843,36 +858,23 @@ class GovernorConfig(_Strict):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     conversations: ConversationsConfig = Field(default_factory=ConversationsConfig)
-    deployment: DeploymentOptions = _deployment(
-        num_cpus=0.1, max_ongoing_requests=256, max_queued_requests=512, min_replicas=1, max_replicas=1
-    )
 
     @field_validator("db")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
 
-    @model_validator(mode="after")
-    def _one_replica(self) -> GovernorConfig:
-        if self.deployment.max_replicas != 1 or self.deployment.min_replicas != 1:
-            raise ValueError(
-                "governor.deployment must keep min_replicas = max_replicas = 1: it holds the response cache and "
-                "answers key checks from one database connection, which several replicas would split"
-            )
-        return self
-
 
 class DocumentsConfig(_Strict):
     """The documents API (``POST /v1/documents``, ``DELETE /v1/documents/{id}``, ``/v1/jobs``): its
-    limits and how ingest jobs run. Jobs are kept in SQLite and run one at a time by the governor
-    (in-process in ``serve.local``), each applying its changes to the live index version."""
+    limits and how ingest jobs run. Jobs are kept in the state database (``state``) and run one at a
+    time, service-wide, by whichever ingress replica claims the next (in-process in ``serve.local``),
+    each applying its changes to the live index version."""
 
-    jobs_db: Path | None = Field(
-        default=None, description="SQLite file (WAL, 0600) of ingest jobs; None: jobs.sqlite3 beside governor.db.",
-    )
     spool_dir: Path | None = Field(
         default=None, description="Folder (0700) holding each queued job's uploaded files until it ends; None: "
-        "ingest/ beside governor.db.",
+        "ingest/ beside governor.db. With several ingress replicas on several nodes it must be storage every node "
+        "reads (a shared file system): any replica's job runner may take the job.",
     )
     max_upload_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="Largest POST /v1/documents body, JSON or multipart (413 above).",
@@ -932,10 +934,15 @@ class DocumentsConfig(_Strict):
         "interrupted (its runner's process is gone).",
     )
     poll_interval_s: float = Field(default=1.0, gt=0, description="How often the job runner looks for queued jobs.")
+    serving_timeout_s: float = Field(
+        default=60, gt=0, description="Longest a job that published waits for every retriever replica to serve the "
+        "new version before it reports succeeded (a search sent after that finds what it added); past it the job "
+        "succeeds and names the replicas still behind (result.serving.lagging).",
+    )
     keep_jobs: int = Field(default=1000, ge=10, description="Finished jobs kept in the jobs database (oldest dropped).")
     max_page_size: int = Field(default=1000, ge=1, description="Most rows in one page of GET /v1/documents or /v1/jobs.")
 
-    @field_validator("jobs_db", "spool_dir")
+    @field_validator("spool_dir")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser() if v is not None else None
@@ -1000,7 +1007,7 @@ class AppConfig(_Strict):
             raise ValueError(
                 f"generator.tensor_parallel_size={self.generator.tensor_parallel_size} needs device 'cuda'"
             )
-        for name in ("router", "retriever", "reranker", "http", "governor", "generator"):
+        for name in ("router", "retriever", "reranker", "http", "generator"):
             d = getattr(self, name).deployment
             if d.accelerator_type and not (d.num_gpus or (name == "generator" and self.generator.device == "cuda")):
                 raise ValueError(f"{name}.deployment.accelerator_type={d.accelerator_type!r} needs num_gpus > 0")
@@ -1008,6 +1015,14 @@ class AppConfig(_Strict):
             raise ValueError(
                 f"generator.deployment.num_gpus={self.generator.deployment.num_gpus}: leave it 0; the engine takes "
                 "generator.tensor_parallel_size GPUs (one per engine worker) through ray.serve.llm"
+            )
+        rl, ing = self.governor.rate_limits, self.http.deployment
+        if (self.governor.auth.enabled and rl.enabled and rl.storage.startswith("memory://")
+                and ing.max_replicas > 1):
+            raise ValueError(
+                f"governor.rate_limits.storage is memory:// with auth on and up to {ing.max_replicas} ingress "
+                "replicas (http.deployment.max_replicas): each replica would count on its own, so every limit "
+                "would be up to that many times too high; set it to redis://host:port (shared by every replica)"
             )
         if self.reranker.top_k > self.reranker.candidates:
             raise ValueError(

@@ -1,5 +1,5 @@
-"""Admission in the ingress, off the governor's hot path: keys verified once and cached, rate
-limits in a shared counter store, quotas checked against a cached usage snapshot.
+"""Admission in the ingress: keys verified once and cached, rate limits in a shared counter store,
+quotas checked against a cached usage snapshot.
 
 :class:`Admission` is a plain class (no Ray): every ingress replica holds one
 (``Pipeline.admission``) and calls :meth:`Admission.admit` before any work. Per request:
@@ -9,20 +9,20 @@ limits in a shared counter store, quotas checked against a cached usage snapshot
    address, an IPv6 client by its ``/governor.rate_limits.ipv6_prefix`` network (/64): one client
    usually holds a whole /64 and could otherwise rotate addresses to escape its limit.
 2. **The key** (auth on): a missing or malformed token is refused here (401). Otherwise the
-   verdict cached under ``sha256(token)`` is used; on a miss the governor is asked once
+   verdict cached under ``sha256(token)`` is used; on a miss the state database is asked once
    (``verify``, :meth:`deployments.governor.Governor.verify`) and its answer, good or bad, is kept
    for ``governor.auth.key_cache_s`` seconds. Concurrent misses for one token share one call. So a
-   revoked key is refused within ``key_cache_s``, and a flood of one bad key costs one governor
+   revoked key is refused within ``key_cache_s``, and a flood of one bad key costs one database
    call per ``key_cache_s``. Refused requests (401/403) still count against their address, so a
    flood of bad keys meets the per-address limit. A request whose key is not cached spends its
-   address's allowance *before* the governor is asked, so an address can cause at most its limit
-   of governor calls per window, also when its requests arrive all at once.
+   address's allowance *before* the database is asked, so an address can cause at most its limit
+   of database calls per window, also when its requests arrive all at once.
 3. **Per-key limit**, then the per-address allowance is taken (a key refusal does not spend the
    address's allowance). Counters live in ``governor.rate_limits.storage`` through the ``limits``
    library, moving window of one minute (at most N requests in any 60 s; ``Retry-After`` is when
    the oldest of them leaves the window): ``memory://`` in this process (exact with one ingress
    replica), ``redis://host:port`` shared by every replica.
-4. **Token quota** (chats): the key's day and month usage from the governor's answer, plus the
+4. **Token quota** (chats): the key's day and month usage from the verification, plus the
    tokens this replica has recorded since (:meth:`Admission.note_usage`, :meth:`Admission.settle`),
    plus the tokens reserved by the key's requests in progress here (``reserve_tokens``): a request
    is admitted only if its own reservation fits too, and holds it until :meth:`Admission.settle`.
@@ -35,8 +35,8 @@ limits in a shared counter store, quotas checked against a cached usage snapshot
    once it reaches the key's ``daily_budget``. A cost is known only after the answer, so the
    request that crosses the budget is answered and the next one refused.
 
-Failures: the governor unreachable on a cache miss raises :class:`StageError` (stage
-``governor``), the counter store unreachable raises one with stage ``rate_limits``; the ingress
+Failures: the state database unreachable on a cache miss raises :class:`StageError` (stage
+``state``), the counter store unreachable raises one with stage ``rate_limits``; the ingress
 turns them into 503 with auth on and admits without limits with auth off.
 """
 
@@ -54,10 +54,11 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
 from common.networks import address_group, in_networks, parse_networks
-from deployments.auth import periods, token_hash, well_formed
 from deployments.errors import StageError
 from deployments.governor import INVALID_KEY, MISSING_KEY, KeyVerdict, Verdict
 from deployments.limits import KINDS, Decision, check_budget, check_quota, check_rates, cost_of, kind_of
+from state.keys import token_hash, well_formed
+from state.usage import periods
 
 log = logging.getLogger("ray.serve")
 
@@ -229,8 +230,8 @@ class Admission:
     async def admit(self, token: str | None, ip: str, endpoint: str, admin_route: bool = False, *,
                     verify: Verify, reserve_tokens: int = 0, exempt: bool = True) -> Verdict:
         """Admit one request to ``endpoint`` from ``ip`` with the bearer ``token`` (None: none sent).
-        ``verify(token)`` asks the governor (only on a key-cache miss). Raises :class:`StageError`
-        when the governor (on a miss) or the counter store cannot be reached.
+        ``verify(token)`` asks the state database (only on a key-cache miss). Raises :class:`StageError`
+        when the database (on a miss) or the counter store cannot be reached.
 
         ``reserve_tokens`` (chats with a key): the most tokens this request may spend (prompt plus
         ``max_tokens``). The quota check counts the key's usage, plus the tokens reserved by its
@@ -262,7 +263,7 @@ class Admission:
                 refusal = Verdict(False, 401, *INVALID_KEY)
             else:
                 if ip_limit and not self._cached(token):
-                    # a governor call may follow: spend the address's allowance first, so that requests
+                    # a database call may follow: spend the address's allowance first, so that requests
                     # from one address, however many at once, start at most its limit of calls
                     d = await lim.hit("ip", kind, who, ip_limit)
                     if not d.allowed:
@@ -304,7 +305,7 @@ class Admission:
         admitted. Release the hold with :meth:`settle`."""
         if not (isinstance(tokens, int) and tokens >= 0):
             raise ValueError(f"tokens must be an integer >= 0, got {tokens!r}")
-        entry = await self._entry(token, verify)  # the cached verdict: no governor call
+        entry = await self._entry(token, verify)  # the cached verdict: no database call
         kv = entry.verdict
         if not kv.ok:
             return Verdict(False, kv.status, kv.message, kv.code)
@@ -396,7 +397,7 @@ class Admission:
     # -----------------------------------------------------------------------------------------
 
     def _cached(self, token: str) -> bool:
-        """Whether ``token``'s verdict is in the key cache (and fresh): no governor call needed."""
+        """Whether ``token``'s verdict is in the key cache (and fresh): no database call needed."""
         return self._keys is not None and token_hash(token) in self._keys
 
     async def _entry(self, token: str, verify: Verify) -> _Entry:

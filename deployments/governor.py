@@ -1,21 +1,17 @@
-"""The governor stage: who may ask (API keys), how much (token usage and quotas), and answers
-already given (the response cache).
+"""The governor: who may ask (API keys), how much (token usage, quotas, budgets) and answers
+already given (the response cache), as a plain class over the state stores. No Serve deployment
+holds any of it: every ingress replica builds its own :class:`Governor` over the shared state
+database (``state.url``: a SQLite file on the embedded default, PostgreSQL on a cluster) and the
+shared cache (``governor.cache.storage``: this process's memory, or Redis for many replicas).
 
-* :class:`Governor` (plain class): the decisions, over a SQLite file (keys hashed, usage written
-  after every request) and an in-memory cache.
-* :class:`GovernorDeployment`: its Serve wrapper, one replica. A restarted governor starts with an
-  empty cache; the usage ledger and the keys are on disk and survive it. It also keeps the chat
-  page's conversations and feedback (:mod:`deployments.conversations`, :meth:`Governor.history`)
-  and starts their purge timer.
+* :meth:`Governor.verify`: what the ingress's admission (:class:`deployments.admission.Admission`)
+  caches about a token for ``governor.auth.key_cache_s``: the key's id, scope, rate overrides,
+  quota limits and usage so far, or why it is refused.
+* :meth:`Governor.record`: one generation's tokens and cost, charged exactly once per request id.
+* :attr:`Governor.conversations` (the chat page's conversations and feedback) and the answer cache.
 
-The ingress does not call the governor per request: it admits requests itself
-(:class:`deployments.admission.Admission`), asking :meth:`Governor.verify` about a key once per
-``governor.auth.key_cache_s`` (the key's id, scope, rate overrides, quota limits and usage so
-far, or why it is refused), with rate-limit counters in ``governor.rate_limits.storage``. It
-calls :meth:`Governor.record` after a generation and the cache methods around the generator.
-
-:meth:`Governor.admit` (key, token buckets and quota in one call, per request) is the earlier
-path; it still works and is what ``load_tests/bench_governor.py`` compares the ingress's against.
+Its methods block (a database round trip): the ingress runs them off its event loop, each within
+``state.call_timeout_s`` (:meth:`serve.calls.StageCalls.state`).
 """
 
 from __future__ import annotations
@@ -23,15 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.auth import ApiKey, KeyStore, UsageLedger, periods
-from deployments.cache import ResponseCache
-from deployments.conversations import ANONYMOUS, ConversationLimitError, ConversationStore
-from deployments.errors import StageError
-from deployments.limits import KINDS, RateLimiter, check_budget, check_quota, cost_of, kind_of
+from deployments.cache import AnswerCache, open_cache
+from deployments.limits import cost_of
+from state.conversations import ANONYMOUS, SqlConversations
+from state.db import Database, open_database
+from state.keys import ApiKey, Keys, SqlKeys
+from state.usage import SqlUsage, Usage, periods
 
-INGEST_CALLS = frozenset({"submit", "job", "jobs", "pending_document_ids"})  # GovernorDeployment.ingest
-# Governor.history: conversations, answered request ids and feedback (deployments/conversations.py)
-HISTORY_CALLS = frozenset({"create", "list", "get", "delete", "exists", "chat_done", "put_feedback", "feedback"})
 MISSING_KEY = (("no API key was sent; send the header `Authorization: Bearer <key>` "
                 "(`ragraph keys create` makes one)"), "missing_api_key")
 INVALID_KEY = ("the API key is not valid: unknown, revoked or mistyped", "invalid_api_key")
@@ -55,7 +49,7 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class KeyVerdict:
-    """The governor's answer about one token (:meth:`Governor.verify`), which the ingress caches.
+    """What :meth:`Governor.verify` says about one token, which the ingress caches.
 
     ``status`` 200: the key is active, with its ``scope``, per-kind rate overrides (None: the
     config's), its (daily, monthly) token quotas already resolved against the config, and its
@@ -81,71 +75,29 @@ class KeyVerdict:
         return self.status == 200
 
 
-Admission = Verdict  # its earlier name (deployments.admission.Admission is the ingress's admission)
-
-
-def _limits(rate) -> dict[str, float]:
-    return {k: float(getattr(rate, k)) for k in KINDS}
-
-
 class Governor:
-    def __init__(self, cfg) -> None:
-        """``cfg``: the :class:`common.config.GovernorConfig` section."""
-        self.cfg = cfg
-        self.auth_enabled = cfg.auth.enabled
-        self.keys = KeyStore(cfg.db)
-        self.ledger = UsageLedger(cfg.db)
-        rl = cfg.rate_limits
-        self.limiter = (
-            RateLimiter(per_key=_limits(rl.per_key), per_ip=_limits(rl.per_ip), exempt_ips=rl.exempt_ips,
-                        ipv6_prefix=rl.ipv6_prefix)
-            if rl.enabled else None
-        )
-        self.cache = ResponseCache(max_entries=cfg.cache.max_entries, ttl_s=cfg.cache.ttl_s) if cfg.cache.enabled else None
-        conv = cfg.conversations
-        self.conversations = ConversationStore(cfg.db, retention_days=conv.retention_days, max_turns=conv.max_turns,
-                                               max_conversations=conv.max_conversations,
-                                               feedback_retention_days=conv.feedback_retention_days)
+    """Keys, usage, conversations and the answer cache of one process, over the shared stores.
+    ``cfg``: the :class:`common.config.AppConfig`; ``db``: the state database (default: the
+    process's one for ``cfg``, schema upgraded as ``state.migrate`` says)."""
+
+    def __init__(self, cfg, *, db: Database | None = None, cache: AnswerCache | None = None) -> None:
+        g = cfg.governor
+        self.cfg = g
+        self.db = db if db is not None else open_database(cfg)
+        self.keys: Keys = SqlKeys(self.db)
+        self.ledger: Usage = SqlUsage(self.db)
+        c = g.conversations
+        self.conversations = SqlConversations(self.db, retention_days=c.retention_days, max_turns=c.max_turns,
+                                              max_conversations=c.max_conversations,
+                                              feedback_retention_days=c.feedback_retention_days)
+        self.cache: AnswerCache | None = cache if cache is not None else (
+            open_cache(g.cache.storage, max_entries=g.cache.max_entries, ttl_s=g.cache.ttl_s) if g.cache.enabled else None)
 
     @classmethod
     def from_config(cls, cfg) -> Governor:
-        return cls(cfg.governor)
+        return cls(cfg)
 
-    def run(self, *, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
-        """Admit one request to ``path`` from ``ip`` with the bearer ``token`` (None: none sent)."""
-        key = None
-        if self.auth_enabled:
-            if not token:
-                return Verdict(False, 401, *MISSING_KEY)
-            key = self.keys.verify(token)
-            if key is None:
-                return Verdict(False, 401, *INVALID_KEY)
-            if need_admin and key.scope != "admin":
-                return Verdict(False, 403, f"this endpoint needs an admin key; key {key.id} has scope {key.scope!r}",
-                                 "insufficient_scope", key_id=key.id, scope=key.scope)
-        kind = kind_of(path)
-        if self.limiter is not None:
-            d = self.limiter.check(kind=kind, ip=ip, key_id=key.id if key else None,
-                                   key_overrides=key.rate_overrides() if key else None)
-            if not d.allowed:
-                return Verdict(False, 429, d.message(), "rate_limit_exceeded", d.retry_after,
-                                 key.id if key else None, key.scope if key else None)
-        if key is not None and kind == "chat":
-            day, month, day_cost = self.ledger.standing(key.id)
-            daily, monthly = self.quota_limits(key)
-            qd = check_quota(day_used=day, month_used=month, daily_limit=daily, monthly_limit=monthly)
-            if not qd.allowed:
-                return Verdict(False, 429, qd.message(), "insufficient_quota", qd.retry_after, key.id, key.scope)
-            bd = check_budget(spent=day_cost, budget=self.daily_budget(key),
-                              currency=self.cfg.pricing.currency)
-            if not bd.allowed:
-                return Verdict(False, 429, bd.message(), "insufficient_quota", bd.retry_after, key.id, key.scope)
-        if key is None and not self.auth_enabled:
-            return Verdict(True, key_id=None, scope="admin")  # auth off: the local operator may do anything
-        return Verdict(True, key_id=key.id, scope=key.scope)
-
-    def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
-        return self.run(token=token, ip=ip, path=path, need_admin=need_admin)
+    # -- keys -------------------------------------------------------------------------------------
 
     def verify(self, token: str | None, *, now: float | None = None) -> KeyVerdict:
         """What the ingress caches about ``token``: the key's id, scope, rate overrides, quota
@@ -163,16 +115,6 @@ class Governor:
                           day_used=day_used, month_used=month_used, daily_budget=self.daily_budget(key),
                           day_cost=day_cost)
 
-    # -----------------------------------------------------------------------------------------
-    # usage
-
-    def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int, prefill_s: float = 0.0,
-               decode_s: float = 0.0, *, now: float | None = None) -> None:
-        """One generation's tokens and engine seconds, and its cost at ``governor.pricing``."""
-        self.ledger.record(key_id or ANONYMOUS, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                           prefill_s=prefill_s, decode_s=decode_s,
-                           cost=cost_of(self.cfg.pricing, prompt_tokens, completion_tokens), now=now)
-
     def daily_budget(self, key: ApiKey) -> float | None:
         """The key's daily budget: its own where set, else the config's (``governor.quotas.daily_budget``)."""
         return key.daily_budget if key.daily_budget is not None else self.cfg.quotas.daily_budget
@@ -182,6 +124,17 @@ class Governor:
         q = self.cfg.quotas
         return (key.daily_tokens if key.daily_tokens is not None else q.daily_tokens,
                 key.monthly_tokens if key.monthly_tokens is not None else q.monthly_tokens)
+
+    # -- usage ------------------------------------------------------------------------------------
+
+    def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int, prefill_s: float = 0.0,
+               decode_s: float = 0.0, *, request_id: str | None = None, now: float | None = None) -> bool:
+        """One generation's tokens and engine seconds, and its cost at ``governor.pricing``; charged
+        once per ``request_id`` (a retried write after a lost reply changes nothing: False)."""
+        return self.ledger.record(key_id or ANONYMOUS, prompt_tokens=prompt_tokens,
+                                  completion_tokens=completion_tokens, prefill_s=prefill_s, decode_s=decode_s,
+                                  cost=cost_of(self.cfg.pricing, prompt_tokens, completion_tokens),
+                                  request_id=request_id, now=now)
 
     def usage(self, key_id: str | None) -> dict[str, Any] | None:
         """Usage of ``key_id`` (None: the anonymous account of auth-off requests); None for no such key."""
@@ -204,8 +157,7 @@ class Governor:
             r["name"] = names.get(r["key_id"], ANONYMOUS if r["key_id"] == ANONYMOUS else None)
         return {"object": "list", "currency": self.cfg.pricing.currency, "data": rows}
 
-    # -----------------------------------------------------------------------------------------
-    # cache
+    # -- the answer cache -------------------------------------------------------------------------
 
     def cache_get(self, key: str) -> Any | None:
         return self.cache.get(key) if self.cache is not None else None
@@ -217,86 +169,11 @@ class Governor:
     def cache_stats(self) -> dict[str, Any]:
         if self.cache is None:
             return {"enabled": False}
-        return {"enabled": True, **self.cache.stats()}
+        return {"enabled": True, "storage": self.cfg.cache.storage.split("://", 1)[0], **self.cache.stats()}
 
     def cache_clear(self) -> int:
         return self.cache.clear() if self.cache is not None else 0
 
-    # -----------------------------------------------------------------------------------------
-    # conversations and feedback
-
-    def history(self, method: str, *args: Any) -> Any:
-        """A call on :class:`deployments.conversations.ConversationStore` (its first argument is the
-        owner: a key id, or None for the anonymous caller of an auth-off service, but for ``feedback``).
-        A refusal of the caller's request (the conversation limit) is a :class:`StageError` of kind
-        ``invalid``: never retried, answered 409 by the ingress."""
-        if method not in HISTORY_CALLS:
-            raise ValueError(f"unknown history call {method!r}; known: {sorted(HISTORY_CALLS)}")
-        if method != "feedback":
-            args = (args[0] or ANONYMOUS, *args[1:])
-        try:
-            return getattr(self.conversations, method)(*args)
-        except ConversationLimitError as e:
-            raise StageError("governor", "invalid", f"{e.code}: {e}") from None
-
-
-class GovernorDeployment:
-    """Serve wrapper: one replica (the config refuses more). SQLite calls take microseconds to a
-    millisecond (a usage write is one fsync'd transaction), so they run on the replica's loop."""
-
-    def __init__(self, cfg) -> None:
-        from ray import serve
-
-        self._gov = Governor.from_config(cfg)
-        self._replica = serve.get_replica_context().replica_id.unique_id
-        # Expired conversations, request ids and feedback go on a timer, off the replica's loop.
-        self._gov.conversations.start_purging(cfg.governor.conversations.purge_interval_s)
-        from deployments.ingest import IngestService
-
-        # The documents API's jobs (deployments/ingest.py): kept here, beside the database, in the one
-        # replica; started at once so that a job a restart interrupted is run again (or failed) now.
-        self._ingest = IngestService(cfg)
-        self._ingest.start()
-
-    async def admit(self, token: str | None, ip: str, path: str, need_admin: bool = False) -> Verdict:
-        return self._gov.admit(token, ip, path, need_admin)
-
-    async def verify(self, token: str | None) -> KeyVerdict:
-        return self._gov.verify(token)
-
-    async def record(self, key_id: str | None, prompt_tokens: int, completion_tokens: int, prefill_s: float = 0.0,
-                     decode_s: float = 0.0) -> None:
-        self._gov.record(key_id, prompt_tokens, completion_tokens, prefill_s, decode_s)
-
-    async def usage(self, key_id: str | None) -> dict[str, Any] | None:
-        return self._gov.usage(key_id)
-
-    async def all_usage(self) -> dict[str, Any]:
-        return self._gov.all_usage()
-
-    async def cache_get(self, key: str) -> Any | None:
-        return self._gov.cache_get(key)
-
-    async def cache_put(self, key: str, value: Any) -> None:
-        self._gov.cache_put(key, value)
-
-    async def cache_stats(self) -> dict[str, Any]:
-        return {**self._gov.cache_stats(), "replica": self._replica}
-
-    async def cache_clear(self) -> int:
-        return self._gov.cache_clear()
-
-    async def history(self, method: str, *args: Any) -> Any:
-        return self._gov.history(method, *args)
-
-    async def ingest(self, method: str, *args: Any) -> Any:
-        """A call of the documents API on :class:`deployments.ingest.IngestService` (in a thread: a
-        submit writes and fsyncs the uploaded files)."""
-        import asyncio
-
-        if method not in INGEST_CALLS:
-            raise ValueError(f"unknown ingest call {method!r}; known: {sorted(INGEST_CALLS)}")
-        return await asyncio.to_thread(getattr(self._ingest, method), *args)
-
-    async def check_health(self) -> None:
-        self._gov.keys.count_active()  # the database answers
+    def check(self) -> None:
+        """Raises when the state database does not answer (the readiness probe)."""
+        self.keys.count_active()

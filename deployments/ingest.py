@@ -1,10 +1,10 @@
 """Ingest jobs: documents sent to ``POST /v1/documents`` (or deletions) applied to the index as
 durable, queued batch jobs.
 
-* :class:`JobStore`: the jobs in SQLite (WAL, synchronous=FULL, created 0600 like the governor's
-  database: :func:`deployments.auth.private_file`), and each job's uploaded files in a spool folder
-  (0700) until the job ends. A job is written (files fsync'd, then its row) before the request is
-  answered ``202``, so an accepted job is never lost.
+* The jobs are kept by :class:`state.jobs.SqlJobs` in the state database, each job's uploaded files
+  in a spool folder (``documents.spool_dir``, 0700; storage every node reads on a cluster) until
+  the job ends. A job is written (files fsync'd, then its row) before the request is answered
+  ``202``, so an accepted job is never lost.
 * :class:`IngestService`: runs the queued jobs one at a time, oldest first: it claims one (``queued``
   -> ``running``, in one transaction, only while no other job runs), builds the new version
   (:func:`build_job`: read the files, apply the changes to the live version with
@@ -23,325 +23,43 @@ durable, queued batch jobs.
   build is idempotent (the same changes on a version that has them publish nothing) and a version is
   either published whole or not at all.
 
-In the serving graph the service lives in the governor's replica (one, pinned where its database is);
-``serve.local`` holds one in its own process. The ingress reaches it through ``governor.ingest``.
+* Read your writes: a job that published waits, before it reports ``succeeded``, until every live
+  retriever replica serves the new version (:mod:`state.serving`), at most
+  ``documents.serving_timeout_s``.
+
+Every ingress replica holds an :class:`IngestService` (``serve.local`` one in its process); their
+runners share the jobs, and one job runs at a time service-wide, whichever runner claims it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
-import shutil
 import socket
-import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deployments.auth import _tx, connect_db
-from indexing.store import fsync_dir
+from state.db import Database, open_database
+from state.jobs import JobError, Jobs, SqlJobs  # noqa: F401 (JobError: what a refused job raises)
+from state.serving import Serving, SqlServing, lagging
 
 log = logging.getLogger("ray.serve")
-
-STATUSES = ("queued", "running", "succeeded", "failed")
-KINDS = ("upsert", "delete")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    kind TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    heartbeat_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    owner TEXT,
-    owner_host TEXT,
-    owner_pid INTEGER,
-    key_id TEXT,
-    inputs TEXT NOT NULL,
-    progress TEXT NOT NULL DEFAULT '{}',
-    failures TEXT NOT NULL DEFAULT '[]',
-    result TEXT,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
-"""
-
-
-class JobError(ValueError):
-    """A job cannot be accepted (the message says why)."""
 
 
 class JobLimitError(RuntimeError):
     """A job went over ``documents.job_timeout_s`` (the message says where); it fails, not run again."""
 
 
-def paths(cfg) -> tuple[Path, Path]:
-    """(jobs database, spool folder) for an :class:`common.config.AppConfig`: ``documents.jobs_db`` and
-    ``documents.spool_dir``, by default beside ``governor.db``."""
-    d = cfg.documents
-    base = Path(cfg.governor.db).expanduser().parent
-    return (d.jobs_db or base / "jobs.sqlite3"), (d.spool_dir or base / "ingest")
-
-
-def _now() -> float:
-    return time.time()
-
-
-def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class JobStore:
-    """The jobs and their spooled inputs. Safe to use from several threads (one connection, one lock)."""
-
-    def __init__(self, db: Path, spool: Path) -> None:
-        self.db, self.spool = Path(db), Path(spool)
-        self._lock = threading.RLock()
-        self._adding = threading.Lock()  # a retried submit waits for the try still writing, then finds its job
-        self._conn = connect_db(self.db, error=JobError)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.executescript(_SCHEMA)
-        if not self.spool.exists():
-            self.spool.mkdir(parents=True, mode=0o700)
-        os.chmod(self.spool, 0o700)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, _tx(self._conn) as conn:
-            yield conn
-
-    # -- writing a job ----------------------------------------------------------------------------
-
-    def add(self, job_id: str, kind: str, *, documents: list[dict] | None = None,
-            files: list[tuple[str, bytes]] | None = None, deletes: list[str] | None = None,
-            domain: str | None = None, key_id: str | None = None, keep: int = 1000) -> dict[str, Any]:
-        """Write a job (idempotent on ``job_id``: the same id again, even while the first is being
-        written, returns the job as it is)."""
-        if kind not in KINDS:
-            raise JobError(f"kind must be one of {KINDS}, got {kind!r}")
-        with self._adding:
-            return self._add(job_id, kind, documents=documents, files=files, deletes=deletes, domain=domain,
-                             key_id=key_id, keep=keep)
-
-    def _add(self, job_id: str, kind: str, *, documents: list[dict] | None, files: list[tuple[str, bytes]] | None,
-             deletes: list[str] | None, domain: str | None, key_id: str | None, keep: int) -> dict[str, Any]:
-        existing = self.get(job_id)
-        if existing is not None:
-            return existing
-        folder = self.spool / job_id
-        tmp = self.spool / f".tmp-{job_id}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o700)
-        names = []
-        for n, (name, data) in enumerate(files or []):
-            _write_synced(tmp / f"{n:05d}", data)
-            names.append(name)
-        if documents:
-            _write_synced(tmp / "documents.jsonl", "".join(json.dumps(d) + "\n" for d in documents).encode())
-        fsync_dir(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        fsync_dir(self.spool)
-        ids = [str(d["id"]) for d in documents or []] + [n for n in names if not n.lower().endswith((".jsonl", ".parquet"))]
-        inputs = {"documents": len(documents or []), "files": names, "deletes": list(deletes or []),
-                  "document_ids": ids, "domain": domain}
-        with self._tx() as c:
-            c.execute("INSERT OR IGNORE INTO jobs (id, kind, status, created_at, key_id, inputs, progress) "
-                      "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                      (job_id, kind, _now(), key_id, json.dumps(inputs), json.dumps({"stage": "queued"})))
-            c.execute("DELETE FROM jobs WHERE status IN ('succeeded', 'failed') AND seq NOT IN "
-                      "(SELECT seq FROM jobs ORDER BY seq DESC LIMIT ?)", (keep,))
-        return self.get(job_id)
-
-    def inputs(self, job_id: str) -> tuple[list[dict], list[tuple[str, bytes]]]:
-        """The spooled (documents, files) of a job."""
-        row = self._row(job_id)
-        folder = self.spool / job_id
-        docs = []
-        if (folder / "documents.jsonl").is_file():
-            docs = [json.loads(line) for line in (folder / "documents.jsonl").read_text().splitlines() if line]
-        names = json.loads(row["inputs"])["files"] if row else []
-        files = [(name, (folder / f"{n:05d}").read_bytes()) for n, name in enumerate(names)]
-        return docs, files
-
-    # -- claiming and finishing -------------------------------------------------------------------
-
-    def claim(self, owner: str) -> dict[str, Any] | None:
-        """The oldest queued job, now ``running`` under ``owner``; None when none is queued or one runs."""
-        with self._tx() as c:
-            if c.execute("SELECT 1 FROM jobs WHERE status = 'running' LIMIT 1").fetchone():
-                return None
-            row = c.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            now = _now()
-            c.execute("UPDATE jobs SET status = 'running', started_at = ?, heartbeat_at = ?, attempts = attempts + 1, "
-                      "owner = ?, owner_host = ?, owner_pid = ?, progress = ? WHERE id = ?",
-                      (now, now, owner, socket.gethostname(), os.getpid(), json.dumps({"stage": "starting"}), row["id"]))
-        return self.get(row["id"])
-
-    def heartbeat(self, job_id: str, owner: str, progress: dict[str, Any] | None = None) -> None:
-        with self._tx() as c:
-            if progress is None:
-                c.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND owner = ? AND status = 'running'",
-                          (_now(), job_id, owner))
-            else:
-                c.execute("UPDATE jobs SET heartbeat_at = ?, progress = ? WHERE id = ? AND owner = ? "
-                          "AND status = 'running'", (_now(), json.dumps(progress), job_id, owner))
-
-    def finish(self, job_id: str, owner: str, *, status: str, result: dict | None = None,
-               failures: list[dict] | None = None, error: str | None = None, progress: dict | None = None) -> bool:
-        """Record the outcome; False when ``owner`` no longer holds the job (it was taken as interrupted)."""
-        assert status in ("succeeded", "failed")
-        with self._tx() as c:
-            n = c.execute("UPDATE jobs SET status = ?, finished_at = ?, result = ?, failures = ?, error = ?, progress = ? "
-                          "WHERE id = ? AND owner = ? AND status = 'running'",
-                          (status, _now(), json.dumps(result) if result is not None else None, json.dumps(failures or []),
-                           error, json.dumps(progress or {"stage": "done"}), job_id, owner)).rowcount
-        if n:
-            shutil.rmtree(self.spool / job_id, ignore_errors=True)
-        return bool(n)
-
-    def recover(self, me: str, *, stale_after_s: float, max_attempts: int) -> list[str]:
-        """Running jobs whose runner is gone (not ``me``; its process dead on this host, or no heartbeat
-        for ``stale_after_s``): queued again, or failed once ``max_attempts`` runs are spent. Returns
-        their ids."""
-        host = socket.gethostname()
-        out = []
-        with self._tx() as c:
-            rows = c.execute("SELECT * FROM jobs WHERE status = 'running' AND (owner IS NULL OR owner != ?)", (me,)).fetchall()
-            for r in rows:
-                dead = r["owner_host"] == host and (r["owner_pid"] == os.getpid() or not _pid_alive(r["owner_pid"]))
-                silent = _now() - (r["heartbeat_at"] or 0) > stale_after_s
-                if not (dead or silent):
-                    continue
-                why = ("its runner stopped (the process that ran it ended or restarted)" if dead else
-                       f"its runner sent no heartbeat for over {stale_after_s:g} s")
-                self._again(c, r, why, max_attempts)
-                out.append(r["id"])
-        return out
-
-    def retry(self, job_id: str, owner: str, *, why: str, max_attempts: int) -> bool:
-        """A run ``owner`` could not finish (its build crashed): queued again, or failed once
-        ``max_attempts`` runs are spent, as :meth:`recover` does; False when ``owner`` no longer holds it."""
-        with self._tx() as c:
-            r = c.execute("SELECT * FROM jobs WHERE id = ? AND owner = ? AND status = 'running'", (job_id, owner)).fetchone()
-            if r is not None:
-                self._again(c, r, why, max_attempts)
-        return r is not None
-
-    def _again(self, c: sqlite3.Connection, r: sqlite3.Row, why: str, max_attempts: int) -> None:
-        if r["attempts"] < max_attempts:
-            progress = {"stage": "queued", "message": f"run {r['attempts']} was interrupted: {why}; "
-                        f"queued again (run {r['attempts'] + 1} of at most {max_attempts})"}
-            c.execute("UPDATE jobs SET status = 'queued', owner = NULL, progress = ? WHERE id = ?",
-                      (json.dumps(progress), r["id"]))
-        else:
-            c.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ?, progress = ? WHERE id = ?",
-                      (_now(), f"interrupted {r['attempts']} times ({why}); not run again "
-                       f"(documents.max_attempts = {max_attempts}). A version is published whole or not at "
-                       "all: GET /v1/index shows what is live; send the documents again to retry",
-                       json.dumps({"stage": "done"}), r["id"]))
-            shutil.rmtree(self.spool / r["id"], ignore_errors=True)
-
-    def sweep(self, *, min_age_s: float = 60) -> None:
-        """Remove spooled inputs of jobs never written (a crash between the files and the row) or already
-        ended; a folder younger than ``min_age_s`` may be a submit under way and is left."""
-        with self._lock:
-            live = {r["id"] for r in self._conn.execute("SELECT id FROM jobs WHERE status IN ('queued', 'running')")}
-        for folder in self.spool.iterdir():
-            try:
-                young = _now() - folder.stat().st_mtime < min_age_s
-            except FileNotFoundError:
-                continue
-            if folder.name.removeprefix(".tmp-") not in live and not young:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    # -- reading ----------------------------------------------------------------------------------
-
-    def _row(self, job_id: str) -> sqlite3.Row | None:
-        with self._lock:
-            return self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-
-    def get(self, job_id: str) -> dict[str, Any] | None:
-        row = self._row(job_id)
-        return _public(row) if row is not None else None
-
-    def list(self, *, limit: int = 20, status: str | None = None, before: int | None = None) -> list[dict[str, Any]]:
-        q, args = "SELECT * FROM jobs", []
-        where = []
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if before is not None:
-            where.append("seq < ?")
-            args.append(before)
-        if where:
-            q += " WHERE " + " AND ".join(where)
-        q += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit)
-        with self._lock:
-            return [_public(r) for r in self._conn.execute(q, args).fetchall()]
-
-    def pending_document_ids(self) -> set[str]:
-        """Ids of documents that queued or running upsert jobs add (their one-document files and JSON documents)."""
-        with self._lock:
-            rows = self._conn.execute("SELECT inputs FROM jobs WHERE kind = 'upsert' AND status IN ('queued', 'running')")
-            return {i for r in rows for i in json.loads(r["inputs"]).get("document_ids", [])}
-
-
-def _public(r: sqlite3.Row) -> dict[str, Any]:
-    inputs = json.loads(r["inputs"])
-    inputs.pop("document_ids", None)
-    return {
-        "id": r["id"], "object": "ingest.job", "kind": r["kind"], "status": r["status"],
-        "created_at": _iso(r["created_at"]), "started_at": _iso(r["started_at"]), "finished_at": _iso(r["finished_at"]),
-        "attempts": r["attempts"], "inputs": inputs, "progress": json.loads(r["progress"]),
-        "failures": json.loads(r["failures"]), "result": json.loads(r["result"]) if r["result"] else None,
-        "error": r["error"], "seq": r["seq"],
-    }
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a job's files in a child process it can kill
-
-# what the reader's children import once, in the forkserver they are forked from
-_READER_PRELOAD = ["indexing.formats", "indexing.documents", "bs4", "lxml.etree", "pypdf", "docx", "pyarrow.parquet"]
+def spool_dir(cfg) -> Path:
+    """Where an :class:`common.config.AppConfig`'s jobs spool their uploaded files: ``documents.spool_dir``,
+    by default ``ingest/`` beside ``governor.db``."""
+    return Path(cfg.documents.spool_dir or Path(cfg.governor.db).expanduser().parent / "ingest")
 
 
 def _reader_context():
@@ -546,11 +264,12 @@ class IngestService:
     interrupted jobs and starts the runner thread; ``run_once()`` runs the next queued job in the
     caller's thread (tests). ``on_published(version)`` is called after a job publishes."""
 
-    def __init__(self, cfg, *, runner: str | None = None,
+    def __init__(self, cfg, *, db: Database | None = None, runner: str | None = None,
                  on_published: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
-        db, spool = paths(cfg)
-        self.store = JobStore(db, spool)
+        db = db if db is not None else open_database(cfg)
+        self.store: Jobs = SqlJobs(db, spool_dir(cfg))
+        self.serving: Serving = SqlServing(db)
         self.runner = runner or cfg.documents.runner
         self.on_published = on_published
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -558,7 +277,7 @@ class IngestService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # the calls the ingress makes (through the governor in the graph)
+    # the calls the ingress makes
 
     def submit(self, job_id: str, kind: str, documents: list[dict] | None = None,
                files: list[tuple[str, bytes]] | None = None, deletes: list[str] | None = None,
@@ -642,15 +361,45 @@ class IngestService:
             result["seconds"] = {k: round(v, 3) for k, v in report["seconds"].items()}
         done = {"stage": "done", "documents": len(documents), "files": len(files), "deletes": len(payload["deletes"]),
                 "failed": len(out["failures"])}
+        if report is not None and report["published"]:
+            if self.on_published is not None:
+                try:
+                    self.on_published(report["version"])
+                except Exception as e:
+                    log.warning(f"ingest: after publishing {report['version']}: {type(e).__name__}: {e}")
+            result["serving"] = self._await_serving(jid, report["version"], progress)
         status = "failed" if out["error"] else "succeeded"
         self.store.finish(jid, self.owner, status=status, result=result, failures=out["failures"], error=out["error"],
                           progress=done)
-        if report is not None and report["published"] and self.on_published is not None:
-            try:
-                self.on_published(report["version"])
-            except Exception as e:
-                log.warning(f"ingest: after publishing {report['version']}: {type(e).__name__}: {e}")
         return True
+
+    def _await_serving(self, jid: str, version: str, progress: dict[str, Any]) -> dict[str, Any]:
+        """Wait until every live retriever replica serves ``version`` (read your writes: a search sent
+        once the job is ``succeeded`` finds what it added and not what it deleted), at most
+        ``documents.serving_timeout_s``; what was seen, for the job's result."""
+        d = self.cfg.documents
+        stale_s = 3 * self.cfg.retriever.reload_interval_s + 5
+        t0 = time.monotonic()
+        last_beat = 0.0
+        while True:
+            try:
+                versions = self.serving.versions(stale_s=stale_s)
+            except Exception as e:  # the version is published: a database hiccup must not fail the job
+                log.warning(f"ingest job {jid}: cannot read which replicas serve {version}: {e}")
+                return {"replicas": None, "lagging": None, "waited_s": round(time.monotonic() - t0, 3)}
+            behind = lagging(versions, version)
+            waited = time.monotonic() - t0
+            if not behind or waited >= d.serving_timeout_s:
+                if behind:
+                    log.warning(f"ingest job {jid}: {len(behind)} retriever replica(s) still not serving {version} "
+                                f"after {d.serving_timeout_s:g} s (documents.serving_timeout_s): {behind}")
+                return {"replicas": len(versions), "lagging": behind, "waited_s": round(waited, 3)}
+            if waited - last_beat >= 1:
+                last_beat = waited
+                self.store.heartbeat(jid, self.owner, {**progress, "stage": "publishing",
+                                                       "message": f"waiting for {len(behind)} of {len(versions)} "
+                                                                  f"retriever replicas to serve {version}"})
+            time.sleep(0.1)
 
     def _build(self, jid: str, payload: dict[str, Any], progress: dict[str, Any]) -> dict[str, Any]:
         """Run :func:`build_job` where ``runner`` says, sending heartbeats until it returns."""

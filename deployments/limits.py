@@ -1,24 +1,18 @@
-"""Request rate limits (token buckets, per API key and per client IP) and token-quota decisions.
-
-Everything here is in-process and clock-injected. The ingress's own admission
-(``deployments.admission``) counts requests in the ``limits`` library's shared storage instead of
-these buckets, with the same kinds, :class:`Decision` messages and :func:`check_quota`; the
-buckets serve :meth:`deployments.governor.Governor.admit`. Buckets live in memory, so a restart
-refills them; that is fine for limits measured in minutes. Token quotas (day, month) are durable: their counts come from
-:class:`deployments.auth.UsageLedger`, and :func:`check_quota` only decides.
+"""The decisions of admission, without their counters: request kinds (:func:`kind_of`), a rate
+limit's refusal (:class:`Decision`, its message and ``Retry-After``), token quotas
+(:func:`check_quota`) and daily budgets (:func:`check_budget`), and what a generation costs
+(:func:`cost_of`). The counters are elsewhere: requests in the ``limits`` library's storage
+(:mod:`deployments.admission`), tokens and cost in the usage ledger (:mod:`state.usage`).
+Everything here is pure and clock-injected.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from common.networks import Network, address_group, in_networks, parse_networks  # noqa: F401
 
 KINDS = ("chat", "search", "other")
 _PATH_KINDS = {"/v1/chat/completions": "chat", "/v1/search": "search"}
@@ -37,32 +31,6 @@ def _duration(seconds: float) -> str:
         return f"{m // 60} h {m % 60} min"
     h = math.ceil(s / 3600)
     return f"{h // 24} d {h % 24} h"
-
-
-class TokenBucket:
-    """Holds up to ``per_min`` tokens (one minute's allowance as burst); refills ``per_min / 60`` per second."""
-
-    def __init__(self, per_min: float, *, now: float) -> None:
-        if not per_min > 0:
-            raise ValueError(f"per_min must be > 0, got {per_min!r}")
-        self.per_min = float(per_min)
-        self.capacity = max(1.0, self.per_min)  # below 1/min a bucket of capacity < 1 would never allow anything
-        self.rate = self.per_min / 60.0
-        self.tokens = self.capacity
-        self.last = now
-
-    def wait(self, now: float) -> float:
-        """Refill to ``now``; seconds until a token is available (0.0 if one is), taking nothing."""
-        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.last) * self.rate)
-        self.last = max(self.last, now)
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
-
-    def take(self, now: float) -> float:
-        """0.0 if a token was taken, else seconds until one is available (> 0)."""
-        w = self.wait(now)
-        if w == 0.0:
-            self.tokens -= 1.0
-        return w
 
 
 @dataclass(frozen=True)
@@ -90,77 +58,6 @@ def check_rates(name: str, rates: dict[str, float]) -> dict[str, float]:
     if errors:
         raise ValueError(f"{name}: {'; '.join(errors)}; kinds are {list(KINDS)}")
     return {k: float(rates.get(k, 0.0)) for k in KINDS}
-
-
-class RateLimiter:
-    """Per-key and per-IP token buckets for the three request kinds; a limit of 0 means none.
-
-    Buckets are kept in least-recently-used order; past ``max_buckets`` the idlest are dropped (a
-    dropped client just starts again with a full bucket), so a flood of new IPs cannot grow memory.
-    An IPv6 client's bucket is its ``/ipv6_prefix`` network's (see :func:`common.networks.address_group`).
-    """
-
-    def __init__(
-        self,
-        *,
-        per_key: dict[str, float],
-        per_ip: dict[str, float],
-        exempt_ips: Iterable[str] = (),
-        max_buckets: int = 100_000,
-        clock: Callable[[], float] = time.monotonic,
-        ipv6_prefix: int = 64,
-    ) -> None:
-        address_group("::1", ipv6_prefix)  # a bad prefix fails here, not per request
-        self.ipv6_prefix = ipv6_prefix
-        self.per_key = check_rates("per_key", per_key)
-        self.per_ip = check_rates("per_ip", per_ip)
-        self.exempt = parse_networks("exempt_ips", exempt_ips)
-        if max_buckets < 1:
-            raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
-        self.max_buckets = max_buckets
-        self._clock = clock
-        self._buckets: OrderedDict[tuple[str, str, str], TokenBucket] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def is_exempt(self, ip: str) -> bool:
-        return in_networks(ip, self.exempt)
-
-    def _bucket(self, key: tuple[str, str, str], per_min: float, now: float) -> TokenBucket:
-        b = self._buckets.get(key)
-        if b is None or b.per_min != per_min:  # a changed limit starts a fresh bucket
-            b = self._buckets[key] = TokenBucket(per_min, now=now)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_buckets:
-            self._buckets.popitem(last=False)
-        return b
-
-    def check(
-        self, *, kind: str, ip: str, key_id: str | None = None, key_overrides: dict[str, float | None] | None = None
-    ) -> Decision:
-        """Allow (taking one token from each applicable bucket) or refuse (taking none)."""
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-        override = (key_overrides or {}).get(kind)
-        key_limit = self.per_key[kind] if override is None else float(override)
-        ip_limit = self.per_ip[kind]
-        with self._lock:
-            now = self._clock()
-            checks: list[tuple[str, float, TokenBucket]] = []
-            if key_id is not None and key_limit > 0:
-                checks.append(("key", key_limit, self._bucket(("key", key_id, kind), key_limit, now)))
-            if ip_limit > 0 and not self.is_exempt(ip):
-                who = address_group(ip, self.ipv6_prefix)
-                checks.append(("ip", ip_limit, self._bucket(("ip", who, kind), ip_limit, now)))
-            for scope, limit, bucket in checks:  # all must have a token before any is taken
-                if (wait := bucket.wait(now)) > 0:
-                    return Decision(False, retry_after=wait, scope=scope, kind=kind, limit_per_min=limit)
-            for _, _, bucket in checks:
-                bucket.take(now)
-        return Decision(True, kind=kind)
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {"buckets": len(self._buckets)}
 
 
 def kind_of(path: str) -> str:

@@ -407,7 +407,9 @@ from ray import serve  # noqa: E402  (the plain class above needs no Ray)
 class RetrieverDeployment:
     """One retriever replica: query embeddings batched across concurrent requests with
     ``@serve.batch``; the search itself in a worker thread; a background task that follows the
-    published index version (live swap: requests in flight finish on the version they started with)."""
+    published index version (live swap: requests in flight finish on the version they started with)
+    and reports the version it serves to the state database (:mod:`state.serving`), so that an
+    ingest job is ``succeeded`` only once every replica serves what it published."""
 
     def __init__(self, cfg) -> None:
         import logging
@@ -427,6 +429,8 @@ class RetrieverDeployment:
         self._embed.set_max_batch_size(cfg.retriever.batch.max_batch_size)
         self._embed.set_batch_wait_timeout_s(cfg.retriever.batch.batch_wait_timeout_s)
         self._watcher = None
+        self._cfg = cfg
+        self._serving = None  # state.serving.SqlServing, opened by the watcher (a database that is down delays no search)
 
     @staticmethod
     def _set_threads(num_cpus: float) -> None:
@@ -444,6 +448,7 @@ class RetrieverDeployment:
         import asyncio
 
         while True:
+            await asyncio.to_thread(self._report)
             await asyncio.sleep(self._interval)
             try:
                 new = await asyncio.to_thread(self._r.refresh)
@@ -457,6 +462,21 @@ class RetrieverDeployment:
             if new:
                 self._error = None
                 self._log.info(f"switched to index version {new}")
+
+    def _report(self) -> None:
+        """Tell the state database which version this replica serves (best effort: logged on failure)."""
+        import socket
+
+        try:
+            if self._serving is None:
+                from state.db import open_database
+                from state.serving import SqlServing
+
+                self._serving = SqlServing(open_database(self._cfg))
+            st = self._r._state
+            self._serving.report(self._replica, st.index.name if st else None, host=socket.gethostname())
+        except Exception as e:
+            self._log.warning(f"could not report the served index version: {type(e).__name__}: {e}")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)  # sizes reset from the config in __init__
     async def _embed(self, queries: list[str]) -> list[np.ndarray]:

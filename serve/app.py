@@ -16,13 +16,21 @@ from serve.stages import HandleStages
 
 @ray_serve.ingress()
 class RagIngress:
-    def __init__(self, cfg, router, retriever, reranker, generator, governor, app_name: str = "ragraph") -> None:
+    def __init__(self, cfg, router, retriever, reranker, generator, app_name: str = "ragraph") -> None:
         stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker,
-                              generator=generator, governor=governor)
+                              generator=generator)
         self.cfg = cfg
         METRICS.export_to_ray()  # every replica's series reach Ray's metrics agent (serve/metrics.py)
+        # the service's state is the shared database's, opened (and its schema upgraded) here
         self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
         self.pipeline.warm_up()
+        self.pipeline.governor.conversations.start_purging(cfg.governor.conversations.purge_interval_s)
+        self.pipeline.ingest()  # this replica's job runner: a job interrupted by a lost replica is taken over
+
+    def __del__(self) -> None:
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            pipeline.stop()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve asks for the app once the constructor has run: this replica's own, with its pipeline."""

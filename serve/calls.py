@@ -1,31 +1,46 @@
 """Stage calls, timed, counted and retried: the one place the ingress talks to a stage.
 
-Every stage call has a timeout; the idempotent ones (router, retriever, reranker and the governor)
-are retried with exponential backoff and jitter when a replica is lost or errs (``http.retries``);
-with ``http.retries.attempt_timeout_s`` a silent replica is given up on early and another tried.
-The generator sits behind a circuit breaker (``http.breaker``), kept here for the pipeline.
+Every stage call has a timeout; the idempotent ones (router, retriever, reranker) are retried with
+exponential backoff and jitter when a replica is lost or errs (``http.retries``); with
+``http.retries.attempt_timeout_s`` a silent replica is given up on early and another tried. The
+generator sits behind a circuit breaker (``http.breaker``), kept here for the pipeline.
+
+Calls on the service's state (:meth:`StageCalls.state`: the keys, usage, cache, conversations and
+jobs of :class:`deployments.governor.Governor`, blocking database calls) run on a thread pool of
+their own, off the event loop, each try within ``http.timeouts.governor``, retried like a lost
+replica when the database does not answer (:class:`state.db.StateUnavailable`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from deployments.errors import StageError, from_exception
 from deployments.generator import GenDelta, GenRequest
+from deployments.governor import Governor
 from deployments.retriever import Filters, Passage
 from deployments.router import Message
 from serve.breaker import CircuitBreaker
 from serve.events import Trace
 from serve.metrics import Metrics
+from state.conversations import ConversationLimitError
+from state.db import StateUnavailable
 
 log = logging.getLogger("ray.serve")
 RETRIED_KINDS = ("unavailable", "error", "stalled")  # a lost, failed or silent replica; never backpressure or a timeout
+T = TypeVar("T")
+# State calls block on the database: threads of their own, so that a database that is down (each call
+# waiting up to state.connect_timeout_s) cannot take the loop's default executor from everything else.
+STATE_THREADS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +63,13 @@ class Stages(Protocol):
     async def rerank(self, *, query: str, passages: list[Passage], top_k: int) -> StageReply: ...
     def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]: ...  # a deployments.generator.Generator
     async def readiness(self) -> dict[str, str | None]: ...
-    async def govern(self, method: str, *args: Any) -> Any: ...  # a call to the governor stage
 
 
 class StageCalls:
-    def __init__(self, cfg, stages: Stages, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg, stages: Stages, *, metrics: Metrics | None = None, governor: Governor | None = None) -> None:
         self.cfg, self.stages = cfg, stages
+        self.governor = governor if governor is not None else Governor(cfg)
+        self._state_pool = ThreadPoolExecutor(STATE_THREADS, thread_name_prefix="ragraph-state")
         self.metrics = metrics or Metrics()
         self.timeouts = cfg.http.timeouts
         self.retry = cfg.http.retries
@@ -119,29 +135,42 @@ class StageCalls:
             trace.replicas[stage] = reply.replica
         return reply
 
-    async def govern(self, method: str, *args: Any, attempts: int | None = None, timeout: float | None = None) -> Any:
-        """A governor call (admission, usage, cache), retried like the other idempotent stages, each
-        try within ``timeout`` (``http.timeouts.governor`` unless given)."""
+    async def state(self, fn: Callable[..., T], *args: Any, attempts: int | None = None,
+                    timeout: float | None = None, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)``, a blocking call on the service's state (a :class:`Governor` or store
+        method), on the state threads, each try within ``timeout`` (``http.timeouts.governor`` unless
+        given), retried when the database does not answer. Raises :class:`StageError` (stage
+        ``state``): ``unavailable`` once the tries are spent, ``invalid`` for a refusal of the
+        caller's request (the conversation limit: ``conversation_limit_reached: ...``)."""
+        call = functools.partial(fn, *args, **kwargs)
+
+        async def once() -> T:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._state_pool, call)
+            except StateUnavailable as e:
+                raise StageError("state", "unavailable", str(e)) from None
+            except ConversationLimitError as e:
+                raise StageError("state", "invalid", f"{e.code}: {e}") from None
+
         t = time.perf_counter()
         try:
-            return await self.retrying(
-                "governor", lambda: self.stages.govern(method, *args), timeout or self.timeouts.governor,
-                attempts=attempts,
-            )
+            return await self.retrying("state", once, timeout or self.timeouts.governor, attempts=attempts)
         finally:
-            self.metrics.stage_duration.labels("governor").observe(time.perf_counter() - t)
+            self.metrics.stage_duration.labels("state").observe(time.perf_counter() - t)
 
     def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int,
                      engine_s: dict[str, float] | None = None) -> None:
         """Write usage (tokens; the engine's prefill and decode seconds when known) to the ledger in
-        the background, retrying for about a minute so that a governor restart does not lose the
-        record; a record that still fails is logged."""
+        the background, retrying for about a minute so that a database restart does not lose the
+        record; charged once whatever the retries (the record carries an id of its own, made here:
+        a client's request id may repeat). A record that still fails is logged and counted."""
         times = (float(engine_s.get("prefill", 0.0)), float(engine_s.get("decode", 0.0))) if engine_s else ()
+        record_id = uuid.uuid4().hex
 
         async def write() -> None:
             try:
-                await self.govern("record", key_id, prompt_tokens, completion_tokens, *times,
-                                  attempts=max(self.retry.attempts, 8))
+                await self.state(self.governor.record, key_id, prompt_tokens, completion_tokens, *times,
+                                 request_id=record_id, attempts=max(self.retry.attempts, 8))
             except StageError as e:
                 self.metrics.usage_lost.inc()
                 log.error(f"usage of key {key_id or 'anonymous'} not recorded "

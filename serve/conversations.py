@@ -1,4 +1,4 @@
-"""Conversations and feedback (the chat page's API; issue 19, issue 15 item 5):
+"""Conversations and feedback (the chat page's API):
 
 * ``GET /v1/conversations`` (``limit``), ``POST /v1/conversations`` ``{"title"}`` -> 201 (409
   ``conversation_limit_reached`` past ``governor.conversations.max_conversations``),
@@ -11,23 +11,23 @@
   id), else 404; sending again replaces it;
 * ``GET /v1/feedback`` (admin; ``limit``, ``after``): every key's feedback, the export.
 
-All of it is kept by the governor (:mod:`deployments.conversations`, in ``governor.db``): every
-answered chat's request id is recorded there before its last chunk is sent, so that feedback sent
-as soon as the answer is shown finds it. The routes are added to ``serve.routes``' router (admitted
+All of it is kept in the state database (:mod:`state.conversations`, shared by every ingress
+replica): every answered chat's request id is recorded there before its last chunk is sent, so
+that feedback sent as soon as the answer is shown finds it, whichever replica it reaches. The routes are added to ``serve.routes``' router (admitted
 by ``ObservedRoute``) like those of ``serve/documents.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ConfigDict, Field
 
-from deployments.conversations import COMMENT_MAX, TITLE_MAX, ConversationLimitError
+from state.conversations import ANONYMOUS, COMMENT_MAX, TITLE_MAX, ConversationLimitError
 from deployments.errors import StageError
 from serve.api import ChatRequest, _Body
 from serve.errors import ApiError, stage_unavailable
@@ -35,6 +35,7 @@ from serve.events import ChatEvent, Delta, Done
 from serve.metrics import METRICS
 from serve.querylog import question_of
 from serve.routetable import RouteTable
+from state.conversations import SqlConversations
 
 log = logging.getLogger("ray.serve")
 
@@ -58,21 +59,24 @@ class FeedbackIn(_Body):
     comment: str | None = Field(default=None, max_length=COMMENT_MAX)
 
 
-async def history(request: Request, method: str, *args: Any) -> Any:
-    """A call on the governor's conversation store; 503 + Retry-After when the governor is down,
-    409 when it refused a new conversation past the key's limit."""
+def store(request: Request) -> SqlConversations:
+    return request.app.state.pipeline.governor.conversations
+
+
+async def history(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn`` (a method of :func:`store`) on the state threads; 503 + Retry-After when the database
+    is down, 409 when it refused a new conversation past the key's limit."""
     try:
-        return await request.app.state.pipeline.govern("history", method, *args)
+        return await request.app.state.pipeline.state(fn, *args)
     except StageError as e:
         code = ConversationLimitError.code
         if e.kind == "invalid" and e.detail.startswith(code + ":"):
             raise ApiError(409, e.detail.removeprefix(code + ":").strip(), code=code) from None
-        raise stage_unavailable("the conversation store (kept by the governor)", e,
-                                code="governor_unavailable") from None
+        raise stage_unavailable("the conversation store", e, code="state_unavailable") from None
 
 
-def owner(request: Request) -> str | None:
-    return getattr(request.state, "key_id", None)  # None: auth off, the anonymous owner
+def owner(request: Request) -> str:
+    return getattr(request.state, "key_id", None) or ANONYMOUS  # auth off: the anonymous owner
 
 
 def not_found(conversation_id: str, param: str = "conversation_id") -> ApiError:
@@ -87,14 +91,14 @@ def not_found(conversation_id: str, param: str = "conversation_id") -> ApiError:
 async def check_conversation(request: Request, body: ChatRequest) -> None:
     """404 before any work when ``rag.conversation_id`` is not the caller's."""
     cid = body.rag.conversation_id
-    if cid is not None and not await history(request, "exists", owner(request), cid):
+    if cid is not None and not await history(request, store(request).exists, owner(request), cid):
         raise not_found(cid, "rag.conversation_id")
 
 
 async def recorded(request: Request, body: ChatRequest, events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:
     """``events`` passed on; when :class:`Done` comes, the answered request id (and, with
-    ``rag.conversation_id``, the turn) is written to the governor before Done is passed on. A
-    governor that fails then costs the record, never the answer (logged)."""
+    ``rag.conversation_id``, the turn) is written to the state database before Done is passed on. A
+    database that fails then costs the record, never the answer (logged)."""
     parts: list[str] = []
     try:
         async for ev in events:
@@ -118,9 +122,9 @@ async def _record(request: Request, body: ChatRequest, answer: str, done: Done) 
         turn = {"question": question_of(body) or "", "answer": answer,
                 "rag": {"sources": done.rag.get("sources", []), "metadata": {k: meta[k] for k in TURN_METADATA if k in meta}}}
     try:
-        await request.app.state.pipeline.govern("history", "chat_done", owner(request), rid, cid, turn)
+        await request.app.state.pipeline.state(store(request).chat_done, owner(request), rid, cid, turn)
     except StageError as e:
-        METRICS.errors.labels("governor", "history_lost").inc()
+        METRICS.errors.labels("state", "history_lost").inc()
         log.error(f"answer {rid} not recorded (feedback on it will be refused; conversation {cid}): {e}")
 
 
@@ -130,17 +134,17 @@ async def _record(request: Request, body: ChatRequest, answer: str, done: Done) 
 
 @ROUTES.route("GET", CONVERSATIONS)
 async def conversations(request: Request, limit: int = Query(50, ge=1, le=500)) -> dict:
-    return {"object": "list", "data": await history(request, "list", owner(request), limit)}
+    return {"object": "list", "data": await history(request, store(request).list, owner(request), limit)}
 
 
 @ROUTES.route("POST", CONVERSATIONS, status_code=201)
 async def conversation_create(body: ConversationIn, request: Request) -> JSONResponse:
-    return JSONResponse(await history(request, "create", owner(request), body.title), status_code=201)
+    return JSONResponse(await history(request, store(request).create, owner(request), body.title), status_code=201)
 
 
 @ROUTES.route("GET", CONVERSATIONS + "/{conversation_id}")
 async def conversation(conversation_id: str, request: Request) -> dict:
-    conv = await history(request, "get", owner(request), conversation_id)
+    conv = await history(request, store(request).get, owner(request), conversation_id)
     if conv is None:
         raise not_found(conversation_id)
     return conv
@@ -148,14 +152,15 @@ async def conversation(conversation_id: str, request: Request) -> dict:
 
 @ROUTES.route("DELETE", CONVERSATIONS + "/{conversation_id}")
 async def conversation_delete(conversation_id: str, request: Request) -> dict:
-    if not await history(request, "delete", owner(request), conversation_id):
+    if not await history(request, store(request).delete, owner(request), conversation_id):
         raise not_found(conversation_id)
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 
 @ROUTES.route("POST", FEEDBACK, status_code=201)
 async def feedback(body: FeedbackIn, request: Request) -> JSONResponse:
-    stored = await history(request, "put_feedback", owner(request), body.request_id, body.score, body.comment)
+    stored = await history(request, store(request).put_feedback, owner(request), body.request_id, body.score,
+                           body.comment)
     if stored is None:
         raise ApiError(404, f"no answer with request id {body.request_id!r} for this API key (rag.metadata.request_id "
                        "of an answer you were given; kept for governor.conversations.retention_days)",
@@ -168,5 +173,5 @@ async def feedback(body: FeedbackIn, request: Request) -> JSONResponse:
 async def feedback_export(request: Request, limit: int = Query(1000, ge=1, le=10000),
                           after: float | None = Query(None, description="Only feedback updated after this time "
                                                       "(seconds since the epoch: the last row's `updated`).")) -> dict:
-    rows = await history(request, "feedback", limit + 1, after)  # one more: whether a next page exists
+    rows = await history(request, store(request).feedback, limit + 1, after)  # one more: whether a next page exists
     return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}

@@ -8,9 +8,11 @@
 * ``GET /v1/index``, ``POST /v1/index/rollback``: versions kept, the live one, rollback.
 
 A request is checked here (types, sizes, duplicate ids: 415, 413, 400, each naming what is wrong)
-and written as a job; the job runs later, outside the request. In the graph the jobs are the
-governor's (``governor.ingest``: one replica, beside its database); in ``serve.local`` an
-:class:`deployments.ingest.IngestService` in this process runs them in a thread.
+and written as a job (its files spooled to ``documents.spool_dir``, its row in the state database);
+the job runs later, outside the request. Every ingress replica holds an
+:class:`deployments.ingest.IngestService` over the shared jobs: whichever replica is free claims the
+next job (one runs at a time, service-wide) and builds it as a Ray task (in ``serve.local``, in a
+thread).
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ import asyncio
 import json
 import uuid
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 
-from deployments.ingest import STATUSES, IngestService
+from deployments.ingest import IngestService
+from state.jobs import STATUSES
 from indexing.formats import SUFFIXES, supported
 from indexing.store import IndexBuildError, RollbackError, list_versions, live_documents, rollback
 from serve.api import _Body
-from serve.errors import ApiError, governor_call
+from serve.errors import ApiError, state_call
 from serve.routetable import RouteTable
-from serve.stages import InProcessStages
 
 # serve.routes adds them to its router, so that they are admitted (ObservedRoute) and served by every
 # app make_app builds, like the routes declared there. Every route here is an admin's.
@@ -65,29 +68,15 @@ def _cfg(request: Request):
     return request.app.state.pipeline.cfg
 
 
-def local_service(request: Request) -> IngestService:
-    """The in-process app's job service (started on first use; its jobs run in a thread and refresh
-    this process's retriever when they publish)."""
-    app = request.app
-    svc = getattr(app.state, "ingest", None)
-    if svc is None:
-        stages = app.state.pipeline.stages
-        retriever = getattr(stages, "retriever", None)
-        runner = "thread" if _cfg(request).documents.runner == "auto" else _cfg(request).documents.runner
-        svc = IngestService(_cfg(request), runner=runner,
-                            on_published=(lambda _: retriever.refresh()) if hasattr(retriever, "refresh") else None)
-        svc.start()
-        app.state.ingest = svc
-    return svc
+def service(request: Request) -> IngestService:
+    """This process's job service (:meth:`serve.pipeline.Pipeline.ingest`, started on first use)."""
+    return request.app.state.pipeline.ingest()
 
 
-async def ingest_call(request: Request, method: str, *args: Any) -> Any:
-    pipeline = request.app.state.pipeline
-    if not isinstance(pipeline.stages, InProcessStages):  # the graph: the governor keeps the jobs
-        timeout = _cfg(request).http.timeouts.ingest_submit if method == "submit" else None  # files are written
-        return await governor_call(pipeline, "the ingest jobs (kept by the governor)", "ingest", method, *args,
-                                   timeout=timeout)
-    return await asyncio.to_thread(getattr(local_service(request), method), *args)
+async def ingest_call(request: Request, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+    """``fn`` (a method of :func:`service`) on the state threads: 503 + Retry-After when the jobs
+    cannot be reached."""
+    return await state_call(request.app.state.pipeline, "the ingest jobs", fn, *args, timeout=timeout)
 
 
 def _refresh_local(request: Request) -> None:
@@ -220,8 +209,8 @@ async def upload(request: Request) -> JSONResponse:
                        "({\"documents\": [...]}) or multipart/form-data (field `files`)", param="content-type",
                        code="unsupported_media_type")
     job_id = f"job_{uuid.uuid4().hex[:24]}"
-    job = await ingest_call(request, "submit", job_id, "upsert", documents, files, None, domain,
-                            getattr(request.state, "key_id", None))
+    job = await ingest_call(request, service(request).submit, job_id, "upsert", documents, files, None, domain,
+                            getattr(request.state, "key_id", None), timeout=_cfg(request).http.timeouts.ingest_submit)
     return _accepted(job)
 
 
@@ -230,12 +219,12 @@ async def delete(document_id: str, request: Request) -> JSONResponse:
     root = Path(_cfg(request).indexing.dir)
     _, docs = await asyncio.to_thread(_documents_of, request, root)
     if not any(d["id"] == document_id for d in docs):
-        pending = await ingest_call(request, "pending_document_ids")
+        pending = await ingest_call(request, service(request).pending_document_ids)
         if document_id not in pending:
             raise ApiError(404, f"no document {document_id!r} in the live index (nor in a queued upload); "
                            "GET /v1/documents lists them", param="document_id", code="document_not_found")
-    job = await ingest_call(request, "submit", f"job_{uuid.uuid4().hex[:24]}", "delete", None, None, [document_id],
-                            None, getattr(request.state, "key_id", None))
+    job = await ingest_call(request, service(request).submit, f"job_{uuid.uuid4().hex[:24]}", "delete", None, None,
+                            [document_id], None, getattr(request.state, "key_id", None))
     return _accepted(job)
 
 
@@ -287,13 +276,13 @@ async def jobs(request: Request, limit: int = Query(20, ge=1), status: str | Non
                        code="invalid_value")
     if status is not None and status not in STATUSES:
         raise ApiError(400, f"status={status!r}: one of {list(STATUSES)}", param="status", code="invalid_value")
-    rows = await ingest_call(request, "jobs", limit + 1, status, before)
+    rows = await ingest_call(request, service(request).jobs, limit + 1, status, before)
     return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
 
 
 @ROUTES.route("GET", "/v1/jobs/{job_id}", admin=True)
 async def job(job_id: str, request: Request) -> dict:
-    row = await ingest_call(request, "job", job_id)
+    row = await ingest_call(request, service(request).job, job_id)
     if row is None:
         raise ApiError(404, f"no job {job_id!r} (finished jobs are kept up to documents.keep_jobs); GET /v1/jobs "
                        "lists them", param="job_id", code="job_not_found")

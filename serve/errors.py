@@ -93,13 +93,13 @@ def stage_unavailable(what: str, err: StageError, *, code: str = "stage_unavaila
                     headers={"Retry-After": str(max(1, round(retry_after)))})
 
 
-async def governor_call(pipeline: Any, what: str, method: str, *args: Any, timeout: float | None = None) -> Any:
-    """A call on the governor (``pipeline.govern``) an endpoint cannot answer without: 503 +
+async def state_call(pipeline: Any, what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+    """A call on the service's state (``pipeline.state``) an endpoint cannot answer without: 503 +
     Retry-After, naming ``what`` was unavailable, once its retries are spent."""
     try:
-        return await pipeline.govern(method, *args, timeout=timeout)
+        return await pipeline.state(fn, *args, timeout=timeout)
     except StageError as e:
-        raise stage_unavailable(what, e, code="governor_unavailable") from None
+        raise stage_unavailable(what, e, code="state_unavailable") from None
 
 
 def status_of(e: BaseException) -> int:

@@ -1,7 +1,10 @@
 """The graph builder: one config -> one Serve application.
 
     ingress (FastAPI) -> router -> retriever -> reranker (optional) -> generator (ray.serve.llm)
-       \-> governor (API keys, rate limits, quotas, response cache; one replica)
+
+No deployment holds the service's state: every ingress replica reads and writes the shared state
+database (``state``: keys, usage, conversations, jobs) and the shared counters and cache (Redis),
+so any replica can answer any request.
 
 Every stage's Serve options (autoscaling, admission limits, resources) come from its
 ``deployment`` section in the config (``DeploymentOptions.serve_options``).
@@ -20,7 +23,7 @@ from common.config import LOGGING
 APP_NAME = "ragraph"
 
 
-STAGES = ("ingress", "router", "retriever", "reranker", "generator", "governor")
+STAGES = ("ingress", "router", "retriever", "reranker", "generator")
 
 
 class ExposureError(ValueError):
@@ -56,8 +59,7 @@ def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
     caller already made it."""
     from deployments.generator import generator_options
 
-    sections = {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever, "reranker": cfg.reranker,
-                "governor": cfg.governor}
+    sections = {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever, "reranker": cfg.reranker}
     out: dict[str, dict[str, Any]] = {}
     for name in STAGES:
         if name == "generator":
@@ -80,7 +82,6 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     from ray import serve
 
     from deployments.generator import build_generator, llm_config
-    from deployments.governor import GovernorDeployment
     from deployments.reranker import RerankerDeployment
     from deployments.retriever import RetrieverDeployment
     from deployments.router import RouterDeployment
@@ -96,9 +97,8 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     retriever = stage(RetrieverDeployment, "retriever")
     reranker = stage(RerankerDeployment, "reranker") if cfg.reranker.enabled else None
     generator = build_generator(llm, opts["generator"])
-    governor = stage(GovernorDeployment, "governor")
     ingress = serve.deployment(RagIngress, **with_metrics_folder(opts["ingress"], app_name))
-    return ingress.bind(cfg, router, retriever, reranker, generator, governor, app_name)
+    return ingress.bind(cfg, router, retriever, reranker, generator, app_name)
 
 
 def with_metrics_folder(options: dict[str, Any], app_name: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Serve takes its id from the client's ``X-Request-ID`` too, so a request id is the client's to
 choose and is never an owner's alone: what is kept under one (answered requests, feedback:
-``deployments.conversations``) is keyed by (owner, request id).
+``state.conversations``) is keyed by (owner, request id).
 
 A response carries one ``X-Request-ID``, the id of ``rag.metadata.request_id``: under Serve its HTTP
 layer (the proxy, or the replica's direct ingress) adds it, so the app adds none

@@ -191,10 +191,12 @@ def auth_notice(cfg) -> str | None:
         return ("auth is OFF (governor.auth.enabled: false): anyone who can reach the port can use every endpoint"
                 + (f", and the service listens on {cfg.http.host}" if exposed else "")
                 + "; turn it on and create keys with `ragraph keys create NAME`")
-    from deployments.auth import KeyStore
+    from state.db import describe, open_database, url_of
+    from state.keys import SqlKeys
 
-    if KeyStore(g.db).count_active() == 0:
-        return f"auth is on but {g.db} holds no active key: every request will get 401; `ragraph keys create NAME`"
+    if SqlKeys(open_database(cfg)).count_active() == 0:
+        return (f"auth is on but the state database {describe(url_of(cfg))} holds no active key: every request "
+                "will get 401; `ragraph keys create NAME`")
     return None
 
 

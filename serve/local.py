@@ -35,12 +35,13 @@ def create_app(cfg) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await stages.start()
+        pipeline.governor.conversations.start_purging(cfg.governor.conversations.purge_interval_s)
         try:
             yield
         finally:
+            pipeline.governor.conversations.stop_purging()
+            pipeline.stop()
             stages.stop()
-            if getattr(api.state, "ingest", None) is not None:
-                api.state.ingest.stop()
 
     api = make_app(lifespan=lifespan)
     api.state.pipeline = pipeline

@@ -12,9 +12,9 @@ happens when a stage fails:
   ``Retry-After`` (backpressure), never a silent degradation.
 
 Resilience: every stage call has a timeout; the idempotent ones (router, retriever, reranker and
-the governor) are retried with exponential backoff and jitter when a replica is lost or errs
+the state calls) are retried with exponential backoff and jitter when a replica is lost or errs
 (``http.retries``); the generator sits behind a circuit breaker (``http.breaker``). Answers of
-deterministic requests are cached by the governor, keyed by the conversation, the RAG options,
+deterministic requests are cached (``governor.cache``), keyed by the conversation, the RAG options,
 the model, the sampling settings and the index version that answered, so a new index never
 serves an old answer.
 """
@@ -34,6 +34,8 @@ from deployments.cache import cache_key, hit_request_id
 from deployments.errors import StageError, from_exception
 from deployments.engine import EXTENSIONS
 from deployments.generator import GenDelta, GenRequest
+from deployments.governor import Governor
+from deployments.ingest import IngestService
 from deployments.retriever import Filters, Passage
 from deployments.router import Message, Route
 from serve.api import ChatRequest, SearchRequest
@@ -61,8 +63,9 @@ def public_source(source: str) -> str:
 class Pipeline(StageCalls):
     """Search and chat over :class:`serve.calls.StageCalls`; chat yields :data:`ChatEvent` s."""
 
-    def __init__(self, cfg, stages: Stages, *, metrics: Metrics | None = None, prompt: PromptBuilder | None = None):
-        super().__init__(cfg, stages, metrics=metrics)
+    def __init__(self, cfg, stages: Stages, *, metrics: Metrics | None = None, prompt: PromptBuilder | None = None,
+                 governor: Governor | None = None):
+        super().__init__(cfg, stages, metrics=metrics, governor=governor)
         self.prompt = prompt or PromptBuilder.from_config(cfg)
         self.model = cfg.generator.served_model_name
         self.limits = cfg.http.limits
@@ -70,6 +73,7 @@ class Pipeline(StageCalls):
         # Admission in this replica (keys cached, limits in governor.rate_limits.storage); the usage
         # this replica records is added to its cached quota snapshot.
         self.admission = Admission(cfg.governor, ingress_replicas=cfg.http.deployment.max_replicas)
+        self._ingest: IngestService | None = None
 
     def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int,
                      engine_s: dict[str, float] | None = None) -> None:
@@ -79,6 +83,29 @@ class Pipeline(StageCalls):
 
     def warm_up(self) -> None:
         self.prompt.warm_up()
+
+    def ingest(self) -> IngestService:
+        """This process's ingest job service over the shared jobs, started on first use: its runner
+        claims the next queued job whenever none runs service-wide. The jobs' builds run as Ray tasks
+        in the graph; beside in-process stages (``serve.local``) in a thread, refreshing their
+        retriever when a job publishes."""
+        if self._ingest is None:
+            retriever = getattr(self.stages, "retriever", None)
+            refresh = getattr(retriever, "refresh", None)  # only the in-process retriever: the graph's replicas poll
+            runner = self.cfg.documents.runner
+            if runner == "auto" and refresh is not None:
+                runner = "thread"
+            svc = IngestService(self.cfg, db=self.governor.db, runner=runner,
+                                on_published=(lambda _: refresh()) if refresh is not None else None)
+            svc.start()
+            self._ingest = svc
+        return self._ingest
+
+    def stop(self) -> None:
+        """Stop this process's job runner (a job it runs is taken over by another replica once stale)."""
+        if self._ingest is not None:
+            self._ingest.stop()
+            self._ingest = None
 
     async def _retrieve(
         self, trace: Trace, *, query: str, top_k: int, filters: Filters | None, strategy: str | None, rerank: bool
@@ -398,7 +425,7 @@ class Pipeline(StageCalls):
         """:class:`Delta` ... then one :class:`Done`. The first event comes once generation has
         started (or degraded, or raised a 503), so a caller can still answer with an error status."""
         if prep.cache_key is not None:
-            hit = await self._cache("cache_get", prep.cache_key)
+            hit = await self._cache(self.governor.cache_get, prep.cache_key)
             self.metrics.cache_requests.labels("hit" if hit else "miss").inc()
             if hit:
                 yield Delta(hit["text"])
@@ -506,7 +533,7 @@ class Pipeline(StageCalls):
                                     "note": note}},
         }
         if prep.cache_key is not None and status == "ok" and finish in ("stop", "length"):
-            await self._cache("cache_put", prep.cache_key, {
+            await self._cache(self.governor.cache_put, prep.cache_key, {
                 "text": "".join(sent), "finish": finish, "usage": dict(usage), "sources": rag["sources"],
                 "citations": rag["metadata"]["citations"], "request_id": trace.request_id,
             })
@@ -522,13 +549,13 @@ class Pipeline(StageCalls):
         else:
             self.record_usage(prep.key_id, p, c, engine_s)
 
-    async def _cache(self, method: str, *args: Any) -> Any:
+    async def _cache(self, fn: Any, *args: Any) -> Any:
         """A cache call; the cache is an optimisation, so a failure is a miss (counted), not an error."""
         try:
-            return await self.govern(method, *args, attempts=1)
+            return await self.state(fn, *args, attempts=1)
         except StageError as e:
             self.metrics.cache_requests.labels("error").inc()
-            log.warning(f"response cache {method} failed: {e}")
+            log.warning(f"response cache {fn.__name__} failed: {e}")
             return None
 
     def _meta(self, trace: Trace, *, status: str, usage: dict | None = None, prep: Prepared | None = None,

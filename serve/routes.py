@@ -40,7 +40,7 @@ from serve.api import ChatRequest, SearchRequest
 from serve.apidocs import ROUTES as API_DOCS_ROUTES
 from serve.conversations import ROUTES as HISTORY_ROUTES, check_conversation, recorded
 from serve.documents import DOCUMENTS, ROUTES as DOCUMENT_ROUTES
-from serve.errors import ApiError, governor_call, install, stage_unavailable, status_of
+from serve.errors import ApiError, install, stage_unavailable, state_call, status_of
 from serve.events import ChatEvent, Done, Reservation
 from serve.ids import id_headers, request_id
 from serve.metrics import METRICS
@@ -219,14 +219,14 @@ async def admit(request: Request, endpoint: str) -> None:
                        code="insufficient_scope")
     try:
         verdict = await pipeline.admission.admit(
-            token, ip, endpoint, admin_route, verify=functools.partial(pipeline.govern, "verify"),
+            token, ip, endpoint, admin_route, verify=functools.partial(pipeline.state, pipeline.governor.verify),
             exempt=not via_unknown_proxy(request, cfg.http.trusted_proxies))
     except StageError as e:
         if cfg.governor.auth.enabled:  # fail closed: no key (or no limit) can be checked
             if e.stage == "rate_limits":
                 raise stage_unavailable("the rate-limit storage (governor.rate_limits.storage)", e,
                                         code="rate_limits_unavailable") from None
-            raise stage_unavailable("the governor (API keys cannot be checked)", e, code="governor_unavailable") from None
+            raise stage_unavailable("the state database (API keys cannot be checked)", e, code="state_unavailable") from None
         METRICS.admission.labels(f"{e.stage}_unavailable_open").inc()
         log.warning(f"{e.stage} unavailable, request admitted without limits (auth is off): {e}")
         return
@@ -279,9 +279,9 @@ async def receive(request: Request, endpoint: str) -> None:
         tokens = quota_hold(request, cfg)
         try:
             verdict = await pipeline.admission.reserve(request.state.token, tokens,
-                                                       verify=functools.partial(pipeline.govern, "verify"))
+                                                       verify=functools.partial(pipeline.state, pipeline.governor.verify))
         except StageError as e:
-            raise stage_unavailable("the governor (API keys cannot be checked)", e, code="governor_unavailable") from None
+            raise stage_unavailable("the state database (API keys cannot be checked)", e, code="state_unavailable") from None
         refuse_unless_allowed(request, verdict)
         if verdict.headers:
             request.state.rate_headers = {**(request.state.rate_headers or {}), **verdict.headers}
@@ -559,7 +559,7 @@ async def _is_admin(pipeline: Pipeline, request: Request) -> bool:
         return False
     try:
         verdict = await pipeline.admission.admit(token, ip, "/health/ready", True,
-                                                 verify=functools.partial(pipeline.govern, "verify"))
+                                                 verify=functools.partial(pipeline.state, pipeline.governor.verify))
     except StageError:
         return False
     return verdict.allowed and verdict.scope == "admin"
@@ -572,16 +572,16 @@ async def usage_response(pipeline: Pipeline, request: Request, key_id: str | Non
         raise ApiError(403, "key_id and all need an admin key; without them you see your own usage",
                        type="permission_error", param="key_id" if key_id else "all", code="insufficient_scope")
     if all_keys:
-        return await governor_call(pipeline, "usage", "all_usage")
-    usage = await governor_call(pipeline, "usage", "usage", key_id or own)
+        return await state_call(pipeline, "usage", pipeline.governor.all_usage)
+    usage = await state_call(pipeline, "usage", pipeline.governor.usage, key_id or own)
     if usage is None:
         raise ApiError(404, f"no API key has id {key_id!r}; `ragraph keys list --all` shows them", param="key_id",
                        code="key_not_found")
     return {"object": "usage", **usage}
 
 
-async def cache_call(pipeline: Pipeline, method: str) -> Any:
-    return await governor_call(pipeline, "the response cache", method)
+async def cache_call(pipeline: Pipeline, fn: Any) -> Any:
+    return await state_call(pipeline, "the response cache", fn)
 
 
 def models_list(pipeline: Pipeline) -> dict:
@@ -632,12 +632,14 @@ async def usage(request: Request, key_id: str | None = None, all_keys: bool = Qu
 
 @CACHE_ROUTES.route("GET", "/v1/cache/stats", admin=True)
 async def cache_stats(request: Request) -> dict:
-    return await cache_call(pipeline_of(request), "cache_stats")
+    pipeline = pipeline_of(request)
+    return await cache_call(pipeline, pipeline.governor.cache_stats)
 
 
 @CACHE_ROUTES.route("DELETE", "/v1/cache", admin=True)
 async def cache_clear(request: Request) -> dict:
-    return {"object": "cache.cleared", "removed": await cache_call(pipeline_of(request), "cache_clear")}
+    pipeline = pipeline_of(request)
+    return {"object": "cache.cleared", "removed": await cache_call(pipeline, pipeline.governor.cache_clear)}
 
 
 @router.get("/v1/models/{model_id:path}")

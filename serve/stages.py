@@ -10,7 +10,6 @@ from typing import Any
 
 from deployments.errors import StageError, from_exception
 from deployments.generator import EngineGenerator, GenDelta, GenRequest, ServeGenerator
-from deployments.governor import Governor
 from deployments.reranker import CrossEncoderReranker
 from deployments.retriever import Filters, HybridRetriever, Passage, timed_search
 from deployments.router import Message, QueryRouter
@@ -22,11 +21,10 @@ REPLICA = "in-process"
 class HandleStages:
     """:class:`serve.calls.Stages` over Serve deployment handles (the graph)."""
 
-    def __init__(self, *, app_name: str, router, retriever, reranker, generator, governor) -> None:
+    def __init__(self, *, app_name: str, router, retriever, reranker, generator) -> None:
         self.app_name = app_name
         self.router, self.retriever, self.reranker = router, retriever, reranker
         self.generator = ServeGenerator(generator)
-        self.governor = governor
         self.rerank_enabled = reranker is not None
 
     async def route(self, messages: list[Message]) -> StageReply:
@@ -52,12 +50,6 @@ class HandleStages:
 
     def generate(self, request: GenRequest) -> AsyncIterator[GenDelta]:
         return self.generator.generate(request)
-
-    async def govern(self, method: str, *args: Any) -> Any:
-        try:
-            return await getattr(self.governor, method).remote(*args)
-        except Exception as e:
-            raise from_exception("governor", e) from None
 
     async def readiness(self) -> dict[str, str | None]:
         """Stage -> None when fine, else what is wrong. Every probe is bounded: a stage still
@@ -99,12 +91,9 @@ class InProcessStages:
         if self.reranker is not None:
             self.reranker.warm_up()
         self.rerank_enabled = self.reranker is not None
-        self.governor = Governor.from_config(cfg)
         self.engine: EngineGenerator | None = None
 
     async def start(self) -> None:
-        # expired conversations go on a timer (a daemon thread), as in the governor's replica
-        self.governor.conversations.start_purging(self.cfg.governor.conversations.purge_interval_s)
         self.engine = EngineGenerator.start(self.cfg)
 
     def stop(self) -> None:
@@ -132,11 +121,6 @@ class InProcessStages:
             raise StageError("generator", "unavailable", "the engine is not started")
         async for delta in self.engine.generate(request):
             yield delta
-
-    async def govern(self, method: str, *args: Any) -> Any:
-        # on the loop, like the governor's replica: one SQLite connection, one caller at a time
-        # (a usage write is one fsync'd transaction, about 0.2 ms)
-        return getattr(self.governor, method)(*args)
 
     async def readiness(self) -> dict[str, str | None]:
         return {

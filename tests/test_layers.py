@@ -3,7 +3,7 @@
 Every ``import``/``from ... import`` of a project module counts, including those inside functions
 (a lazy import is still a dependency). Layers, top to bottom (docs/architecture.md):
 
-    cli  >  load_tests  >  serve  >  deployments  >  indexing  >  common
+    cli  >  load_tests  >  serve  >  deployments  >  state  >  indexing  >  common
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LAYERS = ("common", "indexing", "deployments", "serve", "load_tests", "cli")  # bottom first
+LAYERS = ("common", "indexing", "state", "deployments", "serve", "load_tests", "cli")  # bottom first
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 
