@@ -41,6 +41,7 @@ T = TypeVar("T")
 # State calls block on the database: threads of their own, so that a database that is down (each call
 # waiting up to state.connect_timeout_s) cannot take the loop's default executor from everything else.
 STATE_THREADS = 16
+USAGE_RETRY_S = 60.0  # how long a usage record is retried (a database restart must not lose it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,20 +162,28 @@ class StageCalls:
     def record_usage(self, key_id: str | None, prompt_tokens: int, completion_tokens: int,
                      engine_s: dict[str, float] | None = None) -> None:
         """Write usage (tokens; the engine's prefill and decode seconds when known) to the ledger in
-        the background, retrying for about a minute so that a database restart does not lose the
+        the background, retrying for a minute (``USAGE_RETRY_S``) so that a database restart does not lose the
         record; charged once whatever the retries (the record carries an id of its own, made here:
         a client's request id may repeat). A record that still fails is logged and counted."""
         times = (float(engine_s.get("prefill", 0.0)), float(engine_s.get("decode", 0.0))) if engine_s else ()
         record_id = uuid.uuid4().hex
 
         async def write() -> None:
-            try:
-                await self.state(self.governor.record, key_id, prompt_tokens, completion_tokens, *times,
-                                 request_id=record_id, attempts=max(self.retry.attempts, 8))
-            except StageError as e:
-                self.metrics.usage_lost.inc()
-                log.error(f"usage of key {key_id or 'anonymous'} not recorded "
-                          f"({prompt_tokens}+{completion_tokens} tokens): {e}")
+            deadline = time.monotonic() + USAGE_RETRY_S
+            tries = 0
+            while True:
+                tries += 1
+                try:
+                    await self.state(self.governor.record, key_id, prompt_tokens, completion_tokens, *times,
+                                     request_id=record_id, attempts=1)
+                    return
+                except StageError as e:
+                    if e.kind == "invalid" or time.monotonic() >= deadline:
+                        self.metrics.usage_lost.inc()
+                        log.error(f"usage of key {key_id or 'anonymous'} not recorded after {tries} tries "
+                                  f"({prompt_tokens}+{completion_tokens} tokens): {e}")
+                        return
+                await asyncio.sleep(min(2.0, 0.25 * 2 ** min(tries - 1, 3)) * random.uniform(0.5, 1.0))
 
         task = asyncio.get_running_loop().create_task(write())
         self._background.add(task)

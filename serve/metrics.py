@@ -191,7 +191,7 @@ class Metrics:
             "rag_admission_total", "Requests refused by the governor (code: missing_api_key, invalid_api_key, "
             "insufficient_scope, rate_limit_exceeded, insufficient_quota, request_too_large)", ["code"], registry=r,
         )
-        self.usage_lost = self._make(Counter, "rag_usage_records_lost_total", "Usage records the governor never took", registry=r)
+        self.usage_lost = self._make(Counter, "rag_usage_records_lost_total", "Usage records the state database never took", registry=r)
         self.feedback = self._make(Counter, "rag_feedback_total", "Feedback given on answers (POST /v1/feedback)",
                                    ["score"], registry=r)  # score: up or down
         self.index_version = self._make(Gauge, "rag_index_version_info", "Index version that answered last", ["version"], registry=r)
