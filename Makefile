@@ -86,12 +86,6 @@ redis:
 	@# (tests/servers.py: a free port on loopback, nothing saved)
 	@$(call apt_install,redis-server,command -v redis-server)
 
-stores:
-	@# real servers the state tests start in fixtures (tests/servers.py): Debian's PostgreSQL (initdb, pg_ctl,
-	@# pg_dump for `ragraph backup`) and redis-server; the tests start their own on free ports
-	@$(call apt_install,postgresql,ls /usr/lib/postgresql/*/bin/initdb)
-	@$(call apt_install,redis-server,command -v redis-server)
-
 GRAFANA_TOOLS := tests/grafana/node_modules/.installed
 grafana-schema: $(GRAFANA_TOOLS)
 $(GRAFANA_TOOLS): tests/grafana/package.json tests/grafana/package-lock.json
