@@ -56,8 +56,16 @@ PURGE_STATEMENTS = {
 }
 
 
-class _Recorded(Exception):
-    """The request id was recorded by another process between the check and the insert."""
+# The same statements as run on PostgreSQL, where another process may write meanwhile: the rows a batch
+# deletes are locked when chosen (FOR UPDATE) and chosen again if they changed, so a conversation
+# appended to (or feedback sent again) while the purge runs is kept. SQLite's write lock serializes.
+PG_PURGE_STATEMENTS = {
+    **PURGE_STATEMENTS,
+    "expired conversations": PURGE_STATEMENTS["expired conversations"] + " FOR UPDATE",
+    "expired feedback": "DELETE FROM feedback WHERE (owner, request_id) IN "
+                        "(SELECT owner, request_id FROM feedback WHERE updated < :cutoff LIMIT :batch FOR UPDATE)",
+}
+CREATE_LOCK = 727102  # the first key of create()'s pg_advisory_xact_lock(CREATE_LOCK, hashtext(owner))
 
 
 class ConversationLimitError(ValueError):
@@ -117,7 +125,7 @@ class SqlConversations:
         fb_cutoff = now - self.feedback_retention_s if self.feedback_retention_s is not None else None
         if cutoff is None and fb_cutoff is None:
             return 0
-        q = {k: text(v) for k, v in PURGE_STATEMENTS.items()}
+        q = {k: text(v) for k, v in (PG_PURGE_STATEMENTS if self._pg() else PURGE_STATEMENTS).items()}
         gone = 0
         while True:
             with self.db.tx() as c:
@@ -173,7 +181,7 @@ class SqlConversations:
         with self.db.tx() as c:
             if self.max_conversations is not None:
                 if self._pg():  # replicas creating for one owner at once count one after the other
-                    c.execute(text("SELECT pg_advisory_xact_lock(hashtext(:o))"), {"o": "conversations:" + owner})
+                    c.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:o))"), {"k": CREATE_LOCK, "o": owner})
                 n = c.execute(text("SELECT COUNT(*) FROM conversations WHERE owner = :o AND updated >= :cut"),
                               {"o": owner, "cut": self._cutoff(now)}).scalar()
                 if n >= self.max_conversations:
@@ -238,28 +246,23 @@ class SqlConversations:
         owner's (deleted meanwhile): the request id is still recorded, without it. Idempotent: the
         ingress retries state calls, and a second call with the same request id changes nothing."""
         now = time.time()
-        try:
-            return self._chat_done(owner, request_id, conversation_id, turn, now)
-        except _Recorded:  # another replica recorded it meanwhile: this one's turn was rolled back
-            return False
-
-    def _chat_done(self, owner: str, request_id: str, conversation_id: str | None, turn: dict[str, Any] | None,
-                   now: float) -> bool:
         with self.db.tx() as c:
-            seen = c.execute(text("SELECT conversation_id FROM chat_requests WHERE request_id = :r AND owner = :o"),
-                             {"r": request_id, "o": owner}).first()
-            if seen is not None:  # a retried call (its reply was lost): recorded once
-                return seen[0] is not None
-            appended = False
-            if conversation_id is not None and turn is not None:
-                appended = self._append(c, owner, request_id, conversation_id, turn, now)
-            inserted = c.execute(text(
-                "INSERT INTO chat_requests (owner, request_id, conversation_id, created) VALUES (:o, :r, :cid, :now) "
-                "ON CONFLICT (owner, request_id) DO NOTHING"),
-                {"o": owner, "r": request_id, "cid": conversation_id if appended else None, "now": now}).rowcount
-            if not inserted:
-                raise _Recorded
-        return appended
+            # The request id first: a retry that runs beside the first call (another replica) waits
+            # here for it to commit, then finds its record and appends nothing.
+            claimed = c.execute(text(
+                "INSERT INTO chat_requests (owner, request_id, conversation_id, created) VALUES (:o, :r, NULL, :now) "
+                "ON CONFLICT (owner, request_id) DO NOTHING"), {"o": owner, "r": request_id, "now": now}).rowcount
+            if not claimed:  # a retried call (its reply was lost): recorded once
+                seen = c.execute(text("SELECT conversation_id FROM chat_requests WHERE owner = :o AND request_id = :r"),
+                                 {"o": owner, "r": request_id}).first()
+                return seen is not None and seen[0] is not None
+            if conversation_id is None or turn is None:
+                return False
+            if not self._append(c, owner, request_id, conversation_id, turn, now):
+                return False
+            c.execute(text("UPDATE chat_requests SET conversation_id = :cid WHERE owner = :o AND request_id = :r"),
+                      {"cid": conversation_id, "o": owner, "r": request_id})
+        return True
 
     def _append(self, c: Connection, owner: str, request_id: str, conversation_id: str, turn: dict[str, Any],
                 now: float) -> bool:
