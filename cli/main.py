@@ -49,6 +49,28 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _db(args: argparse.Namespace) -> int:
+    from state.db import Database, StateError, describe, head_revision, url_of
+
+    cfg = load_config(args.config)
+    url = url_of(cfg)
+    try:
+        db = Database(url, connect_timeout_s=cfg.state.connect_timeout_s)
+        try:
+            if args.db_command == "upgrade":
+                before, after = db.upgrade()
+                print(f"{describe(url)}: already at schema {after}" if before == after
+                      else f"{describe(url)}: upgraded from schema {before or '(none)'} to {after}")
+            else:
+                print(f"{describe(url)}: schema {db.revision() or '(none)'}; the code's head is {head_revision()}")
+        finally:
+            db.close()
+    except StateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.show:
@@ -433,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _loadtest_args(lt)
     lt.set_defaults(func=_loadtest)
+
+    d = sub.add_parser("db", help="the state database's schema: upgrade it (Alembic migrations) or show its revision")
+    dsub = d.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    dsub.add_parser("upgrade", help="create or upgrade the schema to the code's head (safe to run again)")
+    dsub.add_parser("revision", help="the schema's revision and the code's head")
+    d.set_defaults(func=_db)
 
     kube = sub.add_parser("kuberay", help="write the KubeRay RayService manifest for the config (--check: compare)")
     kube.add_argument("--out", type=Path, default=None, metavar="FILE", help="write here (default: print it)")
