@@ -62,6 +62,10 @@ def spool_dir(cfg) -> Path:
     return Path(cfg.documents.spool_dir or Path(cfg.governor.db).expanduser().parent / "ingest")
 
 
+# What every reader child imports anyway: loaded once, in the forkserver, not once per job.
+_READER_PRELOAD = ["indexing.formats", "indexing.documents", "bs4", "lxml.etree", "pypdf", "docx", "pyarrow.parquet"]
+
+
 def _reader_context():
     ctx = multiprocessing.get_context("forkserver")  # a fresh, single-threaded parent: safe to fork
     ctx.set_forkserver_preload(_READER_PRELOAD)  # applies when this process's forkserver starts

@@ -197,3 +197,38 @@ def redis_server():
         yield server
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the state stores on a SQLite file (the embedded default's governor.db)
+
+
+def keys_at(path):
+    """The API keys (:class:`state.keys.SqlKeys`) of the SQLite state file ``path``, its schema at head."""
+    from state.db import Database, sqlite_url
+    from state.keys import SqlKeys
+
+    db = Database(sqlite_url(path))
+    db.upgrade()
+    return SqlKeys(db)
+
+
+def usage_at(path):
+    """The usage ledger (:class:`state.usage.SqlUsage`) of the SQLite state file ``path``."""
+    from state.db import Database, sqlite_url
+    from state.usage import SqlUsage
+
+    db = Database(sqlite_url(path))
+    db.upgrade()
+    return SqlUsage(db)
+
+
+def governor_for(governor_cfg):
+    """A :class:`deployments.governor.Governor` for a ``governor`` config section alone (its SQLite
+    file ``governor_cfg.db``, the default state settings)."""
+    from types import SimpleNamespace
+
+    from common.config import StateConfig
+    from deployments.governor import Governor
+
+    return Governor(SimpleNamespace(governor=governor_cfg, state=StateConfig()))

@@ -43,6 +43,11 @@ class CountingVerify:
         return self.gov.verify(token)
 
 
+def governor_for(g: GovernorConfig) -> Governor:
+    """The real Governor over the local config with the governor section ``g`` (its SQLite file ``g.db``)."""
+    return Governor(load_config(LOCAL, environ={}).model_copy(update={"governor": g}))
+
+
 def gcfg(tmp_path, *, auth=True, key_cache_s=30.0, per_key=None, per_ip=None, exempt=(), quotas=None, enabled=True):
     return GovernorConfig.model_validate({
         "db": str(tmp_path / "gov.sqlite3"),
@@ -61,14 +66,13 @@ def setup(tmp_path):
     def make(storage=None, **kw):
         cfg = gcfg(tmp_path, **kw)
         if "gov" not in made:
-            made["gov"] = Governor(cfg)
+            made["gov"] = governor_for(cfg)
         clock = Clock()
         return Admission(cfg, storage=storage, clock=clock), CountingVerify(made["gov"]), made["gov"], clock
 
     yield make
     if "gov" in made:
-        made["gov"].keys.close()
-        made["gov"].ledger.close()
+        made["gov"].db.close()
 
 
 def run(coro):
@@ -341,7 +345,7 @@ def test_quota_counts_this_replicas_usage_without_a_call(setup):
 def test_quota_snapshot_rolls_over_at_midnight_utc(tmp_path):
     wall = Clock(1_800_000_000.0 - (1_800_000_000 % 86_400) - 10)  # 10 s before a UTC midnight
     cfg = gcfg(tmp_path, quotas={"daily_tokens": 100, "monthly_tokens": None})
-    gov = Governor(cfg)
+    gov = governor_for(cfg)
     adm = Admission(cfg, clock=Clock(), wall=wall)
     token, key = gov.keys.create("night")
 
@@ -361,20 +365,20 @@ def test_quota_snapshot_rolls_over_at_midnight_utc(tmp_path):
 # ---------------------------------------------------------------- failures
 
 
-def test_governor_unreachable_on_a_miss_raises_but_cached_keys_still_pass(setup):
+def test_state_unreachable_on_a_miss_raises_but_cached_keys_still_pass(setup):
     adm, verify, gov, _ = setup()
     token, _ = gov.keys.create("eve")
     other, _ = gov.keys.create("frank")
 
     async def down(t):
-        raise StageError("governor", "unavailable", "no replica is running")
+        raise StageError("state", "unavailable", "the state database did not answer")
 
     async def go():
         assert (await adm.admit(token, "10.0.0.1", "/v1/search", verify=verify)).allowed
         assert (await adm.admit(token, "10.0.0.1", "/v1/search", verify=down)).allowed  # a hit needs no call
         with pytest.raises(StageError) as e:
             await adm.admit(other, "10.0.0.1", "/v1/search", verify=down)
-        assert e.value.stage == "governor"
+        assert e.value.stage == "state" and e.value.kind == "unavailable"
         assert (await adm.admit(other, "10.0.0.1", "/v1/search", verify=verify)).allowed  # a failure is not cached
 
     run(go())
@@ -425,11 +429,12 @@ def test_pipeline_has_an_admission_and_notes_recorded_usage(tmp_path):
     class Stages:
         rerank_enabled = False
 
-        async def govern(self, method, *args):
-            sent.append((method, *args))
+    class Ledger:  # the governor's record, seen from the pipeline
+        def record(self, *args, **kw):
+            sent.append(("record", *args))
 
     async def go():
-        p = Pipeline(cfg, Stages())
+        p = Pipeline(cfg, Stages(), governor=Ledger())
         assert isinstance(p.admission, Admission)
         entry_token = "rg-0000abcd.secret"
         gov_answer = KeyVerdict(200, key_id="0000abcd", scope="user", daily_tokens=10, day="x", month="y")

@@ -14,14 +14,17 @@ from fastapi.testclient import TestClient
 from starlette.requests import Request
 
 from serve.routes import client_ip
-from deployments.auth import KeyStore, UsageLedger
+from state.db import Database, open_database, sqlite_url
+from state.keys import SqlKeys
+from state.usage import SqlUsage
 from cli.main import main as cli
 from serve.launch import auth_notice
 
 
-def make_cfg(local_cfg, built_index, tmp_path, **governor):
+def make_cfg(local_cfg, built_index, tmp_path, *, state=None, **governor):
     data = local_cfg.model_dump()
     data["indexing"]["dir"] = str(built_index[1])
+    data["state"].update(state or {})
     data["governor"]["db"] = str(tmp_path / "gov.sqlite3")
     data["governor"]["auth"] = {"enabled": True, **governor.pop("auth", {})}
     data["governor"]["rate_limits"].update(governor.pop("rate_limits", {}))
@@ -35,7 +38,7 @@ def service(local_cfg, built_index, tmp_path):
         from serve.local import create_app
 
         cfg = make_cfg(local_cfg, built_index, tmp_path, **governor)
-        return TestClient(create_app(cfg)), KeyStore(cfg.governor.db), cfg
+        return TestClient(create_app(cfg)), SqlKeys(open_database(cfg)), cfg
 
     return start
 
@@ -156,7 +159,7 @@ def test_rate_limit_per_ip_holds_across_keys(service):
 def test_quota_exhausted_is_429_and_usage_is_visible(service):
     client, keys, cfg = service()
     token, key = keys.create("thrifty", daily_tokens=100)
-    UsageLedger(cfg.governor.db).record(key.id, prompt_tokens=80, completion_tokens=30)
+    SqlUsage(open_database(cfg)).record(key.id, prompt_tokens=80, completion_tokens=30)
     usage = client.get("/v1/usage", headers=bearer(token)).json()
     assert usage["object"] == "usage" and usage["key_id"] == key.id
     assert usage["day"]["total_tokens"] == 110 and usage["limits"]["daily_tokens"] == 100
@@ -173,6 +176,36 @@ def test_quota_exhausted_is_429_and_usage_is_visible(service):
     assert other["day"]["total_tokens"] == 110
     err = assert_openai_error(client.get("/v1/usage?key_id=nosuchid", headers=bearer(admin)), 404, "key_not_found")
     assert err["param"] == "key_id" and "nosuchid" in err["message"]
+
+
+def test_the_state_database_down_is_a_quick_503_and_the_service_resumes_by_itself(
+        local_cfg, built_index, tmp_path, postgres_server):
+    """Auth on, the state in PostgreSQL: with the server stopped, a key the ingress has not cached
+    cannot be checked, so the request fails closed with a 503 state_unavailable and Retry-After,
+    within seconds (never hung); a key checked before still passes from the key cache; once the
+    server is back the same request is 200 with nothing restarted."""
+    from serve.local import create_app
+
+    cfg = make_cfg(local_cfg, built_index, tmp_path, state={"url": postgres_server.url})
+    keys = SqlKeys(open_database(cfg))
+    cached, _ = keys.create("seen before")
+    fresh, _ = keys.create("not seen yet")
+    client = TestClient(create_app(cfg))
+    assert client.get("/v1/models", headers=bearer(cached)).status_code == 200  # now in the key cache
+    postgres_server.stop()
+    try:
+        t = time.monotonic()
+        r = client.get("/v1/models", headers=bearer(fresh))
+        took = time.monotonic() - t
+        err = assert_openai_error(r, 503, "state_unavailable")
+        assert err["type"] == "service_unavailable" and "state database" in err["message"]
+        assert int(r.headers["Retry-After"]) >= 1 and took < 10, took
+        assert client.get("/v1/models", headers=bearer(cached)).status_code == 200  # a cache hit asks nothing
+    finally:
+        postgres_server.start()
+    r = client.get("/v1/models", headers=bearer(fresh))
+    assert r.status_code == 200, r.text
+    assert client.post("/v1/search", json={"query": "tasting room hours"}, headers=bearer(fresh)).status_code == 200
 
 
 def test_body_size_limit_is_413_naming_the_limit(service):
@@ -200,7 +233,7 @@ def test_auth_notice(local_cfg, built_index, tmp_path):
     assert "auth is OFF" in auth_notice(off) and "0.0.0.0" in auth_notice(off)
     on = make_cfg(local_cfg, built_index, tmp_path)
     assert "no active key" in auth_notice(on)
-    KeyStore(on.governor.db).create("first")
+    SqlKeys(open_database(on)).create("first")
     assert auth_notice(on) is None
 
 
@@ -215,7 +248,7 @@ def test_keys_cli(tmp_path, capsys):
     assert cli([*db, "revoke", made["id"]]) == 0 and "revoked" in capsys.readouterr().out
     assert cli([*db, "list"]) == 0 and made["id"] not in capsys.readouterr().out
     assert cli([*db, "revoke", "nosuchid"]) == 1 and "no key with id" in capsys.readouterr().err
-    assert KeyStore(tmp_path / "k.sqlite3").verify(made["key"]) is None
+    assert SqlKeys(Database(sqlite_url(tmp_path / "k.sqlite3"))).verify(made["key"]) is None
 
 
 @pytest.mark.parametrize(("method", "path", "kw", "status"), [

@@ -15,10 +15,13 @@ import zipfile
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.ingest import IngestService, JobStore, paths
+from deployments.ingest import IngestService, spool_dir
 from indexing.documents import SourceError
 from indexing.formats import Limits, docx_text, html_text, pdf_text, read_upload
 from indexing.store import current_name, list_versions
+from state.db import Database, open_database, sqlite_url
+from state.jobs import SqlJobs
+from state.keys import SqlKeys
 
 LOCAL = {"client": ("127.0.0.1", 50000), "base_url": "http://127.0.0.1"}  # auth off: loopback callers are admins
 
@@ -100,7 +103,7 @@ grape stomping and a barrel tasting.</p><h2>Tickets</h2><p>Tickets cost twenty e
 @pytest.fixture()
 def service(local_cfg, built_index, tmp_path):
     """(client, cfg, index root): the in-process app over a copy of the session's index, with its own
-    jobs database; ``**overrides`` per section."""
+    state database (keys, jobs); ``**overrides`` per section."""
     apps = []
 
     def start(auth: bool = False, **sections):
@@ -122,8 +125,7 @@ def service(local_cfg, built_index, tmp_path):
 
     yield start
     for app in apps:
-        if getattr(app.state, "ingest", None) is not None:
-            app.state.ingest.stop()
+        app.state.pipeline.stop()  # its job runner (started by the first documents call)
 
 
 def wait_job(client, job_id: str, *, headers=None, deadline_s: float = 300) -> dict:
@@ -292,9 +294,7 @@ def test_limits_and_bad_input_are_refused_naming_the_limit(service):
 
 def test_the_documents_api_is_admin_only(service, tmp_path):
     client, cfg, _ = service(auth=True)
-    from deployments.auth import KeyStore
-
-    keys = KeyStore(cfg.governor.db)
+    keys = SqlKeys(open_database(cfg))
     user, _ = keys.create("reader")
     admin, _ = keys.create("operator", scope="admin")
     doc = {"documents": [{"id": "k", "text": "Keys guard the upload endpoint of the service."}]}
@@ -385,7 +385,7 @@ def test_a_job_interrupted_by_a_restart_is_run_again_and_publishes_once(local_cf
     a.submit("job_a", "upsert", [{"id": "durable", "title": "", "text": "Barrels are topped up every week.",
                                   "metadata": {}}])
     assert a.store.claim("dead-runner")["status"] == "running"
-    db, spool = paths(cfg)
+    db, spool = cfg.governor.db, spool_dir(cfg)  # the state database (state.url unset: the SQLite file) and the spool
     assert (spool / "job_a").is_dir() and db.stat().st_mode & 0o777 == 0o600 and spool.stat().st_mode & 0o777 == 0o700
 
     b = IngestService(cfg, runner="thread")  # the next start: same database, a new runner
@@ -418,9 +418,10 @@ def test_a_job_interrupted_max_attempts_times_is_failed_with_the_reason(local_cf
     a = IngestService(cfg, runner="thread")
     a.submit("job_x", "delete", deletes=["anything"])
     a.store.claim("dead")
-    a.store.close()
-    store = JobStore(*paths(cfg))  # reopened, as after a crash
-    assert store.get("job_x")["status"] == "running"
+    a.store.db.close()
+    reopened = Database(sqlite_url(cfg.governor.db))  # reopened, as after a crash
+    assert SqlJobs(reopened, spool_dir(cfg)).get("job_x")["status"] == "running"
+    reopened.close()
     b = IngestService(cfg, runner="thread")
     assert b.recover() == ["job_x"]
     job = b.job("job_x")
@@ -435,7 +436,7 @@ def test_a_crashed_build_is_run_again_then_failed_with_the_reason(local_cfg, tmp
     cfg = local_cfg.model_copy(update={"governor": local_cfg.governor.model_copy(update={"db": tmp_path / "g.sqlite3"})})
     svc = IngestService(cfg, runner="thread")
     svc.submit("job_c", "upsert", [{"id": "kept", "title": "", "text": "Corks are checked by hand.", "metadata": {}}])
-    spool = paths(cfg)[1] / "job_c"
+    spool = spool_dir(cfg) / "job_c"
     runs = []
 
     def crash(*a, **kw):
@@ -454,12 +455,14 @@ def test_a_crashed_build_is_run_again_then_failed_with_the_reason(local_cfg, tmp
 
 
 def test_a_submit_sent_again_while_the_first_is_written_makes_one_job(tmp_path, monkeypatch):
-    """The ingress retries a governor call it gave up on; the try still writing must not be undone."""
+    """The ingress retries a state call it gave up on; the try still writing must not be undone."""
     import threading
 
-    import deployments.ingest as ingest
+    import state.jobs as ingest
 
-    store = JobStore(tmp_path / "jobs.sqlite3", tmp_path / "spool")
+    db = Database(sqlite_url(tmp_path / "jobs.sqlite3"))
+    db.upgrade()
+    store = SqlJobs(db, tmp_path / "spool")
     real, started, release = ingest._write_synced, threading.Event(), threading.Event()
 
     def slow(path, data):  # the first try stalls while writing its files
@@ -483,6 +486,7 @@ def test_a_submit_sent_again_while_the_first_is_written_makes_one_job(tmp_path, 
     second.join(10)
     assert again[0]["id"] == "job_r" and [j["id"] for j in store.list()] == ["job_r"]
     assert store.inputs("job_r")[1] == files
+    db.close()
 
 
 def test_one_job_runs_at_a_time(local_cfg, tmp_path):

@@ -20,7 +20,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import KeyStore
+from state.db import open_database
+from state.keys import SqlKeys
 
 
 def make_cfg(local_cfg, built_index, tmp_path, *, auth=False, http=None, documents=None, rate_limits=None,
@@ -121,7 +122,7 @@ def test_an_upload_without_a_key_is_refused_before_its_body_is_read(app):
 
 def test_an_upload_by_a_user_key_is_refused_before_its_body_is_read(app):
     api, cfg = app(auth=True)
-    user, _ = KeyStore(cfg.governor.db).create("user")
+    user, _ = SqlKeys(open_database(cfg)).create("user")
     body = upload_body()
     r = Upload("POST", "/v1/documents", headers_for(body, user), body).run(api)
     assert r.status == 403 and r.error()["code"] == "insufficient_scope" and r.read == 0
@@ -149,7 +150,7 @@ def test_an_admin_upload_is_read_and_accepted(app, built_index, tmp_path):
     own = tmp_path / "own-index"  # the upload goes live: into a copy, not the session's shared index
     shutil.copytree(built_index[1], own, symlinks=True)
     api, cfg = app(auth=True, indexing={"dir": str(own)})
-    admin, _ = KeyStore(cfg.governor.db).create("ops", "admin")
+    admin, _ = SqlKeys(open_database(cfg)).create("ops", "admin")
     body = upload_body(200_000)
     r = Upload("POST", "/v1/documents", headers_for(body, admin), body).run(api)
     assert r.status == 202, r.response
@@ -158,7 +159,7 @@ def test_an_admin_upload_is_read_and_accepted(app, built_index, tmp_path):
 
 def test_a_trickled_body_is_cut_off_at_the_read_deadline(app):
     api, cfg = app(auth=True, documents={"upload_timeout_s": 1.0}, http={"limits": {"body_timeout_s": 1.0}})
-    admin, _ = KeyStore(cfg.governor.db).create("ops", "admin")
+    admin, _ = SqlKeys(open_database(cfg)).create("ops", "admin")
     body = upload_body(64_000)
     r = Upload("POST", "/v1/documents", headers_for(body, admin), body, chunk=100, delay_s=0.05).run(api)
     assert r.status == 408, r.response
@@ -172,7 +173,7 @@ def test_a_trickled_body_is_cut_off_at_the_read_deadline(app):
 
 def test_a_declared_length_over_the_limit_is_413_before_reading(app):
     api, cfg = app(auth=True, documents={"max_upload_bytes": 4096})
-    admin, _ = KeyStore(cfg.governor.db).create("ops", "admin")
+    admin, _ = SqlKeys(open_database(cfg)).create("ops", "admin")
     body = upload_body(100_000)
     r = Upload("POST", "/v1/documents", headers_for(body, admin), body).run(api)
     assert r.status == 413 and r.read == 0 and "documents.max_upload_bytes" in r.error()["message"]
@@ -183,7 +184,7 @@ def test_a_declared_length_over_the_limit_is_413_before_reading(app):
                                                ("x-request-disconnect-disabled", "?1")])
 def test_serve_timeout_overrides_are_refused(app, header, value):
     api, cfg = app(auth=True)
-    admin, _ = KeyStore(cfg.governor.db).create("ops", "admin")
+    admin, _ = SqlKeys(open_database(cfg)).create("ops", "admin")
     client = TestClient(api)
     r = client.post("/v1/search", json={"query": "tasting room"}, headers={
         "Authorization": f"Bearer {admin}", header: value})
@@ -272,7 +273,7 @@ def test_exempt_loopback_does_not_exempt_clients_of_an_unknown_proxy(app):
     api, cfg = app(auth=True, rate_limits={"per_ip": {"chat": 30, "search": 2, "other": 100},
                                            "per_key": {"chat": 30, "search": 1000, "other": 100},
                                            "exempt_ips": ["127.0.0.1", "::1"]})
-    token, _ = KeyStore(cfg.governor.db).create("k")
+    token, _ = SqlKeys(open_database(cfg)).create("k")
     client = TestClient(api, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000))
     auth = {"Authorization": f"Bearer {token}"}
     q = {"query": "tasting room"}
@@ -301,7 +302,7 @@ def hold_of(cfg, body: dict) -> int:
 def quota_app(app, daily):
     api, cfg = app(auth=True, generator={"answer_mode": "extractive"})
     daily = daily(cfg)
-    token, _ = KeyStore(cfg.governor.db).create("small", daily_tokens=daily)
+    token, _ = SqlKeys(open_database(cfg)).create("small", daily_tokens=daily)
     return TestClient(api), {"Authorization": f"Bearer {token}"}, cfg, daily
 
 

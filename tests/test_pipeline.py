@@ -38,14 +38,10 @@ class Engine:
 
 
 class Stages:
-    def __init__(self, retriever, engine, *, retriever_down=False, governor=None):
+    def __init__(self, retriever, engine, *, retriever_down=False):
         self.router, self.retriever, self.engine = QueryRouter(), retriever, engine
         self.rerank_enabled = False
         self.retriever_down = retriever_down
-        self.governor = governor
-
-    async def govern(self, method, *args):
-        return getattr(self.governor, method)(*args)
 
     async def route(self, messages):
         return StageReply(self.router.run(messages=messages), "r1")
@@ -76,8 +72,8 @@ def retriever(built_index, local_cfg):
 def pipeline(cfg, retriever, engine=None, **kw):
     from deployments.governor import Governor
 
-    kw.setdefault("governor", Governor.from_config(cfg))
-    p = Pipeline(cfg, Stages(retriever, engine or Engine(), **kw))
+    governor = kw.pop("governor", None) or Governor.from_config(cfg)
+    p = Pipeline(cfg, Stages(retriever, engine or Engine(), **kw), governor=governor)
     p.warm_up()
     return p
 

@@ -39,8 +39,8 @@ def config(local_cfg, tmp_path, *, http=None, cache=None):
 class Flaky(Stages):
     """Fails the first ``fail`` calls of a stage with ``kind``, then works."""
 
-    def __init__(self, retriever, engine, governor, *, stage="retriever", fail=1, kind="unavailable", version=None):
-        super().__init__(retriever, engine, governor=governor)
+    def __init__(self, retriever, engine, *, stage="retriever", fail=1, kind="unavailable", version=None):
+        super().__init__(retriever, engine)
         self.stage, self.fail, self.kind, self.version = stage, fail, kind, version
         self.calls = 0
 
@@ -56,8 +56,8 @@ class Flaky(Stages):
 
 def make(cfg, retriever, engine=None, **kw):
     gov = Governor.from_config(cfg)
-    stages = Flaky(retriever, engine or Engine(), gov, **kw)
-    p = Pipeline(cfg, stages)
+    stages = Flaky(retriever, engine or Engine(), **kw)
+    p = Pipeline(cfg, stages, governor=gov)
     p.warm_up()
     return p, stages, gov
 
@@ -106,8 +106,8 @@ def test_a_silent_replica_is_cut_short_and_retried_only_with_an_attempt_timeout(
     cfg = config(local_cfg, tmp_path, http={"retries": {"backoff_s": 0.01, "attempt_timeout_s": cut},
                                            "timeouts": {"retriever": 1.0}})
     gov = Governor.from_config(cfg)
-    stages = Silent(retriever, Engine(), gov, fail=1)
-    p = Pipeline(cfg, stages)
+    stages = Silent(retriever, Engine(), fail=1)
+    p = Pipeline(cfg, stages, governor=gov)
     p.warm_up()
     out = asyncio.run(ask(p, chat()))
     meta = out["rag"]["metadata"]
@@ -262,8 +262,8 @@ def test_a_new_index_version_never_serves_an_old_answer(local_cfg, retriever, tm
     cfg = config(local_cfg, tmp_path)
     gov = Governor.from_config(cfg)
     engine = Engine()
-    old = Pipeline(cfg, Flaky(retriever, engine, gov, stage="none", version="v-old"))
-    new = Pipeline(cfg, Flaky(retriever, engine, gov, stage="none", version="v-new"))
+    old = Pipeline(cfg, Flaky(retriever, engine, stage="none", version="v-old"), governor=gov)
+    new = Pipeline(cfg, Flaky(retriever, engine, stage="none", version="v-new"), governor=gov)
 
     async def go():
         await ask(old, chat())
@@ -349,35 +349,38 @@ def test_a_cancelled_trial_frees_the_half_open_slot():
     assert b.allow() and b.state == HALF_OPEN
 
 
-def test_a_governor_call_may_be_given_longer_than_http_timeouts_governor(local_cfg):
-    """An upload's job is written by the governor (files fsync'd): documents' submit passes
-    http.timeouts.ingest_submit instead of the 3 s meant for admission and cache calls."""
+def test_a_state_call_may_be_given_longer_than_http_timeouts_governor(local_cfg):
+    """An upload's job is written to the spool and the database (files fsync'd): the documents API's
+    submit passes http.timeouts.ingest_submit instead of the 3 s meant for admission and cache calls."""
+    import time as _time
+
     from serve.calls import StageCalls
 
-    class SlowGovernor:
-        async def govern(self, method, *args):
-            await asyncio.sleep(0.3)
-            return method
+    def slow(what):
+        _time.sleep(0.3)
+        return what
 
     http = local_cfg.http.model_copy(update={"timeouts": local_cfg.http.timeouts.model_copy(update={"governor": 0.05})})
-    calls = StageCalls(local_cfg.model_copy(update={"http": http}), SlowGovernor())
+    calls = StageCalls(local_cfg.model_copy(update={"http": http}), None, governor=object())
     with pytest.raises(StageError) as e:
-        asyncio.run(calls.govern("ingest", attempts=1))
-    assert e.value.kind == "timeout"
-    assert asyncio.run(calls.govern("ingest", attempts=1, timeout=2)) == "ingest"
+        asyncio.run(calls.state(slow, "ingest", attempts=1))
+    assert e.value.kind == "timeout" and e.value.stage == "state"
+    assert asyncio.run(calls.state(slow, "ingest", attempts=1, timeout=2)) == "ingest"
     assert local_cfg.http.timeouts.ingest_submit > local_cfg.http.timeouts.governor
-    # and the documents API asks for it on a submit only (the graph's path: the governor keeps the jobs)
+    # and the documents API asks for it on a submit only
     from types import SimpleNamespace
 
-    from serve.documents import ingest_call
+    from serve import documents
 
     asked = []
 
-    async def govern(method, *args, timeout=None):
-        asked.append((args[0], timeout))
+    async def state(fn, *args, timeout=None):
+        asked.append((fn.__name__, timeout))
 
-    pipeline = SimpleNamespace(cfg=local_cfg, stages=SlowGovernor(), govern=govern)
+    service = SimpleNamespace(submit=lambda *a: None, job=lambda *a: None)
+    service.submit.__name__, service.job.__name__ = "submit", "job"
+    pipeline = SimpleNamespace(cfg=local_cfg, state=state, ingest=lambda: service)
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(pipeline=pipeline)))
-    asyncio.run(ingest_call(request, "submit", "job_1"))
-    asyncio.run(ingest_call(request, "job", "job_1"))
+    asyncio.run(documents.ingest_call(request, service.submit, "job_1", timeout=local_cfg.http.timeouts.ingest_submit))
+    asyncio.run(documents.ingest_call(request, service.job, "job_1"))
     assert asked == [("submit", local_cfg.http.timeouts.ingest_submit), ("job", None)]

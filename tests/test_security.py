@@ -11,7 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from deployments.auth import KeyStore
+from state.db import open_database
+from state.keys import SqlKeys
 from deployments.errors import StageError
 from deployments.governor import Governor
 from deployments.retriever import HybridRetriever
@@ -84,7 +85,7 @@ def pipeline_with(local_cfg, built_index, tmp_path, engine, *, retriever=None):
     cfg = make_cfg(local_cfg, built_index, tmp_path)
     retriever = retriever or HybridRetriever.from_config(cfg)
     gov = Governor.from_config(cfg)
-    p = Pipeline(cfg, Stages(retriever, engine, governor=gov))
+    p = Pipeline(cfg, Stages(retriever, engine), governor=gov)
     p.warm_up()
     return p, gov
 
@@ -268,7 +269,7 @@ def test_the_api_docs_need_a_key_when_auth_is_on(app, tmp_path):
     client, _, cfg = app(auth=True)
     for path in ("/openapi.json", "/docs", "/redoc"):
         assert error_of(client.get(path), 401)["code"] == "missing_api_key"
-    token, _ = KeyStore(cfg.governor.db).create("reader")
+    token, _ = SqlKeys(open_database(cfg)).create("reader")
     r = client.get("/openapi.json", headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
     open_client, _, _ = app()
@@ -359,7 +360,7 @@ def test_the_ingress_gate_refuses_in_openai_json_beyond_its_queue():
 
 def test_a_chats_quota_reservation_is_released_however_it_ends(app):
     client, api, cfg = app(auth=True)
-    token, key = KeyStore(cfg.governor.db).create("reserver")
+    token, key = SqlKeys(open_database(cfg)).create("reserver")
     adm = api.state.pipeline.admission
     held = {}
     real_reserve = adm.reserve
@@ -392,7 +393,7 @@ def test_a_chats_quota_reservation_is_released_however_it_ends(app):
 
 def test_rate_limit_headers_count_down_and_come_with_the_429(app):
     client, _, cfg = app(auth=True)
-    token, _ = KeyStore(cfg.governor.db).create("counted", search_per_min=3)
+    token, _ = SqlKeys(open_database(cfg)).create("counted", search_per_min=3)
     auth = {"Authorization": f"Bearer {token}"}
     seen = []
     for _ in range(3):

@@ -81,9 +81,9 @@ def service(tmp_path_factory, local_cfg, provisioned):
     data["governor"]["auth"] = {"enabled": True}
     data["governor"]["db"] = str(base / "governor.sqlite3")
     data["generator"].update(max_tokens=48, max_tokens_limit=64)
-    from deployments.auth import KeyStore
+    from conftest import keys_at
 
-    keys = KeyStore(data["governor"]["db"])
+    keys = keys_at(data["governor"]["db"])
     KEYS["admin"] = keys.create("graph tests", "admin", chat_per_min=10**5, search_per_min=10**5, other_per_min=10**5)[0]
     KEYS["slow"] = keys.create("slow", search_per_min=2)[0]
     cfg = AppConfig.model_validate(data)
@@ -494,6 +494,65 @@ def test_index_swap_under_load_drops_nothing(service):
     assert not any(found for _, v, found in results if v == old)
 
 
+RYW_DOC = "team/beekeeper.md"
+RYW_TEXT = ("# Beekeeper\n\nThe estate beekeeper Zoltanne Pryderi-Vasquez keeps thirty hives of carniolan bees "
+            "between the quince orchard and the lower terraces.")
+RYW_QUERY = "Zoltanne Pryderi-Vasquez beekeeper carniolan hives quince"
+
+
+def _wait_job(service, job_id: str, deadline_s: float = 600) -> dict:
+    """Poll GET /v1/jobs/{id} until the job ends (the deadline only stops a hung test)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        code, _, raw = http("GET", f"{service.url}/v1/jobs/{job_id}")
+        assert code == 200, raw[:300]
+        job = json.loads(raw)
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        assert time.monotonic() < end, f"job {job_id} still {job['status']}: {job}"
+        time.sleep(0.2)
+
+
+def _search_everywhere(service, n: int = 12) -> list[dict]:
+    """``n`` searches for RYW_QUERY at once (both retriever replicas answer some): each reply's
+    document ids, index version and retriever replica."""
+    def one(_):
+        code, _, raw = http("POST", f"{service.url}/v1/search", {"query": RYW_QUERY, "top_k": 5, "rerank": False})
+        assert code == 200, raw[:300]
+        body = json.loads(raw)
+        return {"ids": [r["document_id"] for r in body["results"]], "version": body["metadata"]["index_version"],
+                "replica": body["metadata"]["replicas"]["retriever"]}
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_read_your_writes_over_http(service):
+    """An upload through POST /v1/documents is searchable as soon as its job says succeeded, on every
+    retriever replica (the job waits until each serves the version it published, documents.
+    serving_timeout_s); a delete likewise: once its job succeeded no replica finds the document."""
+    code, headers, raw = http("POST", f"{service.url}/v1/documents",
+                              {"documents": [{"id": RYW_DOC, "title": "Beekeeper", "text": RYW_TEXT}]})
+    assert code == 202, raw[:300]
+    job = _wait_job(service, json.loads(raw)["job_id"])
+    assert job["status"] == "succeeded" and job["result"]["added"] == [RYW_DOC], job
+    version, serving = job["result"]["version"], job["result"]["serving"]
+    assert job["result"]["published"] and serving["replicas"] == 2 and serving["lagging"] == [], serving
+    found = _search_everywhere(service)  # at once: no wait for the retrievers' next poll
+    print(f"\nupload: served by every replica {serving['waited_s']} s after publishing; "
+          f"replicas searched: {sorted({f['replica'] for f in found})}")
+    assert all(RYW_DOC in f["ids"] and f["version"] == version for f in found), found
+
+    code, _, raw = http("DELETE", f"{service.url}/v1/documents/{RYW_DOC}")
+    assert code == 202, raw[:300]
+    job = _wait_job(service, json.loads(raw)["job_id"])
+    assert job["status"] == "succeeded" and job["result"]["removed"] == [RYW_DOC], job
+    gone_version, serving = job["result"]["version"], job["result"]["serving"]
+    assert gone_version != version and serving["replicas"] == 2 and serving["lagging"] == [], job["result"]
+    found = _search_everywhere(service)
+    assert all(RYW_DOC not in f["ids"] and f["version"] == gone_version for f in found), found
+
+
 # ---------------------------------------------------------------------------------------------
 # admission, cache and usage through the real graph (auth is on in this module)
 
@@ -542,9 +601,9 @@ def test_no_body_byte_is_read_before_the_key_over_http(service):
     status, raw = _raw_request(head)
     assert status == 401 and b"missing_api_key" in raw, raw[:300]
     assert time.monotonic() - t < 10
-    from deployments.auth import KeyStore
+    from conftest import keys_at
 
-    user = KeyStore(service.cfg.governor.db).create("uploader, not admin")[0]
+    user = keys_at(service.cfg.governor.db).create("uploader, not admin")[0]
     status, raw = _raw_request(head + f"Authorization: Bearer {user}\r\n")
     assert status == 403 and b"insufficient_scope" in raw, raw[:300]
 
@@ -624,9 +683,10 @@ def test_cache_hit_and_usage_through_the_graph(service):
 
 def test_admission_cost_per_request(service):
     """Admission happens in the ingress with the verified key cached (governor.auth.key_cache_s):
-    40 admitted requests make no governor call, but for one re-verification if the cached verdict
-    expires meanwhile. /v1/models (admitted) against /health (not), side by
-    side, printed for the record (load_tests/README.md), not asserted: timings are noisy here."""
+    40 admitted requests make no call on the state database (``stage="state"``), but for one
+    re-verification if the cached verdict expires meanwhile. /v1/models (admitted) against /health
+    (not), side by side, printed for the record (load_tests/README.md), not asserted: timings are
+    noisy here."""
     import statistics
 
     def p50(path: str) -> float:
@@ -637,18 +697,18 @@ def test_admission_cost_per_request(service):
             times.append((time.perf_counter() - t) * 1000)
         return statistics.median(times)
 
-    def governor_calls() -> float:
+    def state_calls() -> float:
         text = http("GET", f"{service.url}/metrics")[2].decode()
-        return _metric(text, "rag_stage_duration_seconds_count").get('rag_stage_duration_seconds_count{stage="governor"}', 0)
+        return _metric(text, "rag_stage_duration_seconds_count").get('rag_stage_duration_seconds_count{stage="state"}', 0)
 
     p50("/health")
     http("GET", f"{service.url}/v1/models")  # the key is verified (and cached) here, if it was not already
-    # Earlier tests' chats record their usage with the governor in the background: wait until no
-    # governor call is in flight (the count holds still for a second) before counting.
-    calls, deadline = governor_calls(), time.monotonic() + 30
+    # Earlier tests' chats record their usage in the state database in the background: wait until no
+    # state call is in flight (the count holds still for a second) before counting.
+    calls, deadline = state_calls(), time.monotonic() + 30
     while time.monotonic() < deadline:
         time.sleep(1.0)
-        now = governor_calls()
+        now = state_calls()
         if now == calls:
             break
         calls = now
@@ -656,15 +716,15 @@ def test_admission_cost_per_request(service):
     start = time.monotonic()
     models = p50("/v1/models")
     window = time.monotonic() - start
-    made = governor_calls() - calls
+    made = state_calls() - calls
     print(f"\nadmission: /health p50 {health:.1f} ms, /v1/models p50 {models:.1f} ms (+{models - health:.1f} ms); "
-          f"governor calls for 40 admitted requests: {made:.0f} in {window:.1f} s")
+          f"state calls for 40 admitted requests: {made:.0f} in {window:.1f} s")
     # A cached verdict lives key_cache_s from when it was fetched (reads do not extend it), and it may
     # have been fetched by an earlier test: within a window shorter than key_cache_s it can expire
     # once, and that one request verifies the key again. Without the cache each request is a call.
     key_cache_s = service.cfg.governor.auth.key_cache_s
     assert window < key_cache_s, f"40 requests took {window:.1f} s, longer than key_cache_s ({key_cache_s} s)"
-    assert made <= 1, f"{made:.0f} governor calls for 40 requests with a cached key (one expiry allowed)"
+    assert made <= 1, f"{made:.0f} state calls for 40 requests with a cached key (one expiry allowed)"
 
 
 def test_schemathesis_finds_no_server_error(service):
@@ -747,7 +807,7 @@ def test_prometheus_scrapes_the_graph_and_the_breaker_alert_fires(service, tmp_p
     import ray
     import yaml
 
-    from deployments.auth import KeyStore
+    from conftest import keys_at
     from faults.harness import kill_orphans, kill_replica, replica_actors, wait_recovered
     from test_monitoring import DASHBOARD, RULES, SCRAPE, dashboard_queries
 
@@ -766,7 +826,7 @@ def test_prometheus_scrapes_the_graph_and_the_breaker_alert_fires(service, tmp_p
     node = next(n for n in ray.nodes() if n["Alive"])
     jobs["ragraph"]["static_configs"] = [{"targets": [service.url.removeprefix("http://")]}]
     # /metrics needs a key with auth on: Prometheus scrapes with a key of scope metrics, as the file says
-    (tmp_path / "scrape.key").write_text(KeyStore(service.cfg.governor.db).create("prometheus", "metrics")[0])
+    (tmp_path / "scrape.key").write_text(keys_at(service.cfg.governor.db).create("prometheus", "metrics")[0])
     jobs["ragraph"]["authorization"] = {"credentials_file": str(tmp_path / "scrape.key")}
     jobs["ray"].pop("file_sd_configs")
     jobs["ray"]["static_configs"] = [{"targets": [f"{node['NodeManagerAddress']}:{node['MetricsExportPort']}"]}]
@@ -793,7 +853,7 @@ def test_prometheus_scrapes_the_graph_and_the_breaker_alert_fires(service, tmp_p
                 time.sleep(0.5)
 
         # traffic: searches, chats (one streamed), a refused request, a chat by a key with a daily quota
-        quota_key = KeyStore(service.cfg.governor.db).create("quota", daily_tokens=100_000)[0]
+        quota_key = keys_at(service.cfg.governor.db).create("quota", daily_tokens=100_000)[0]
         KEYS["quota"] = quota_key
         chat = {"model": "ragraph", "max_tokens": 16, "rag": {"rerank": False, "cache": False},
                 "messages": [{"role": "user", "content": "When is the tasting room open?"}]}

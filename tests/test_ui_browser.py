@@ -51,8 +51,9 @@ def server(local_cfg, built_index, tmp_path_factory):
     """(base URL, user key, admin key): the page's service, auth on, one per module."""
     import uvicorn
 
-    from deployments.auth import KeyStore
     from serve.local import create_app
+    from state.db import open_database
+    from state.keys import SqlKeys
 
     data = local_cfg.model_dump()
     data["indexing"]["dir"] = str(built_index[1])
@@ -60,7 +61,7 @@ def server(local_cfg, built_index, tmp_path_factory):
     data["governor"]["auth"] = {"enabled": True}
     data["generator"].update(max_tokens=24)  # short answers: the tests are about the page, not the model
     cfg = type(local_cfg).model_validate(data)
-    keys = KeyStore(cfg.governor.db)
+    keys = SqlKeys(open_database(cfg))  # the state database the app opens too (state.url unset: governor.db)
     user, _ = keys.create("page-user")
     admin, _ = keys.create("page-admin", scope="admin")
     port = free_port()
@@ -83,7 +84,6 @@ def server(local_cfg, built_index, tmp_path_factory):
     finally:
         srv.should_exit = True
         thread.join(timeout=60)
-        keys.close()
 
 
 @pytest.fixture(scope="module")
