@@ -11,7 +11,7 @@ shared cache (``governor.cache.storage``: this process's memory, or Redis for ma
 * :attr:`Governor.conversations` (the chat page's conversations and feedback) and the answer cache.
 
 Its methods block (a database round trip): the ingress runs them off its event loop, each within
-``state.call_timeout_s`` (:meth:`serve.calls.StageCalls.state`).
+``state.call_timeout_s`` (:meth:`flow.calls.StageCalls.state`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Everything ragraph takes from ``ray.serve.llm``'s internals, in one version-checked place.
 
 ``ray.serve.llm`` exposes ``LLMConfig`` and builders that start Ray; ragraph also needs, without
-starting Ray, the Serve options its ``LLMServer`` computes (placement bundles, builder defaults),
+starting Ray, the Serve options its ``LLMServer`` computes (placement bundles, builder defaults:
+:meth:`DeltaLLMServer.get_deployment_options` computes them as ``LLMServer`` does, taking the
+driver's runtime env only where a driver is connected),
 a callback that skips the per-node model "download" of a local folder, and an ``LLMServer`` whose
 replica hands the ingress structured token deltas instead of OpenAI SSE text and guards its engine's
 processes (they die with the replica). Those live under
@@ -12,11 +14,10 @@ this module was written against, and :func:`check_ray_version` refuses any other
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 TESTED_RAY = "2.60.0"
@@ -59,6 +60,38 @@ class DeltaLLMServer(_LLMServer):  # type: ignore[misc,valid-type]
     engine's processes die with the replica however it dies, its Ray included; a health check
     restarts a guard that is gone."""
 
+    @classmethod
+    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
+        """``LLMServer``'s Serve options for ``llm_config`` (the engine's placement bundles, with the
+        replica's own resources merged into the first; the replica's runtime env), computed as
+        ``LLMServer.get_deployment_options`` of :data:`TESTED_RAY` computes them, except that the
+        driver's runtime env, which ``LLMServer`` merges into the replica's, is asked of Ray only
+        where a driver is connected: asking starts Ray. Without one it is taken as empty (what a
+        fresh cluster's driver has)."""
+        import ray
+        from ray.llm._internal.serve.constants import ENABLE_WORKER_PROCESS_SETUP_HOOK
+        from ray.llm._internal.serve.core.server.llm_server import _merge_replica_actor_and_child_actor_bundles
+
+        engine = llm_config.get_engine_config()
+        options = copy.deepcopy(llm_config.deployment_config)
+        if "placement_group_bundles" in options or "placement_group_strategy" in options:
+            raise ValueError("placement_group_bundles and placement_group_strategy must not be specified in "
+                             "deployment_config; set the LLMConfig's placement_group_config instead")
+        actor = options.get("ray_actor_options", {})
+        if not engine.accelerator.requires_deferred_placement_group:
+            replica = {"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0), **actor.get("resources", {})}
+            if "memory" in actor:
+                replica["memory"] = actor["memory"]
+            options["placement_group_bundles"] = _merge_replica_actor_and_child_actor_bundles(
+                engine.placement_bundles, replica)
+            options["placement_group_strategy"] = engine.placement_strategy
+        driver = dict(ray.get_runtime_context().runtime_env) if ray.is_initialized() else {}
+        if ENABLE_WORKER_PROCESS_SETUP_HOOK:
+            driver["worker_process_setup_hook"] = "ray.llm._internal.serve._worker_process_setup_hook"
+        actor["runtime_env"] = {**driver, **actor.get("runtime_env", {}), **(llm_config.runtime_env or {})}
+        options["ray_actor_options"] = actor
+        return options
+
     async def start(self):
         from deployments.engine_guard import ensure_guard
 
@@ -91,22 +124,11 @@ def server_class() -> type:
 
 
 def deployment_options(llm: Any) -> dict[str, Any]:
-    """``LLMServer``'s Serve options for ``llm`` with the builder's defaults, computed without a
-    running Ray: ``LLMServer`` merges the driver's runtime env into the replica's, and asking for it
-    would start Ray, so outside a Ray driver it is taken as empty (what a fresh cluster's driver has)."""
-    from unittest import mock
-
-    import ray
+    """The generator deployment's Serve options for ``llm``: :meth:`DeltaLLMServer.get_deployment_options`
+    with the builder's defaults applied, computed without a running Ray."""
     from ray.llm._internal.common.dict_utils import maybe_apply_llm_deployment_config_defaults
     from ray.llm._internal.serve.core.server.builder import DEFAULT_DEPLOYMENT_OPTIONS
-    from ray.runtime_env import RuntimeEnv
 
     check_ray_version()
-    no_driver = SimpleNamespace(runtime_env=RuntimeEnv())
-    offline = (
-        contextlib.nullcontext() if ray.is_initialized()
-        else mock.patch.object(ray, "get_runtime_context", lambda: no_driver)
-    )
-    with offline:
-        opts = DeltaLLMServer.get_deployment_options(llm)
-    return maybe_apply_llm_deployment_config_defaults(DEFAULT_DEPLOYMENT_OPTIONS, opts)
+    return maybe_apply_llm_deployment_config_defaults(DEFAULT_DEPLOYMENT_OPTIONS,
+                                                      DeltaLLMServer.get_deployment_options(llm))

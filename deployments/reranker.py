@@ -1,4 +1,5 @@
-"""The cross-encoder reranker: a plain class; its Serve deployment is a thin wrapper.
+"""The cross-encoder reranker: a plain class; its Serve deployment is a thin wrapper
+(:class:`deployments.replicas.RerankerDeployment`).
 
 ``model`` is a local cross-encoder folder (e.g. the one `ragraph reranker adapt` writes) or a hub
 id such as ``cross-encoder/ms-marco-MiniLM-L-6-v2`` (cluster configs).
@@ -78,34 +79,3 @@ class CrossEncoderReranker:
                 for p, s in ranked[:k]
             ])
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Serve deployment: a thin wrapper
-
-from ray import serve  # noqa: E402  (the plain class above needs no Ray)
-
-
-class RerankerDeployment:
-    """Cross-encoder replicas; concurrent requests are scored in one ``predict`` (``@serve.batch``)."""
-
-    def __init__(self, cfg) -> None:
-        import torch
-
-        self._ce = CrossEncoderReranker.from_config(cfg)
-        self._ce.warm_up()
-        torch.set_num_threads(max(1, int(cfg.reranker.deployment.num_cpus)))
-        self._replica = serve.get_replica_context().replica_id.unique_id
-        self._score.set_max_batch_size(cfg.reranker.batch.max_batch_size)
-        self._score.set_batch_wait_timeout_s(cfg.reranker.batch.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _score(self, requests: list[tuple[str, list[Passage], int | None]]) -> list[list[Passage]]:
-        import asyncio
-
-        return await asyncio.to_thread(self._ce.run_batch, requests)
-
-    async def rerank(self, query: str, passages: list[Passage], top_k: int | None) -> tuple[list[Passage], str]:
-        if not passages:
-            return [], self._replica
-        return await self._score((query, passages, top_k)), self._replica

@@ -1,4 +1,5 @@
-"""The query router: a plain class; its Serve deployment is a thin wrapper.
+"""The query router: a plain class; its Serve deployment is a thin wrapper
+(:class:`deployments.replicas.RouterDeployment`).
 
 Given the conversation, it decides
 
@@ -183,16 +184,3 @@ def cap_query(query: str, *, max_chars: int, max_terms: int) -> str:
 
 def _content_words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text) if w.lower() not in _STOP and len(w) > 1]
-
-
-class RouterDeployment:
-    """Serve wrapper: the rules are microseconds, so no batching and no thread."""
-
-    def __init__(self, cfg) -> None:
-        from ray import serve
-
-        self._router = QueryRouter.from_config(cfg)
-        self._replica = serve.get_replica_context().replica_id.unique_id
-
-    async def route(self, messages: list[Message]) -> tuple[Route, str]:
-        return self._router.run(messages=messages), self._replica

@@ -13,7 +13,7 @@ engine also sees one key per schema; "did not compile in time" is kept for
 :data:`SLOW_VERDICT_TTL_S` only (the machine may have been busy). One compile runs at a time, and a
 schema that would wait behind more than :data:`QUEUE_WAITS` of them is told to retry
 (``overloaded``: a 503); a schema that passed costs the engine about what it cost here. The ingress bounds the schema's size, nesting and numbers before
-any of this (``serve.api.check_schema_bounds``).
+any of this (``flow.requests.check_schema_bounds``).
 
 The worker reads compile requests from a pipe: it ends when this process closes its end or dies
 (a compile under way finishes first).

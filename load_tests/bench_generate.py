@@ -52,7 +52,7 @@ def build_prompts(cfg: Any, dataset: Path, *, n: int, context_tokens: int, max_t
     ``context_tokens`` by the serving prompt builder."""
     from transformers import AutoTokenizer
 
-    from serve.prompt import PromptBuilder
+    from flow.prompt import PromptBuilder
     from deployments.retriever import Passage
     from deployments.router import Message
 

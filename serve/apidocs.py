@@ -11,7 +11,7 @@ service. ReDoc writes its styles into ``<style>`` elements and searches in a wor
 ``blob:`` URL, so ``/redoc`` allows inline styles and blob workers (never inline scripts); the
 policy blocks the one image ReDoc asks of its own CDN (its logo).
 
-The routes are admitted like every other route (``serve.routes``): behind the key when auth is on.
+The routes are admitted like every other route (access level ``user``): behind the key when auth is on.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from html import escape
 from pathlib import Path
 
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 
-from serve.errors import ApiError
-from serve.routetable import RouteTable
+from flow.errors import FlowError
+from serve.routetable import USER, RouteTable
 
 ROUTES = RouteTable()
 SWAGGER = "/docs"
@@ -93,7 +93,7 @@ def _files() -> dict[str, bytes]:
     try:
         return assets()
     except AssetsChanged as e:
-        raise ApiError(503, f"the API documentation is unavailable: {e}", code="docs_unavailable") from None
+        raise FlowError("unavailable", f"the API documentation is unavailable: {e}", code="docs_unavailable") from None
 
 
 def _tag(name: str) -> str:
@@ -111,7 +111,7 @@ def _page(path: str, title: str, body: str) -> Response:
     return Response(html, media_type=TYPES[".html"], headers={**HEADERS, "Content-Security-Policy": CSP[path]})
 
 
-@ROUTES.route("GET", SWAGGER, include_in_schema=False)
+@ROUTES.get(SWAGGER, access=USER, include_in_schema=False, response_class=HTMLResponse)
 async def swagger_page(request: Request) -> Response:
     _files()  # 503 when the installed files are not the pinned ones
     title = f"{request.app.title} API"
@@ -119,7 +119,7 @@ async def swagger_page(request: Request) -> Response:
                                  f'{_tag("swagger-ui-bundle.js")}{_tag("swagger-start.js")}</body>')
 
 
-@ROUTES.route("GET", REDOC, include_in_schema=False)
+@ROUTES.get(REDOC, access=USER, include_in_schema=False, response_class=HTMLResponse)
 async def redoc_page(request: Request) -> Response:
     _files()  # 503 when the installed files are not the pinned ones
     title = f"{request.app.title} API"
@@ -127,10 +127,10 @@ async def redoc_page(request: Request) -> Response:
                                f'{_tag("redoc.standalone.js")}</body>')
 
 
-@ROUTES.route("GET", ASSETS, include_in_schema=False)
+@ROUTES.get(ASSETS, access=USER, include_in_schema=False, response_class=Response)
 async def asset(name: str) -> Response:
     body = _files().get(name)
     if body is None:
-        raise ApiError(404, f"no documentation file {name!r}", param="name", code="not_found")
+        raise FlowError("not_found", f"no documentation file {name!r}", param="name", code="not_found")
     return Response(body, media_type=TYPES[Path(name).suffix],  # pinned: a day in the browser's cache
                     headers={**HEADERS, "Cache-Control": "private, max-age=86400"})

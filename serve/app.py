@@ -8,8 +8,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from ray import serve as ray_serve
 
-from serve.metrics import METRICS
-from serve.pipeline import Pipeline
+from flow.metrics import METRICS
+from flow.pipeline import Pipeline
 from serve.routes import make_app
 from serve.stages import HandleStages
 
@@ -20,7 +20,7 @@ class RagIngress:
         stages = HandleStages(app_name=app_name, router=router, retriever=retriever, reranker=reranker,
                               generator=generator)
         self.cfg = cfg
-        METRICS.export_to_ray()  # every replica's series reach Ray's metrics agent (serve/metrics.py)
+        METRICS.export_to_ray()  # every replica's series reach Ray's metrics agent (flow/metrics.py)
         # the service's state is the shared database's, opened (and its schema upgraded) here
         self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
         self.pipeline.warm_up()

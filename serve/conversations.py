@@ -13,8 +13,9 @@
 
 All of it is kept in the state database (:mod:`state.conversations`, shared by every ingress
 replica): every answered chat's request id is recorded there before its last chunk is sent, so
-that feedback sent as soon as the answer is shown finds it, whichever replica it reaches. The routes are added to ``serve.routes``' router (admitted
-by ``ObservedRoute``) like those of ``serve/documents.py``.
+that feedback sent as soon as the answer is shown finds it, whichever replica it reaches. The
+routes are added to ``serve.routes``' router (admitted to their access level: ``user``, the export
+``admin``) like those of ``serve/documents.py``.
 """
 
 from __future__ import annotations
@@ -23,19 +24,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from fastapi import Query, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Query, Request
 from pydantic import ConfigDict, Field
 
-from state.conversations import ANONYMOUS, COMMENT_MAX, TITLE_MAX, ConversationLimitError
 from deployments.errors import StageError
-from serve.api import ChatRequest, _Body
-from serve.errors import ApiError, stage_unavailable
-from serve.events import ChatEvent, Delta, Done
-from serve.metrics import METRICS
+from flow.errors import FlowError, stage_unavailable
+from flow.events import ChatEvent, Delta, Done
+from flow.metrics import METRICS
+from flow.requests import ChatRequest, StrictModel
+from serve.admission import Caller, caller
 from serve.querylog import question_of
-from serve.routetable import RouteTable
-from state.conversations import SqlConversations
+from serve.responses import Conversation, ConversationDeleted, ConversationList, Feedback, FeedbackList
+from serve.routetable import ADMIN, USER, RouteTable, json_body
+from state.conversations import ANONYMOUS, COMMENT_MAX, TITLE_MAX, ConversationLimitError, SqlConversations
 
 log = logging.getLogger("ray.serve")
 
@@ -46,12 +47,12 @@ FEEDBACK = "/v1/feedback"
 TURN_METADATA = ("request_id", "status", "degraded", "cached", "timings_ms", "answer")  # kept with a turn
 
 
-class ConversationIn(_Body):
+class ConversationIn(StrictModel):
     title: str | None = Field(default=None, max_length=TITLE_MAX,
                               description="Shown in the list; empty: the first question becomes the title.")
 
 
-class FeedbackIn(_Body):
+class FeedbackIn(StrictModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"request_id": "3f2a9c...", "score": 1, "comment": "cited the right page"}]})
     request_id: str = Field(min_length=1, max_length=200, description="`rag.metadata.request_id` of the answer.")
@@ -64,24 +65,24 @@ def store(request: Request) -> SqlConversations:
 
 
 async def history(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn`` (a method of :func:`store`) on the state threads; 503 + Retry-After when the database
-    is down, 409 when it refused a new conversation past the key's limit."""
+    """``fn`` (a method of :func:`store`) on the state threads; ``unavailable`` (retry shortly) when
+    the database is down, ``conflict`` when it refused a new conversation past the key's limit."""
     try:
         return await request.app.state.pipeline.state(fn, *args)
     except StageError as e:
         code = ConversationLimitError.code
         if e.kind == "invalid" and e.detail.startswith(code + ":"):
-            raise ApiError(409, e.detail.removeprefix(code + ":").strip(), code=code) from None
+            raise FlowError("conflict", e.detail.removeprefix(code + ":").strip(), code=code) from None
         raise stage_unavailable("the conversation store", e, code="state_unavailable") from None
 
 
-def owner(request: Request) -> str:
-    return getattr(request.state, "key_id", None) or ANONYMOUS  # auth off: the anonymous owner
+def owner(who: Caller) -> str:
+    return who.key_id or ANONYMOUS  # auth off: the anonymous owner
 
 
-def not_found(conversation_id: str, param: str = "conversation_id") -> ApiError:
-    return ApiError(404, f"no conversation {conversation_id!r} for this API key; GET /v1/conversations lists yours",
-                    param=param, code="conversation_not_found")
+def not_found(conversation_id: str, param: str = "conversation_id") -> FlowError:
+    return FlowError("not_found", f"no conversation {conversation_id!r} for this API key; GET /v1/conversations lists yours",
+                     param=param, code="conversation_not_found")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +90,9 @@ def not_found(conversation_id: str, param: str = "conversation_id") -> ApiError:
 
 
 async def check_conversation(request: Request, body: ChatRequest) -> None:
-    """404 before any work when ``rag.conversation_id`` is not the caller's."""
+    """``not_found`` before any work when ``rag.conversation_id`` is not the caller's."""
     cid = body.rag.conversation_id
-    if cid is not None and not await history(request, store(request).exists, owner(request), cid):
+    if cid is not None and not await history(request, store(request).exists, owner(caller(request)), cid):
         raise not_found(cid, "rag.conversation_id")
 
 
@@ -122,7 +123,7 @@ async def _record(request: Request, body: ChatRequest, answer: str, done: Done) 
         turn = {"question": question_of(body) or "", "answer": answer,
                 "rag": {"sources": done.rag.get("sources", []), "metadata": {k: meta[k] for k in TURN_METADATA if k in meta}}}
     try:
-        await request.app.state.pipeline.state(store(request).chat_done, owner(request), rid, cid, turn)
+        await request.app.state.pipeline.state(store(request).chat_done, owner(caller(request)), rid, cid, turn)
     except StageError as e:
         METRICS.errors.labels("state", "history_lost").inc()
         log.error(f"answer {rid} not recorded (feedback on it will be refused; conversation {cid}): {e}")
@@ -132,44 +133,46 @@ async def _record(request: Request, body: ChatRequest, answer: str, done: Done) 
 # the routes
 
 
-@ROUTES.route("GET", CONVERSATIONS)
-async def conversations(request: Request, limit: int = Query(50, ge=1, le=500)) -> dict:
-    return {"object": "list", "data": await history(request, store(request).list, owner(request), limit)}
+@ROUTES.get(CONVERSATIONS, access=USER, response_model=ConversationList)
+async def conversations(request: Request, who: Caller = Depends(caller),
+                        limit: int = Query(50, ge=1, le=500)) -> dict:
+    return {"object": "list", "data": await history(request, store(request).list, owner(who), limit)}
 
 
-@ROUTES.route("POST", CONVERSATIONS, status_code=201)
-async def conversation_create(body: ConversationIn, request: Request) -> JSONResponse:
-    return JSONResponse(await history(request, store(request).create, owner(request), body.title), status_code=201)
+@ROUTES.post(CONVERSATIONS, access=USER, status_code=201, response_model=Conversation)
+async def conversation_create(request: Request, who: Caller = Depends(caller),
+                              body: ConversationIn = json_body(ConversationIn)) -> dict:
+    return await history(request, store(request).create, owner(who), body.title)
 
 
-@ROUTES.route("GET", CONVERSATIONS + "/{conversation_id}")
-async def conversation(conversation_id: str, request: Request) -> dict:
-    conv = await history(request, store(request).get, owner(request), conversation_id)
+@ROUTES.get(CONVERSATIONS + "/{conversation_id}", access=USER, response_model=Conversation)
+async def conversation(conversation_id: str, request: Request, who: Caller = Depends(caller)) -> dict:
+    conv = await history(request, store(request).get, owner(who), conversation_id)
     if conv is None:
         raise not_found(conversation_id)
     return conv
 
 
-@ROUTES.route("DELETE", CONVERSATIONS + "/{conversation_id}")
-async def conversation_delete(conversation_id: str, request: Request) -> dict:
-    if not await history(request, store(request).delete, owner(request), conversation_id):
+@ROUTES.delete(CONVERSATIONS + "/{conversation_id}", access=USER, response_model=ConversationDeleted)
+async def conversation_delete(conversation_id: str, request: Request, who: Caller = Depends(caller)) -> dict:
+    if not await history(request, store(request).delete, owner(who), conversation_id):
         raise not_found(conversation_id)
     return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
 
-@ROUTES.route("POST", FEEDBACK, status_code=201)
-async def feedback(body: FeedbackIn, request: Request) -> JSONResponse:
-    stored = await history(request, store(request).put_feedback, owner(request), body.request_id, body.score,
+@ROUTES.post(FEEDBACK, access=USER, status_code=201, response_model=Feedback)
+async def feedback(request: Request, who: Caller = Depends(caller), body: FeedbackIn = json_body(FeedbackIn)) -> dict:
+    stored = await history(request, store(request).put_feedback, owner(who), body.request_id, body.score,
                            body.comment)
     if stored is None:
-        raise ApiError(404, f"no answer with request id {body.request_id!r} for this API key (rag.metadata.request_id "
-                       "of an answer you were given; kept for governor.conversations.retention_days)",
-                       param="request_id", code="request_not_found")
+        raise FlowError("not_found", f"no answer with request id {body.request_id!r} for this API key "
+                        "(rag.metadata.request_id of an answer you were given; kept for "
+                        "governor.conversations.retention_days)", param="request_id", code="request_not_found")
     METRICS.feedback.labels("up" if body.score == 1 else "down").inc()
-    return JSONResponse(stored, status_code=201)
+    return stored
 
 
-@ROUTES.route("GET", FEEDBACK, admin=True)
+@ROUTES.get(FEEDBACK, access=ADMIN, response_model=FeedbackList)
 async def feedback_export(request: Request, limit: int = Query(1000, ge=1, le=10000),
                           after: float | None = Query(None, description="Only feedback updated after this time "
                                                       "(seconds since the epoch: the last row's `updated`).")) -> dict:

@@ -1,16 +1,17 @@
-"""One mapping from every failure to an HTTP status, OpenAI's error body and ``Retry-After``.
+"""The one mapping from every failure to an HTTP status, OpenAI's error body and headers.
 
-* :class:`ApiError`: a client-visible error; raised anywhere in the ingress.
-* :func:`validation_error`: pydantic's errors as one 400 naming every bad field.
-* :func:`stage_unavailable`: a stage that could not answer (:class:`StageError`) as the 503 or 400
-  the client sees.
+* :data:`STATUS` and :func:`http_of`: a :class:`flow.errors.FlowError` (what the flow and the HTTP
+  layer raise) as its status, error type and headers (``Retry-After`` when the error says how long
+  to wait; ``WWW-Authenticate`` on a 401; the key's ``x-ratelimit-*`` on a 429);
+* :func:`refusal`: an admission verdict that refuses (:mod:`deployments.admission`) as a FlowError;
+* :func:`validation_error`: pydantic's errors as one 400 naming every bad field;
 * :func:`install`: the exception handlers, so nothing returns a bare 500 or ``{"detail": ...}``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,37 +19,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.errors import StageError
+from flow.errors import KINDS, FlowError, redact
 from serve.ids import id_headers, request_id
 
 log = logging.getLogger("ray.serve")
 
-
-# An absolute file path (two or more parts): never shown to a client, only its last part.
-_PATH = re.compile(r"(?<![\w.:/~-])(?:~/|/)(?:[\w.@+~-]+/)+([\w.@+~-]*)")
-_ROUTE_PREFIXES = ("/v1/", "/health", "/metrics", "/docs", "/openapi.json", "/redoc")
-
-
-def redact(text: str) -> str:
-    """``text`` with server paths cut to their last part (``/srv/x/index/manifest.json`` ->
-    ``…/manifest.json``); the service's own routes are left alone."""
-    def cut(m: re.Match[str]) -> str:
-        whole = m.group(0)
-        return whole if whole.startswith(_ROUTE_PREFIXES) else f"…/{m.group(1)}"
-
-    return _PATH.sub(cut, text)
-
-
-def public_detail(err: StageError) -> str:
-    """What a client is told about a stage's failure: the kind's own words, the exception's class
-    for an unexpected error (its text stays in the logs), and no server path."""
-    if err.kind == "error":
-        return f"it raised {err.detail.split(':', 1)[0].strip() or 'an error'}"
-    return redact(err.detail)
+# kind -> (HTTP status, OpenAI's error type)
+STATUS: dict[str, tuple[int, str]] = {
+    "invalid": (400, "invalid_request_error"),
+    "unauthorized": (401, "invalid_request_error"),
+    "forbidden": (403, "permission_error"),
+    "not_found": (404, "invalid_request_error"),
+    "timeout": (408, "invalid_request_error"),
+    "conflict": (409, "invalid_request_error"),
+    "too_large": (413, "invalid_request_error"),
+    "unsupported": (415, "invalid_request_error"),
+    "rate_limited": (429, "rate_limit_error"),
+    "quota": (429, "insufficient_quota"),
+    "overloaded": (503, "service_unavailable"),
+    "unavailable": (503, "service_unavailable"),
+}
+assert set(STATUS) == set(KINDS), "every kind of flow error has its status"
 
 
 class ApiError(Exception):
-    """A client-visible error, rendered in OpenAI's format by the ingress."""
+    """An error as the client gets it: status, OpenAI's error body and headers. Made from a
+    :class:`FlowError` (:func:`http_of`) or, for the HTTP layer's own failures (an unknown route, a
+    wrong method, an unexpected exception), here."""
 
     def __init__(
         self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -62,7 +59,33 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def validation_error(errors: list[dict[str, Any]]) -> ApiError:
+def http_of(err: FlowError) -> ApiError:
+    """``err`` as the client gets it."""
+    status, kind = STATUS[err.kind]
+    headers: dict[str, str] = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    headers.update(err.limits)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return ApiError(status, err.message, type=kind, param=err.param, code=err.code, headers=headers)
+
+
+# an admission verdict's status (deployments.admission) -> the kind of error it is
+_REFUSALS = {400: "invalid", 401: "unauthorized", 403: "forbidden", 429: "rate_limited"}
+
+
+def refusal(verdict: Any) -> FlowError:
+    """A verdict that refuses (401/403/429, or 400 for a request that can never fit its key's
+    quota) as the FlowError the caller gets; a 429 says when to retry and the key's limits."""
+    kind = "quota" if verdict.code == "insufficient_quota" else _REFUSALS[verdict.status]
+    limited = verdict.status == 429
+    return FlowError(kind, verdict.message, code=verdict.code, param="max_tokens" if verdict.status == 400 else None,
+                     retry_after_s=max(1, math.ceil(verdict.retry_after)) if limited else None,
+                     limits=(verdict.headers or {}) if limited else None)
+
+
+def validation_error(errors: list[dict[str, Any]]) -> FlowError:
     """One 400 naming every problem in the body, OpenAI-style (``param`` is the first bad field)."""
     parts, params = [], []
     for e in errors:
@@ -81,33 +104,15 @@ def validation_error(errors: list[dict[str, Any]]) -> ApiError:
         params.append(param or None)
     n = len(parts)
     message = ("; ".join(parts)) if n == 1 else f"{n} problems in the request: " + "; ".join(parts)
-    return ApiError(400, message, param=params[0] if params else None, code="invalid_value")
-
-
-def stage_unavailable(what: str, err: StageError, *, code: str = "stage_unavailable", retry_after: float = 5) -> ApiError:
-    """A stage the request cannot do without failed: 400 when it refused the request's values
-    (``invalid``), else 503 with ``Retry-After``."""
-    if err.kind == "invalid":
-        return ApiError(400, f"{what} refused the request: {public_detail(err)}", code="invalid_value")
-    return ApiError(503, f"{what} is unavailable: {public_detail(err)}", type="service_unavailable", code=code,
-                    headers={"Retry-After": str(max(1, round(retry_after)))})
-
-
-async def state_call(pipeline: Any, what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any:
-    """A call on the service's state (``pipeline.state``) an endpoint cannot answer without: 503 +
-    Retry-After, naming ``what`` was unavailable, once its retries are spent."""
-    try:
-        return await pipeline.state(fn, *args, timeout=timeout)
-    except StageError as e:
-        raise stage_unavailable(what, e, code="state_unavailable") from None
+    return FlowError("invalid", message, param=params[0] if params else None, code="invalid_value")
 
 
 def status_of(e: BaseException) -> int:
     """The status :func:`install`'s handlers give ``e`` (for counting before they run)."""
     if isinstance(e, RequestValidationError):
         return 400
-    if isinstance(e, ApiError):
-        return e.status
+    if isinstance(e, FlowError):
+        return STATUS[e.kind][0]
     return getattr(e, "status_code", 500)
 
 
@@ -118,11 +123,11 @@ def error_response(err: ApiError, request: Request) -> JSONResponse:
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(validation_error(list(exc.errors())), request)
+    return error_response(http_of(validation_error(list(exc.errors()))), request)
 
 
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc, request)
+async def _flow_error(request: Request, exc: FlowError) -> JSONResponse:
+    return error_response(http_of(exc), request)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -158,6 +163,6 @@ def install(app: FastAPI, *, on_unexpected=None) -> None:
         )
 
     app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(FlowError, _flow_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

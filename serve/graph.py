@@ -66,7 +66,7 @@ def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
             out[name] = generator_options(cfg, name=name, llm=llm)
         elif name != "reranker" or cfg.reranker.enabled:
             out[name] = {"name": name, "logging_config": LOGGING, **sections[name].deployment.serve_options()}
-    # The ingress keeps its own limit (serve.routes.Gate) so that a refusal is OpenAI's JSON, not
+    # The ingress keeps its own limit (serve.admission.Gate) so that a refusal is OpenAI's JSON, not
     # Serve's plain text: Serve lets every request within running + queued through to it.
     ing, d = out["ingress"], cfg.http.deployment
     if d.max_queued_requests != -1:
@@ -82,9 +82,7 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     from ray import serve
 
     from deployments.generator import build_generator, llm_config
-    from deployments.reranker import RerankerDeployment
-    from deployments.retriever import RetrieverDeployment
-    from deployments.router import RouterDeployment
+    from deployments.replicas import RerankerDeployment, RetrieverDeployment, RouterDeployment
     from serve.app import RagIngress
 
     llm = llm_config(cfg)
@@ -103,7 +101,7 @@ def build_app(cfg, *, app_name: str = APP_NAME):
 
 def with_metrics_folder(options: dict[str, Any], app_name: str) -> dict[str, Any]:
     """The ingress's options plus ``PROMETHEUS_MULTIPROC_DIR``: a folder new for this build, shared by
-    the ingress replicas on each node, so that ``GET /metrics`` sums them all (serve/metrics.py)."""
+    the ingress replicas on each node, so that ``GET /metrics`` sums them all (flow/metrics.py)."""
     import tempfile
     import time
     import uuid

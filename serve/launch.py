@@ -81,7 +81,7 @@ def runtime_env(cfg) -> dict[str, Any]:
 
 
 # How often each Ray worker reports its application metrics to the node's agent: the staleness of
-# other ingress replicas' series in GET /metrics (serve/metrics.py). Ray's default is 10 s.
+# other ingress replicas' series in GET /metrics (flow/metrics.py). Ray's default is 10 s.
 METRICS_REPORT_MS = 2000
 FAST_PATHS = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from serve.graph import check_exposure
-from serve.metrics import METRICS
-from serve.pipeline import Pipeline
+from flow.metrics import METRICS
+from flow.pipeline import Pipeline
 from serve.routes import make_app
 from serve.stages import InProcessStages
 

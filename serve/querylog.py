@@ -148,7 +148,7 @@ class QueryLog:
     def line(self, *, endpoint: str, method: str, status: int, duration_s: float, request_id: str | None,
              key_id: str | None, fields: dict[str, Any] | None = None, error: str | None = None) -> dict[str, Any]:
         """One request's line. ``fields``: what the route body noted (:func:`note`): ``trace`` (the
-        chat's :class:`serve.events.Trace`), ``rag`` (the answer's ``rag`` block), ``usage``,
+        chat's :class:`flow.events.Trace`), ``rag`` (the answer's ``rag`` block), ``usage``,
         ``search`` (a search's response body), ``strategy``, ``question``."""
         f = fields or {}
         trace = f.get("trace")

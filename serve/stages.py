@@ -1,4 +1,4 @@
-"""The stages as the pipeline calls them (:class:`serve.calls.Stages`): Serve deployment handles in
+"""The stages as the pipeline calls them (:class:`flow.calls.Stages`): Serve deployment handles in
 the graph (:class:`HandleStages`), or the plain classes in this process (:class:`InProcessStages`,
 for ``serve.local``). Both generate through :mod:`deployments.generator`'s one seam."""
 
@@ -13,13 +13,13 @@ from deployments.generator import EngineGenerator, GenDelta, GenRequest, ServeGe
 from deployments.reranker import CrossEncoderReranker
 from deployments.retriever import Filters, HybridRetriever, Passage, timed_search
 from deployments.router import Message, QueryRouter
-from serve.calls import StageReply
+from flow.calls import StageReply
 
 REPLICA = "in-process"
 
 
 class HandleStages:
-    """:class:`serve.calls.Stages` over Serve deployment handles (the graph)."""
+    """:class:`flow.calls.Stages` over Serve deployment handles (the graph)."""
 
     def __init__(self, *, app_name: str, router, retriever, reranker, generator) -> None:
         self.app_name = app_name
@@ -78,7 +78,7 @@ class HandleStages:
 
 
 class InProcessStages:
-    """:class:`serve.calls.Stages` over the plain classes; the generator is vLLM's ``AsyncLLM``
+    """:class:`flow.calls.Stages` over the plain classes; the generator is vLLM's ``AsyncLLM``
     with the engine arguments the graph's ``ray.serve.llm`` deployment uses."""
 
     def __init__(self, cfg) -> None:

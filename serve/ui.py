@@ -1,9 +1,9 @@
-"""The chat page (issue 19): ``GET /`` and its static files (``GET /static/{name}``), from the
+"""The chat page: ``GET /`` and its static files (``GET /static/{name}``), from the
 package's ``serve/static/`` folder: plain HTML, CSS and JavaScript, nothing fetched from elsewhere
 and no build step.
 
-These routes are open (``serve.routes.OPEN_ROUTES``): the page must load before it can ask for a
-key. Everything the page then calls (``/v1/chat/completions``, ``/v1/conversations``,
+These routes are public (their access level, :mod:`serve.routetable`): the page must load before
+it can ask for a key. Everything the page then calls (``/v1/chat/completions``, ``/v1/conversations``,
 ``/v1/feedback``) is admitted like any other request: with auth on it sends the key the user typed,
 kept in the tab's ``sessionStorage``, as ``Authorization: Bearer``; never in a URL.
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 
-from serve.errors import ApiError
-from serve.routetable import RouteTable
+from flow.errors import FlowError
+from serve.routetable import PUBLIC, RouteTable
 
 STATIC = Path(__file__).resolve().parent / "static"
 TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -31,7 +31,6 @@ HEADERS = {
 }
 PAGE = "/"
 ASSETS = "/static/{name}"
-OPEN = (PAGE, ASSETS)
 ROUTES = RouteTable()
 
 
@@ -45,15 +44,15 @@ def files() -> dict[str, bytes]:
 def _file(name: str) -> Response:
     body = files().get(name)
     if body is None:
-        raise ApiError(404, f"no static file {name!r}", param="name", code="not_found")
+        raise FlowError("not_found", f"no static file {name!r}", param="name", code="not_found")
     return Response(body, media_type=TYPES[Path(name).suffix], headers=HEADERS)
 
 
-@ROUTES.route("GET", PAGE, include_in_schema=False)
+@ROUTES.get(PAGE, access=PUBLIC, include_in_schema=False, response_class=HTMLResponse)
 async def page() -> Response:
     return _file("index.html")
 
 
-@ROUTES.route("GET", ASSETS, include_in_schema=False)
+@ROUTES.get(ASSETS, access=PUBLIC, include_in_schema=False, response_class=Response)
 async def asset(name: str) -> Response:
     return _file(name)

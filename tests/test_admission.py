@@ -420,7 +420,7 @@ def test_storage_and_key_cache_config():
 
 
 def test_pipeline_has_an_admission_and_notes_recorded_usage(tmp_path):
-    from serve.pipeline import Pipeline
+    from flow.pipeline import Pipeline
 
     cfg = load_config(LOCAL, environ={})
     cfg = cfg.model_copy(update={"governor": gcfg(tmp_path)})

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.requests import Request
 
-from serve.routes import client_ip
+from serve.admission import client_ip
 from state.db import Database, open_database, sqlite_url
 from state.keys import SqlKeys
 from state.usage import SqlUsage
@@ -108,7 +108,7 @@ def test_metrics_need_a_metrics_or_admin_key_unless_opened(service):
 
 def test_quota_metric_names_no_key():
     """rag_key_quota_used_ratio is the highest share of any key today, without a key_id label."""
-    from serve.metrics import Metrics
+    from flow.metrics import Metrics
 
     m = Metrics()
     m.saw_quota("key-a", {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "100"})

@@ -170,9 +170,19 @@ def test_deployment_bounds_are_checked(app_config):
         AppConfig.model_validate(data)
 
 
-def test_governor_keeps_one_replica():
-    with pytest.raises(ConfigError, match="governor.deployment must keep min_replicas = max_replicas = 1"):
+def test_there_is_no_governor_deployment_to_configure():
+    with pytest.raises(ConfigError, match="governor.deployment"):
         load_config(LOCAL, environ={"RAGRAPH__GOVERNOR__DEPLOYMENT__MAX_REPLICAS": "2"})
+
+
+def test_per_process_rate_limits_are_refused_with_auth_on_and_several_ingress_replicas():
+    on = {"RAGRAPH__GOVERNOR__AUTH__ENABLED": "true", "RAGRAPH__HTTP__DEPLOYMENT__MAX_REPLICAS": "2"}
+    with pytest.raises(ConfigError, match=r"memory:// with auth on and up to 2 ingress replicas .*redis://"):
+        load_config(LOCAL, environ=on)
+    shared = load_config(LOCAL, environ={**on, "RAGRAPH__GOVERNOR__RATE_LIMITS__STORAGE": "redis://127.0.0.1:6379"})
+    assert shared.governor.rate_limits.storage == "redis://127.0.0.1:6379"
+    one = load_config(LOCAL, environ={**on, "RAGRAPH__HTTP__DEPLOYMENT__MAX_REPLICAS": "1"})
+    assert one.governor.rate_limits.storage == "memory://"
 
 
 def test_local_default_has_auth_off_and_the_seed_rate_limits():
@@ -223,16 +233,15 @@ def test_gpu_config_builds_the_whole_graph_without_starting_ray():
 
     cfg = load_config(GPU)
     built = _deployments(build_app(cfg))
-    assert set(built) == {"ingress", "router", "retriever", "reranker", "generator", "governor"}
+    assert set(built) == {"ingress", "router", "retriever", "reranker", "generator"}  # no state in a deployment
     for name, section in {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever,
-                          "reranker": cfg.reranker, "governor": cfg.governor}.items():
+                          "reranker": cfg.reranker}.items():
         d, want = built[name], section.deployment
         auto = d._deployment_config.autoscaling_config
         assert (auto.min_replicas, auto.max_replicas) == (want.min_replicas, want.max_replicas), name
         assert d.ray_actor_options.get("num_gpus", 0) == want.num_gpus, name
         assert d.ray_actor_options.get("resources", {}) == want.resources, name
     assert built["reranker"].ray_actor_options["num_gpus"] == 0.25 == built["retriever"].ray_actor_options["num_gpus"]
-    assert built["governor"].ray_actor_options["resources"] == {"ragraph_head": 0.01}
     gen = built["generator"]
     from ray.serve.llm import LLMServer
 

@@ -10,7 +10,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.metrics import METRICS
+from flow.metrics import METRICS
 from state.conversations import SqlConversations
 from state.db import open_database
 from state.keys import SqlKeys
@@ -383,7 +383,7 @@ def test_every_ingress_replica_starts_the_purge_timer(local_cfg, tmp_path, monke
     data = local_cfg.model_dump()
     data["governor"]["db"] = str(tmp_path / "gov.sqlite3")
     data["governor"]["conversations"]["purge_interval_s"] = 3600
-    monkeypatch.setattr("serve.pipeline.Pipeline.ingest", lambda self: None)
+    monkeypatch.setattr("flow.pipeline.Pipeline.ingest", lambda self: None)
     replica = RagIngress.__wrapped__(type(local_cfg).model_validate(data), None, None, None, None)
     store = replica.pipeline.governor.conversations
     try:

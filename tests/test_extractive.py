@@ -1,4 +1,4 @@
-"""serve/extractive.py: extractive answers, quoting, abstention signals and the loop stop, on real
+"""flow/extractive.py: extractive answers, quoting, abstention signals and the loop stop, on real
 passages from docs/ (no model)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.retriever import Passage
-from serve.extractive import LoopGuard, abstain_reason, coverage, extract, quote, sentences
+from flow.extractive import LoopGuard, abstain_reason, coverage, extract, quote, sentences
 
 TORCH = Passage(
     id="troubleshooting.md#0", document_id="troubleshooting.md", title="Troubleshooting",

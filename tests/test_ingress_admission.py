@@ -291,7 +291,7 @@ CHAT = {"model": "ragraph", "messages": [{"role": "user", "content": "When does 
 
 
 def hold_of(cfg, body: dict) -> int:
-    from serve.routes import quota_hold
+    from serve.admission import quota_hold
 
     class Raw:
         _body = json.dumps(body).encode()

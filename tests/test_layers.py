@@ -3,7 +3,7 @@
 Every ``import``/``from ... import`` of a project module counts, including those inside functions
 (a lazy import is still a dependency). Layers, top to bottom (docs/architecture.md):
 
-    cli  >  load_tests  >  serve  >  deployments  >  state  >  indexing  >  common
+    cli  >  load_tests  >  serve  >  flow  >  deployments  >  state  >  indexing  >  common
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-LAYERS = ("common", "indexing", "state", "deployments", "serve", "load_tests", "cli")  # bottom first
+LAYERS = ("common", "indexing", "state", "deployments", "flow", "serve", "load_tests", "cli")  # bottom first
 RANK = {name: i for i, name in enumerate(LAYERS)}
 
 
@@ -60,7 +60,8 @@ def graph() -> dict[str, set[str]]:
 def test_the_scan_sees_imports():
     g = graph()
     # a known edge in each direction the rules allow, so a broken scan cannot pass silently
-    assert "serve.pipeline" in g["serve.app"]
+    assert "flow.pipeline" in g["serve.app"]
+    assert "flow.errors" in g["serve.errors"]
     assert "common.config" in g["cli.main"]
     assert len(g) > 40
 
@@ -117,11 +118,15 @@ def test_cycle_finder_finds_a_cycle():
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("needle", ["ray.llm._internal", "unittest"])
-def test_internal_imports_sit_in_one_adapter(needle):
-    """Ray-internal APIs and mock patching only in deployments/llm_adapter.py (version-checked)."""
+def test_ray_internals_sit_in_one_adapter():
+    """Ray-internal APIs only in deployments/llm_adapter.py (version-checked)."""
     users = sorted(
         module_name(p) for pkg in LAYERS for p in (REPO / pkg).rglob("*.py")
-        if needle in p.read_text() and p.name != "llm_adapter.py"
+        if "ray.llm._internal" in p.read_text() and p.name != "llm_adapter.py"
     )
-    assert not users, f"{needle} used outside deployments/llm_adapter.py: {users}"
+    assert not users, f"ray.llm._internal used outside deployments/llm_adapter.py: {users}"
+
+
+def test_no_production_code_patches_with_mock():
+    users = sorted(module_name(p) for pkg in LAYERS for p in (REPO / pkg).rglob("*.py") if "unittest" in p.read_text())
+    assert not users, f"unittest (mock patching) in production code: {users}"

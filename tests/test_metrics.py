@@ -36,7 +36,7 @@ def test_a_gauge_set_before_the_ray_export_reaches_ray(monkeypatch):
     agent: the agent must still get it (the dashboard's ray_rag_ breaker panel was empty)."""
     from ray.util import metrics as rm
 
-    from serve.metrics import Metrics
+    from flow.metrics import Metrics
 
     sets = []
 

@@ -244,12 +244,12 @@ def external_series() -> dict[str, str]:
 
 
 def test_the_app_exports_every_family_it_defines(scraped):
-    from serve.metrics import METRICS
+    from flow.metrics import METRICS
 
     exported = exported_by_the_app(scraped)
     for name, fam in METRICS.families.items():
         want = {"counter": name, "gauge": name, "histogram": f"{name}_bucket"}[fam.kind]
-        assert want in exported, f"{want} (serve/metrics.py) missing from GET /metrics"
+        assert want in exported, f"{want} (flow/metrics.py) missing from GET /metrics"
     # the search counted, the published index read at the scrape
     assert re.search(r'rag_http_requests_total\{[^}]*endpoint="/v1/search"[^}]*status="200"', scraped)
     assert re.search(r'rag_index_published_info\{version="[^"]+"\} 1\.0', scraped)

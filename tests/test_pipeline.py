@@ -9,13 +9,14 @@ import pytest
 
 from deployments.retriever import HybridRetriever
 from deployments.router import QueryRouter
-from serve.api import ChatRequest, SearchRequest
-from serve.errors import ApiError
+from flow.requests import ChatRequest, SearchRequest
+from flow.errors import FlowError
+from serve.errors import http_of
 from deployments.errors import StageError
 from deployments.generator import GenDelta as GenChunk
 from serve.openai import sse_stream
-from serve.calls import StageReply
-from serve.pipeline import Pipeline
+from flow.calls import StageReply
+from flow.pipeline import Pipeline
 
 
 class Engine:
@@ -140,17 +141,17 @@ def test_generator_down_gives_sources_only(local_cfg, retriever):
 def test_generator_down_without_sources_is_503(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, Engine("down"))
 
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         run(ask(p, chat(rag={"enabled": False})))
-    assert e.value.status == 503 and e.value.code == "generator_unavailable"
+    assert http_of(e.value).status == 503 and e.value.code == "generator_unavailable"
 
 
 def test_generator_overloaded_is_503_with_retry_after(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, Engine("overloaded"))
 
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         run(ask(p, chat()))
-    assert e.value.status == 503 and e.value.headers["Retry-After"] and e.value.code == "overloaded"
+    assert http_of(e.value).status == 503 and http_of(e.value).headers["Retry-After"] and e.value.code == "overloaded"
 
 
 def test_retriever_down_degrades_to_no_context(local_cfg, retriever):
@@ -169,9 +170,9 @@ def test_retriever_down_degrades_to_no_context(local_cfg, retriever):
 
 def test_search_is_503_when_the_retriever_is_down(local_cfg, retriever):
     p = pipeline(local_cfg, retriever, retriever_down=True)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         run(p.search(SearchRequest(query="parking"), "rid"))
-    assert e.value.status == 503
+    assert http_of(e.value).status == 503
 
 
 def test_search_results_and_scores(local_cfg, retriever):
@@ -201,9 +202,9 @@ def test_small_talk_skips_retrieval(local_cfg, retriever):
 def test_request_limits(local_cfg, retriever, change, status, param):
     p = pipeline(local_cfg, retriever)
     body = {"model": "ragraph", "messages": [{"role": "user", "content": "hi there, parking?"}], **change}
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         run(p.prepare(ChatRequest(**body), "rid"))
-    assert e.value.status == status and e.value.param == param and e.value.message
+    assert http_of(e.value).status == status and e.value.param == param and e.value.message
 
 
 def _with_generator(cfg, **update):

@@ -1,6 +1,6 @@
 import pytest
 
-from serve.prompt import (
+from flow.prompt import (
     BLOCK_MARKER,
     REFERENCE_NOTE,
     CitationFilter,
@@ -198,7 +198,7 @@ def test_unclosed_bracket_is_released_at_the_end():
 
 
 def test_attribution_picks_the_source_the_answer_uses():
-    from serve.prompt import attribute
+    from flow.prompt import attribute
 
     sources = [passage(1, "Parking is free for visitors at the winery."),
                passage(2, "Raise max_replicas of the generator deployment to add GPU replicas on the cluster."),

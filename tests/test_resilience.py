@@ -11,12 +11,13 @@ import pytest
 
 from deployments.governor import Governor
 from deployments.retriever import HybridRetriever
-from serve.api import ChatRequest, SearchRequest
-from serve.errors import ApiError
-from serve.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from flow.requests import ChatRequest, SearchRequest
+from flow.errors import FlowError
+from serve.errors import http_of
+from flow.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from deployments.errors import StageError
-from serve.calls import StageReply
-from serve.pipeline import Pipeline
+from flow.calls import StageReply
+from flow.pipeline import Pipeline
 from test_pipeline import Engine, Stages, ask, chat
 
 
@@ -85,9 +86,9 @@ def test_backpressure_and_timeouts_are_not_retried(local_cfg, retriever, tmp_pat
 
 def test_search_retries_then_503_when_every_try_fails(local_cfg, retriever, tmp_path):
     p, stages, _ = make(config(local_cfg, tmp_path), retriever, fail=99)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         asyncio.run(p.search(SearchRequest(query="tasting room hours"), "rid"))
-    assert e.value.status == 503 and e.value.headers["Retry-After"] == "5"
+    assert http_of(e.value).status == 503 and http_of(e.value).headers["Retry-After"] == "5"
     assert stages.calls == local_cfg.http.retries.attempts
 
 
@@ -197,11 +198,11 @@ def test_open_breaker_without_sources_is_503_with_the_wait(local_cfg, retriever,
     req = chat(rag={"enabled": False})
 
     async def go():
-        with pytest.raises(ApiError):
+        with pytest.raises(FlowError):
             await ask(p, req)
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(FlowError) as e:
             await ask(p, req)
-        return e.value
+        return http_of(e.value)
 
     err = asyncio.run(go())
     assert err.status == 503 and "circuit open" in err.message and 25 <= int(err.headers["Retry-After"]) <= 30
@@ -211,9 +212,9 @@ def test_an_overloaded_generator_does_not_trip_the_breaker(local_cfg, retriever,
     cfg = config(local_cfg, tmp_path, http={"breaker": {"failure_threshold": 1}})
     p, _, _ = make(cfg, retriever, Engine("overloaded"), stage="none")
     for _ in range(3):
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(FlowError) as e:
             asyncio.run(ask(p, chat(), bypass_cache=True))
-        assert e.value.status == 503 and e.value.code == "overloaded"
+        assert http_of(e.value).status == 503 and e.value.code == "overloaded"
     assert p.breaker.state == CLOSED
 
 
@@ -325,9 +326,9 @@ def test_input_limits_name_the_field_and_the_limit(local_cfg, retriever, tmp_pat
     async def go():
         return await (p.search(r, "rid") if isinstance(r, SearchRequest) else p.prepare(r, "rid"))
 
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         asyncio.run(go())
-    assert e.value.status == 400 and e.value.param == param and needle in e.value.message
+    assert http_of(e.value).status == 400 and e.value.param == param and needle in e.value.message
     assert stages.calls == 0  # refused before any stage ran
 
 
@@ -354,7 +355,7 @@ def test_a_state_call_may_be_given_longer_than_http_timeouts_governor(local_cfg)
     submit passes http.timeouts.ingest_submit instead of the 3 s meant for admission and cache calls."""
     import time as _time
 
-    from serve.calls import StageCalls
+    from flow.calls import StageCalls
 
     def slow(what):
         _time.sleep(0.3)

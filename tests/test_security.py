@@ -16,11 +16,12 @@ from state.keys import SqlKeys
 from deployments.errors import StageError
 from deployments.governor import Governor
 from deployments.retriever import HybridRetriever
-from serve.api import ChatRequest
-from serve.errors import ApiError, redact, stage_unavailable
+from flow.requests import ChatRequest
+from flow.errors import FlowError, redact, stage_unavailable
+from serve.errors import http_of
 from serve.launch import LaunchError, check_exposure
-from serve.pipeline import Pipeline
-from serve.routes import read_body
+from flow.pipeline import Pipeline
+from serve.admission import read_body
 from test_pipeline import Stages
 from deployments.generator import GenDelta
 
@@ -98,13 +99,13 @@ def test_an_engine_refusal_is_400_and_never_opens_the_breaker(local_cfg, built_i
     async def go():
         for _ in range(threshold + 3):
             req = ChatRequest(**chat_body(seed=7))
-            with pytest.raises(ApiError) as e:
+            with pytest.raises(FlowError) as e:
                 await p.chat_completion(req, await p.prepare(req, "rid", bypass_cache=True))
-            assert e.value.status == 400 and "seed is out of range" in e.value.message
+            assert http_of(e.value).status == 400 and "seed is out of range" in e.value.message
 
     asyncio.run(go())
     assert engine.calls == threshold + 3  # every request reached the engine: the breaker never opened
-    from serve.breaker import CLOSED
+    from flow.breaker import CLOSED
     assert p.breaker.state == CLOSED
 
 
@@ -156,9 +157,9 @@ def test_a_chunked_body_stops_being_read_at_the_limit():
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
     request = Request(scope, receive)
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(FlowError) as e:
         asyncio.run(read_body(request, 5_000))
-    assert e.value.status == 413 and "5000" in e.value.message
+    assert http_of(e.value).status == 413 and "5000" in e.value.message
     assert sent["chunks"] <= 6  # stopped at the limit, not after 10 MB
 
 
@@ -319,7 +320,7 @@ def test_the_response_cache_is_per_key(local_cfg, built_index, tmp_path):
 
 def test_the_ingress_gate_refuses_in_openai_json_beyond_its_queue():
     from serve.graph import deployment_options
-    from serve.routes import Gate
+    from serve.admission import Gate
     from common.config import load_config
 
     async def go():
@@ -335,14 +336,14 @@ def test_the_ingress_gate_refuses_in_openai_json_beyond_its_queue():
         waiting = asyncio.create_task(hold())
         await asyncio.sleep(0)
         assert gate.waiting == 1
-        with pytest.raises(ApiError) as e:
+        with pytest.raises(FlowError) as e:
             async with gate.slot():
                 pass
         release.set()
         await asyncio.gather(running, waiting)
         async with gate.slot():  # free again
             pass
-        return e.value
+        return http_of(e.value)
 
     err = asyncio.run(go())
     assert err.status == 503 and err.code == "overloaded" and err.headers["Retry-After"]

@@ -18,7 +18,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from serve.api import ChatRequest
+from flow.requests import ChatRequest
 from test_security import Echo, chat_body, make_cfg, pipeline_with
 
 
@@ -69,7 +69,7 @@ def test_models_and_sources_carry_no_server_path(app, built_index, local_cfg, tm
 
 
 def test_an_index_built_with_absolute_sources_shows_only_the_file_name():
-    from serve.pipeline import public_source
+    from flow.events import public_source
 
     assert public_source("/srv/rag/corpus/guide/tasting.md") == "tasting.md"
     assert public_source("C:\\corpus\\guide\\tasting.md") == "tasting.md"

@@ -95,7 +95,7 @@ def test_usage_written_while_postgres_is_down_is_charged_once_when_it_is_back(lo
     until the server is back, then charged exactly once: no record lost, none doubled."""
     import asyncio
 
-    from serve.calls import StageCalls
+    from flow.calls import StageCalls
     from state.db import Database
     from state.keys import SqlKeys
     from state.usage import SqlUsage

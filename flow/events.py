@@ -1,17 +1,18 @@
-"""The chat flow's types: the trace of one request, what ``prepare`` produced, and the typed
-events the flow yields (:class:`Delta` text, then one :class:`Done`) that ``serve.openai`` turns
-into a response body or SSE."""
+"""The flow's types: the trace of one request, what ``prepare`` produced, the typed events the
+chat flow yields (:class:`Delta` text, then one :class:`Done`) that :mod:`flow.openai` shapes as
+OpenAI's objects, and what a response says of its trace (:func:`metadata`, :func:`public_source`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import PureWindowsPath
 from typing import Any
 
 from deployments.retriever import Passage
 from deployments.router import Route
-from serve.errors import redact
-from serve.prompt import Prompt
+from flow.errors import redact
+from flow.prompt import Prompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +80,41 @@ class Prepared:
 def excerpt(text: str, n: int = 240) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1].rsplit(" ", 1)[0] + "…"
+
+
+def public_source(source: str) -> str:
+    """A passage's ``source`` as clients see it. Indexes hold it relative to the indexed folder
+    (indexing/documents.py); one built before that holds the file's absolute path on the server,
+    of which only the file's name is shown."""
+    path = PureWindowsPath(source)  # reads both separators, and a drive
+    if source.startswith(("/", "\\", "~")) or path.drive:
+        return path.name
+    return source
+
+
+def metadata(trace: Trace, *, model: str, status: str, usage: dict | None = None, prep: Prepared | None = None,
+             cached: bool = False) -> dict[str, Any]:
+    """``metadata`` of a search or ``rag.metadata`` of an answer: what the request's trace shows."""
+    meta: dict[str, Any] = {
+        "request_id": trace.request_id,
+        "model": model,
+        "index_version": trace.version,
+        "cached": cached,
+        "status": status,
+        "degraded": list(trace.degraded),
+        "degraded_reasons": dict(trace.reasons),
+        "timings_ms": dict(trace.timings_ms),
+        "replicas": dict(trace.replicas),
+        "retries": dict(trace.retries),
+    }
+    if trace.route is not None:
+        r = trace.route
+        meta["route"] = {"kind": r.kind, "query": r.query, "strategy": r.strategy,
+                         "domains": list(r.domains) if r.domains else None, "reasons": list(r.reasons)}
+    if prep is not None:
+        meta["rag"] = prep.rag
+        meta["context_tokens"] = prep.prompt.context_tokens
+        meta["dropped_turns"] = prep.prompt.dropped_turns
+    if usage is not None:
+        meta["tokens"] = dict(usage)
+    return meta

@@ -1,4 +1,4 @@
-"""Stage calls, timed, counted and retried: the one place the ingress talks to a stage.
+"""Stage calls, timed, counted and retried: the one place the flow talks to a stage.
 
 Every stage call has a timeout; the idempotent ones (router, retriever, reranker) are retried with
 exponential backoff and jitter when a replica is lost or errs (``http.retries``); with
@@ -8,7 +8,9 @@ generator sits behind a circuit breaker (``http.breaker``), kept here for the pi
 Calls on the service's state (:meth:`StageCalls.state`: the keys, usage, cache, conversations and
 jobs of :class:`deployments.governor.Governor`, blocking database calls) run on a thread pool of
 their own, off the event loop, each try within ``http.timeouts.governor``, retried like a lost
-replica when the database does not answer (:class:`state.db.StateUnavailable`).
+replica when the database does not answer (:class:`state.db.StateUnavailable`); :func:`state_call`
+is such a call that a request cannot do without (a :class:`flow.errors.FlowError` once its tries are
+spent).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from deployments.generator import GenDelta, GenRequest
 from deployments.governor import Governor
 from deployments.retriever import Filters, Passage
 from deployments.router import Message
-from serve.breaker import CircuitBreaker
-from serve.events import Trace
-from serve.metrics import Metrics
+from flow.breaker import CircuitBreaker
+from flow.errors import stage_unavailable
+from flow.events import Trace
+from flow.metrics import Metrics
 from state.conversations import ConversationLimitError
 from state.db import StateUnavailable
 
@@ -52,7 +55,7 @@ class StageReply:
 
 
 class Stages(Protocol):
-    """The stages as the pipeline sees them: Serve handles (:class:`serve.stages.HandleStages`) or
+    """The stages as the flow sees them: Serve handles (:class:`serve.stages.HandleStages`) or
     the plain classes in this process (:class:`serve.stages.InProcessStages`)."""
 
     rerank_enabled: bool
@@ -193,3 +196,13 @@ class StageCalls:
         """Wait for background usage writes (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+async def state_call(calls: Any, what: str, fn: Any, *args: Any, timeout: float | None = None) -> Any:
+    """A call on the service's state (``calls.state``: :meth:`StageCalls.state`) that a request cannot
+    do without: :func:`flow.errors.stage_unavailable` (``unavailable``, retry after a few seconds),
+    naming ``what`` was unavailable, once its retries are spent."""
+    try:
+        return await calls.state(fn, *args, timeout=timeout)
+    except StageError as e:
+        raise stage_unavailable(what, e, code="state_unavailable") from None

@@ -1,13 +1,15 @@
-"""HTTP request and response models, and errors in OpenAI's format.
+"""The flow's requests: a chat (:class:`ChatRequest`, OpenAI's chat completion request) and a
+search (:class:`SearchRequest`), as pydantic models that refuse what cannot be served, and
+:func:`check_limits`, the configured size limits (``http.limits``).
 
-The chat endpoint accepts what OpenAI's ``/v1/chat/completions`` accepts (the parameters the
+A chat accepts what OpenAI's ``/v1/chat/completions`` accepts (the parameters the
 ``openai`` client and LangChain send), vLLM's sampling extensions (``top_k``, ``min_p``,
 ``repetition_penalty``, ``ignore_eos``, ...: what ``vllm bench serve`` sends), and one extension
 body field, ``rag``. What the engine honours is passed on; what changes nothing here (``store``,
 ``metadata``, ``service_tier``, ``reasoning_effort``, ``parallel_tool_calls``, ``tools`` that the
 model may leave uncalled) is accepted and ignored; what would change the answer and cannot be
-honoured (a tool call the client requires) is refused with a 400 that names the field. Unknown
-parameters are refused with a 400 that names them, as OpenAI does. Every number is bounded to what
+honoured (a tool call the client requires) is refused, naming the field. Unknown parameters are
+refused, naming them, as OpenAI does. Every number is bounded to what
 the engine accepts, so that no value reaches vLLM only to be refused there. A ``response_format``
 JSON schema is bounded in size, nesting, numbers, length bounds and patterns
 (:func:`check_schema_bounds`) before the generator compiles it (``deployments/schemas.py``).
@@ -22,9 +24,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.retriever import STRATEGIES
+from flow.errors import FlowError
 
 
-class _Body(BaseModel):
+class StrictModel(BaseModel):
+    """A request body: an unknown field is refused."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -49,7 +54,7 @@ MAX_PATTERN_CHARS = 256
 MAX_PATTERN_REPEAT = 64  # n and m of a {n,m} in a pattern
 
 
-class ChatMessage(_Body):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant", "developer", "tool"] = Field(
         description="'system' (or 'developer'), 'user', 'assistant', or 'tool' (a tool's result, given to the model "
         "as context)."
@@ -92,13 +97,13 @@ class ChatMessage(_Body):
         return self.content
 
 
-class RagFilters(_Body):
+class RagFilters(StrictModel):
     domains: list[str] | None = Field(default=None, description="Only passages from these domains.")
     updated_after: str | None = Field(default=None, description="ISO 8601 date; inclusive.")
     updated_before: str | None = Field(default=None, description="ISO 8601 date; inclusive.")
 
 
-class RagOptions(_Body):
+class RagOptions(StrictModel):
     enabled: bool = Field(default=True, description="false: plain chat, no retrieval.")
     top_k: int | None = Field(default=None, ge=1, description="Passages given to the model.")
     filters: RagFilters | None = None
@@ -116,12 +121,12 @@ class RagOptions(_Body):
     )
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's extension; accepted, usage comes once at the end
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"] = Field(
         description="'text' (default), 'json_object' (the answer is one JSON object) or 'json_schema' (it matches "
         "`json_schema.schema`); the engine's structured decoding enforces it."
@@ -214,7 +219,7 @@ def check_schema_bounds(schema: dict[str, Any]) -> None:
                 todo.extend(sub[k].values())
 
 
-class ChatRequest(_Body):
+class ChatRequest(StrictModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"model": "ragraph", "max_tokens": 16, "messages": [{"role": "user", "content": "How do I add GPU replicas?"}]},
         {"model": "ragraph", "max_tokens": 8, "stream": True, "rag": {"top_k": 3, "strategy": "lexical"},
@@ -333,7 +338,7 @@ class ChatRequest(_Body):
         return self.max_completion_tokens or self.max_tokens
 
 
-class SearchRequest(_Body):
+class SearchRequest(StrictModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"query": "index versions", "top_k": 3}]})
 
     query: str = Field(min_length=1)
@@ -348,3 +353,22 @@ class SearchRequest(_Body):
         if not v.strip():
             raise ValueError("query is blank")
         return v
+
+
+def check_limits(req: ChatRequest | SearchRequest, limits: Any) -> None:
+    """The configured size limits (``http.limits``): ``invalid`` (``limit_exceeded``), naming the
+    field and the limit."""
+
+    def refuse(param: str, what: str, limit: int, got: int, key: str) -> None:
+        raise FlowError("invalid", f"{param}: {what} at most {limit} (http.limits.{key}), got {got}",
+                        param=param, code="limit_exceeded")
+
+    if isinstance(req, SearchRequest):
+        if len(req.query) > limits.max_query_chars:
+            refuse("query", "characters:", limits.max_query_chars, len(req.query), "max_query_chars")
+        return
+    if len(req.messages) > limits.max_messages:
+        refuse("messages", "messages:", limits.max_messages, len(req.messages), "max_messages")
+    for i, m in enumerate(req.messages):
+        if len(m.text) > limits.max_message_chars:
+            refuse(f"messages[{i}].content", "characters:", limits.max_message_chars, len(m.text), "max_message_chars")
