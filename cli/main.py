@@ -71,6 +71,41 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    from state.backup import backup
+    from state.db import StateError
+
+    cfg = load_config(args.config)
+    print(f"ragraph backup: {args.dir}", file=sys.stderr)
+    try:
+        r = backup(cfg, args.dir, log=lambda m: print(f"  {m}", file=sys.stderr))
+    except StateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    index = r["index"]["version"] if r["index"] else "none"
+    print(f"backed up schema {r['state']['revision'] or '(none)'} ({r['state']['kind']}) and index {index}: "
+          f"{len(r['files'])} files, {r['bytes']} bytes in {r['seconds']:.2f} s -> {r['dir']}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from state.backup import restore
+    from state.db import StateError
+
+    cfg = load_config(args.config)
+    print(f"ragraph restore: {args.dir}{' (--force)' if args.force else ''}", file=sys.stderr)
+    try:
+        r = restore(cfg, args.dir, force=args.force, log=lambda m: print(f"  {m}", file=sys.stderr))
+    except StateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    s = r["state"]
+    index = r["index"]["version"] if r["index"] else "none (the backup holds no index)"
+    print(f"restored {s['target']} (schema {s['upgraded_to'] or s['revision'] or '(none)'}) and index {index}: "
+          f"{r['files']} files, {r['bytes']} bytes in {r['seconds']:.2f} s")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.show:
@@ -461,6 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     dsub.add_parser("upgrade", help="create or upgrade the schema to the code's head (safe to run again)")
     dsub.add_parser("revision", help="the schema's revision and the code's head")
     d.set_defaults(func=_db)
+
+    bk = sub.add_parser("backup", help="back up the state database and the live index version into a new folder")
+    bk.add_argument("dir", type=Path, metavar="DIR", help="where to write it (must not exist, or be empty)")
+    bk.set_defaults(func=_backup)
+
+    rs = sub.add_parser("restore", help="restore a backup into the config's state database and index folder "
+                        "(stop the service first)")
+    rs.add_argument("dir", type=Path, metavar="DIR", help="a folder `ragraph backup` wrote")
+    rs.add_argument("--force", action="store_true",
+                    help="replace a target that holds API keys, usage or a live index version")
+    rs.set_defaults(func=_restore)
 
     kube = sub.add_parser("kuberay", help="write the KubeRay RayService manifest for the config (--check: compare)")
     kube.add_argument("--out", type=Path, default=None, metavar="FILE", help="write here (default: print it)")
