@@ -4,12 +4,28 @@ One manifest holds the whole service: ``spec.serveConfigV2`` is the Serve config
 ``ragraph serve --export`` writes (the app builder plus the whole config tree as its args), and
 ``spec.rayClusterConfig`` is a Ray cluster of three node groups (the node types of cluster.yaml):
 
-* ``head``: Ray ``CPU: 4`` and the custom resource ``ragraph_head: 1``; the governor is pinned
-  there and keeps its SQLite file on a ReadWriteOnce volume (``ragraph-state``), mounted at the
-  folder of ``governor.db`` so it survives a restarted head pod;
+* ``head``: Ray ``CPU: 4`` and no custom resource (no stage is pinned there): the GCS, the Serve
+  controller, a proxy, the dashboard, job supervisors;
 * ``cpu`` workers: ``cpu_pool: 1000``, for the stages that ask for ``cpu_pool`` (ingress, router)
   and the driver of index jobs;
 * ``gpu`` workers: one NVIDIA L4 each, for the stages that ask for GPUs.
+
+No pod keeps state of its own. Every ingress replica opens the state database ``state.url`` itself
+(keys, usage, conversations, ingest jobs): it must be a PostgreSQL that all of them share, so a
+config whose ``state.url`` is unset (the SQLite file ``governor.db``) or SQLite is refused; so is
+``memory://`` for ``governor.rate_limits.storage`` or ``governor.cache.storage`` with more than one
+ingress replica (each would count and cache for itself: they must share a Redis). The database's
+password never enters the manifest (a ``state.url`` that carries one is refused): every Ray
+container gets ``RAGRAPH__STATE__URL``, the whole URL, from the Secret ``<name>-state`` (key
+``url``, :func:`state_secret`), which the operator of the service creates.
+
+The GCS is fault tolerant (``rayClusterConfig.gcsFaultToleranceOptions``, KubeRay >= 1.3): it keeps
+the cluster's tables in Redis, so a head pod that restarts finds the cluster, its actors and the Serve
+application again instead of restarting every worker. Its ``redisAddress`` is derived from the config
+(:func:`gcs_redis_address`): the host:port of ``governor.rate_limits.storage`` (``rediss://host:port``
+for TLS), else of ``governor.cache.storage``; the password comes from the Secret ``<name>-redis``
+(key ``password``, :func:`redis_secret`). KubeRay keeps the tables under the RayCluster's UID in Redis
+and deletes them when the RayCluster is deleted (its Redis clean-up Job).
 
 Every pod mounts the ReadWriteMany volume ``ragraph-shared`` at ``/mnt/shared`` (indexes, models,
 corpus) and runs one image: Ray's GPU image with this repository installed as ``.[gpu]``
@@ -24,9 +40,9 @@ the Serve port from anywhere, everything from the Ray pods of the same RayServic
 namespaces labelled ``ragraph.io/ray-operator=true`` (the KubeRay operator's) and from the re-index
 CronJob's pods (their own label, :func:`reindex_labels`), and the metrics port from namespaces
 labelled ``ragraph.io/metrics-scraper=true``; out of them only the same Ray pods, the cluster DNS and
-what the config needs (:func:`config_egress`), and from the head HTTPS beyond the cluster
-(:func:`head_egress_policy`: the API server, the model hub). The CronJob's pods have a policy of their
-own (:func:`reindex_network_policy`).
+what the config needs (:func:`config_egress`: the ports of the state database and of Redis), and
+from the head HTTPS beyond the cluster (:func:`head_egress_policy`: the API server, the model hub).
+The CronJob's pods have a policy of their own (:func:`reindex_network_policy`).
 
 Every pod runs restricted (:func:`pod_security`, :func:`container_security`: uid 1000, no privilege
 escalation, no capability, RuntimeDefault seccomp; read-only root filesystems for the job
@@ -48,6 +64,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
@@ -55,13 +72,12 @@ from common.config import REPO_ROOT, AppConfig
 
 SHARED_CLAIM = "ragraph-shared"
 SHARED_MOUNT = PurePosixPath("/mnt/shared")
-STATE_CLAIM = "ragraph-state"
 POD_HOME = PurePosixPath("/home/ray")  # the Ray images' user `ray` (uid 1000, gid 100)
 PYTHON_TAG = "py311"  # requires-python in pyproject.toml
 ACCELERATOR = "L4"  # what the gpu group's nodes carry (Ray's accelerator type name)
 GPU_RESOURCE = "nvidia.com/gpu"
 ACCEL_PREFIX = "accelerator_type:"
-KUBERAY_MIN = "1.6"  # spec.upgradeStrategy (1.2); authOptions (1.5.1) with secretName (1.6)
+KUBERAY_MIN = "1.6"  # upgradeStrategy (1.2); gcsFaultToleranceOptions (1.3); authOptions (1.5.1) with secretName (1.6)
 # Ray's ports on the head (KubeRay's defaults) and the metrics agent's.
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, METRICS_PORT = 6379, 8265, 10001, 8080
 # The namespace labels that let the KubeRay operator (the dashboard: it deploys serveConfigV2 and polls
@@ -115,7 +131,7 @@ class NodeGroup:
         return {"CPU": self.ray_cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.resources, **(extra or {})}
 
 
-HEAD = NodeGroup("head", "8 vCPU, 32 GiB", cpu=6, memory_gib=26, ray_cpus=4, resources={"ragraph_head": 1})
+HEAD = NodeGroup("head", "8 vCPU, 32 GiB", cpu=6, memory_gib=26, ray_cpus=4)  # no stage asks for it
 CPU_WORKERS = NodeGroup("cpu", "16 vCPU, 64 GiB", cpu=15, memory_gib=56, ray_cpus=15, resources={"cpu_pool": 1000})
 GPU_WORKERS = NodeGroup("gpu", "1x NVIDIA L4, 16 vCPU, 64 GiB", cpu=15, memory_gib=56, ray_cpus=15, gpus=1)
 GROUPS = (HEAD, CPU_WORKERS, GPU_WORKERS)
@@ -272,14 +288,11 @@ def group_bounds(cfg: AppConfig) -> dict[str, GroupBounds]:
     The summed needs (``min_need``/``max_need``, in the manifest's header) are the lower bound
     the packing starts from: a pod holding a whole-GPU generator has no GPU left for the
     quarter-GPU retrievers, so gpu.yaml's 1.75 GPUs at min_replicas take 3 pods, not 2.
-    The head is checked, not sized: the stages pinned to it must fit it at ``max_replicas``.
+    The head is not sized: it offers no custom resource, so no stage is placed there.
     Raises :class:`KubeRayError` listing every stage that cannot be placed."""
     errors: list[str] = []
     needs = stage_needs(cfg)
     placed = _place(needs, errors)
-    if not errors and pack(placed["head"], HEAD.capacity(), replicas="max_replicas") > 1:
-        errors.append(f"the stages pinned to the head ({[n.stage for n in placed['head']]}) need "
-                      f"{_total(placed['head'], 'max_replicas')} at max_replicas; the head offers {HEAD.capacity()}")
     if errors:
         raise KubeRayError(_errors(errors))
     out: dict[str, GroupBounds] = {}
@@ -298,20 +311,32 @@ def _errors(errors: list[str]) -> str:
     return f"{len(errors)} problem(s) for KubeRay:\n" + "\n".join(f"  - {e}" for e in errors)
 
 
+def pod_config(cfg: AppConfig) -> AppConfig:
+    """``cfg`` as the pods get it (serveConfigV2's args). ``governor.db`` is not used there (the state is
+    in ``state.url``'s PostgreSQL, uploads wait in ``documents.spool_dir`` on the shared volume, both
+    checked), and a config for the cluster need not set it: when it is a path under this machine's home
+    (the default ``~/.cache/ragraph/governor.sqlite3`` as expanded here), it is written as the pods expand
+    it, under their home (/home/ray), so that the output does not depend on this machine. Any other
+    value is kept as given."""
+    home = Path.home()
+    db = Path(cfg.governor.db)
+    if str(home) in ("/", str(POD_HOME)) or not db.is_relative_to(home):
+        return cfg
+    governor = cfg.governor.model_copy(update={"db": Path(POD_HOME / db.relative_to(home).as_posix())})
+    return cfg.model_copy(update={"governor": governor})
+
+
 def _check_paths(cfg: AppConfig) -> list[str]:
-    """The config must name the pods' paths: the index where every pod reads it, the governor's
-    database where the state volume is, and nothing that only exists on this machine."""
+    """The config must name the pods' paths: the index and the upload spool where every pod reads them,
+    and nothing that only exists on this machine."""
     errors: list[str] = []
     if not PurePosixPath(cfg.indexing.dir).is_relative_to(SHARED_MOUNT):
         errors.append(f"indexing.dir={cfg.indexing.dir} is not under {SHARED_MOUNT}: the index job writes it and "
                       "every retriever pod reads it, so it must be on the shared volume")
-    db = PurePosixPath(cfg.governor.db)
-    if db.is_relative_to(SHARED_MOUNT) or not db.is_absolute():
-        errors.append(f"governor.db={db}: needs an absolute path off the shared volume (SQLite over network storage "
-                      f"is unsafe), e.g. {POD_HOME}/ragraph-state/governor.sqlite3 on the head's state volume")
-    if "ragraph_head" not in cfg.governor.deployment.resources:
-        errors.append("governor.deployment.resources has no 'ragraph_head': the governor must run on the head, "
-                      "where its database volume is mounted")
+    spool = cfg.documents.spool_dir
+    if spool is None or not PurePosixPath(spool).is_relative_to(SHARED_MOUNT):
+        errors.append(f"documents.spool_dir={spool}: an upload waits there until an ingress replica's job runner "
+                      f"takes it, on any pod, so it must be on the shared volume (under {SHARED_MOUNT})")
     if cfg.http.host not in ("0.0.0.0", "::"):
         errors.append(f"http.host={cfg.http.host!r}: the serve Service reaches the proxies on the pods' addresses; "
                       "use 0.0.0.0")
@@ -337,6 +362,71 @@ def _check_paths(cfg: AppConfig) -> list[str]:
         if any(value == p or value.startswith(p + "/") for p in local):
             errors.append(f"{key}={value} is a path on this machine ('~' or a relative path expanded here); "
                           "give the path on the pods")
+    return errors
+
+
+REDIS_SCHEMES = ("redis", "rediss")
+PG_SCHEMES = ("postgresql", "postgresql+psycopg")
+PG_PORT, REDIS_PORT = 5432, 6379  # the defaults of a URL without a port
+
+
+def _redis(storage: str) -> SplitResult | None:
+    u = urlsplit(storage)
+    return u if u.scheme in REDIS_SCHEMES else None
+
+
+def gcs_redis_address(cfg: AppConfig) -> str | None:
+    """The Redis the GCS keeps its tables in (``gcsFaultToleranceOptions.redisAddress``): the host and
+    port of ``governor.rate_limits.storage`` (the ingress replicas' shared counters), else of
+    ``governor.cache.storage``; ``host:port``, or ``rediss://host:port`` for TLS (Ray reads both forms).
+    The database number of the URL does not apply: the GCS writes database 0 under a key prefix of its
+    own (KubeRay's: the RayCluster's UID). None when neither storage is a Redis."""
+    for storage in (cfg.governor.rate_limits.storage, cfg.governor.cache.storage):
+        u = _redis(storage)
+        if u is not None:
+            host = f"[{u.hostname}]" if ":" in (u.hostname or "") else u.hostname
+            address = f"{host}:{u.port or REDIS_PORT}"
+            return f"rediss://{address}" if u.scheme == "rediss" else address
+    return None
+
+
+def _check_state(cfg: AppConfig, name: str) -> list[str]:
+    """The service's state on pods: one PostgreSQL every ingress replica shares (its password from the
+    Secret, never in the config), Redis for the counters and the cache when there are several ingress
+    replicas, and a Redis for the GCS. (common.config already refuses memory:// rate limits with auth on
+    and several ingress replicas; what is checked here is what a config for one machine may still hold.)"""
+    errors: list[str] = []
+    secret = state_secret(name)
+    url = cfg.state.url
+    hint = (f"set state.url to postgresql+psycopg://USER@HOST:{PG_PORT}/DB without the password; the pods get the "
+            f"whole URL as RAGRAPH__STATE__URL from the Secret {secret} (key url)")
+    if url is None:
+        errors.append(f"state.url is unset: every pod would open a SQLite file of its own (governor.db="
+                      f"{cfg.governor.db}), so the ingress replicas would not share keys, usage or jobs; {hint}")
+    else:
+        u = urlsplit(url)
+        if u.scheme not in PG_SCHEMES:
+            errors.append(f"state.url={url}: {u.scheme} is one machine's file; the ingress replicas on several pods "
+                          f"need one PostgreSQL they all share; {hint}")
+        elif u.password is not None:
+            errors.append(f"state.url carries a password, which would be written into serveConfigV2 (and into any "
+                          f"copy of the manifest); {hint}")
+    ingress = cfg.http.deployment.max_replicas
+    gov = cfg.governor
+    for key, section in (("governor.rate_limits", gov.rate_limits), ("governor.cache", gov.cache)):
+        storage = section.storage
+        if section.enabled and ingress > 1 and storage.startswith("memory://"):
+            errors.append(f"{key}.storage is memory:// with up to {ingress} ingress replicas "
+                          "(http.deployment.max_replicas): each replica would keep its own, on its own pod; "
+                          "set it to redis://host:port, shared by every replica")
+        r = _redis(storage)
+        if r is not None and r.password is not None:
+            errors.append(f"{key}.storage carries a password, which would be written into serveConfigV2; "
+                          "give the Redis URL without it")
+    if gcs_redis_address(cfg) is None:
+        errors.append("neither governor.rate_limits.storage nor governor.cache.storage is a redis:// URL: the GCS "
+                      "keeps its tables in that Redis (gcsFaultToleranceOptions), so that a restarted head pod "
+                      "finds the cluster and the Serve application again")
     return errors
 
 
@@ -443,6 +533,24 @@ def autoscaler_token_volume() -> dict[str, Any]:
     ]}}
 
 
+def state_secret(name: str) -> str:
+    """The Secret (key ``url``) that holds the whole state database URL, password included, which every
+    Ray container gets as ``RAGRAPH__STATE__URL``; created by the operator of the service."""
+    return f"{name}-state"
+
+
+def redis_secret(name: str) -> str:
+    """The Secret (key ``password``) that holds the password of the GCS's Redis (:func:`gcs_redis_address`);
+    created by the operator of the service."""
+    return f"{name}-redis"
+
+
+def state_env(name: str) -> dict[str, Any]:
+    """``RAGRAPH__STATE__URL`` from :func:`state_secret`: it replaces ``state.url`` wherever the config is
+    loaded in the pod."""
+    return {"name": "RAGRAPH__STATE__URL", "valueFrom": {"secretKeyRef": {"name": state_secret(name), "key": "url"}}}
+
+
 def auth_secret(name: str) -> str:
     """The Secret (key ``auth_token``) that holds the cluster's Ray token; created by the operator of
     the service (``kubectl create secret``), never generated into the manifest."""
@@ -492,7 +600,8 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
                image: str | None = None, source: str = "configs/gpu.yaml") -> dict[str, Any]:
     """The ``RayService`` object for ``cfg`` (read by the pods from ``source`` inside the image).
     Raises :class:`KubeRayError` listing every problem."""
-    errors = _check_paths(cfg)
+    cfg = pod_config(cfg)
+    errors = _check_paths(cfg) + _check_state(cfg, name)
     try:
         bounds = group_bounds(cfg)
     except KubeRayError as e:
@@ -508,23 +617,23 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
     if PurePosixPath(cfg.models.dir).is_relative_to(SHARED_MOUNT):
         # Hub models are downloaded once into the shared volume, not once per pod.
         env.append({"name": "HF_HOME", "value": str(PurePosixPath(cfg.models.dir) / "huggingface")})
+    ray_env = [*env, state_env(name)]  # the Ray containers: every ingress replica opens the state database
 
     head_container = _container(
         "ray-head", image, HEAD,
         ports=[{"containerPort": GCS_PORT, "name": "gcs-server"}, {"containerPort": DASHBOARD_PORT, "name": "dashboard"},
                {"containerPort": CLIENT_PORT, "name": "client"}, {"containerPort": METRICS_PORT, "name": "metrics"},
                serve_port],
-        env=env,
-        mounts=[shared, {"name": "state", "mountPath": str(PurePosixPath(cfg.governor.db).parent)}],
+        env=ray_env,
+        mounts=[shared],
     )
-    head_volumes = volumes + [{"name": "state", "persistentVolumeClaim": {"claimName": STATE_CLAIM}},
-                              SCRATCH, autoscaler_token_volume()]
+    head_volumes = volumes + [SCRATCH, autoscaler_token_volume()]
     head_pod = _pod(head_container, head_volumes, gpu=False, name=name)
     head_pod["spec"]["initContainers"] = [models_init_container(cfg, image=image, source=source, env=env)]
     head = {
         "rayStartParams": {
             "num-cpus": str(HEAD.ray_cpus),
-            "resources": _resources_param(HEAD.resources),
+            **({"resources": _resources_param(HEAD.resources)} if HEAD.resources else {}),
             # The operator reaches the dashboard through the head Service (the pod's address), so it
             # listens on all of the pod's addresses; the token and the NetworkPolicy guard it.
             "dashboard-host": "0.0.0.0",
@@ -541,7 +650,7 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
         custom = {**g.resources, **(accel if g is GPU_WORKERS else {})}
         if custom:
             params["resources"] = _resources_param(custom)
-        container = _container("ray-worker", image, g, ports=[serve_port], env=env, mounts=[shared])
+        container = _container("ray-worker", image, g, ports=[serve_port], env=ray_env, mounts=[shared])
         workers.append({
             "groupName": g.name,
             "replicas": b.min_replicas,
@@ -557,9 +666,8 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
         "kind": "RayService",
         "metadata": metadata_,
         "spec": {
-            # A new RayCluster per cluster change (KubeRay's default) would double the GPU pods and start
-            # a second head that cannot attach the ReadWriteOnce state volume: change the cluster by
-            # deleting and re-applying. serveConfigV2 changes are still applied in place.
+            # A new RayCluster per cluster change (KubeRay's default) would double the GPU pods: change
+            # the cluster by deleting and re-applying. serveConfigV2 changes are still applied in place.
             "upgradeStrategy": {"type": "None"},
             "serveConfigV2": serve_text,
             "rayClusterConfig": {
@@ -575,6 +683,13 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
                 # by the operator in every Ray container): without it anyone reaching the head's GCS,
                 # dashboard or client port can run code on the cluster.
                 "authOptions": {"mode": "token", "secretName": auth_secret(name)},
+                # The GCS keeps the cluster's tables in Redis: a head pod that restarts finds the workers,
+                # the actors and the Serve application again. KubeRay sets RAY_REDIS_ADDRESS and the
+                # password on the head; the tables sit under the RayCluster's UID and go with it.
+                "gcsFaultToleranceOptions": {
+                    "redisAddress": gcs_redis_address(cfg),
+                    "redisPassword": {"valueFrom": {"secretKeyRef": {"name": redis_secret(name), "key": "password"}}},
+                },
                 "headGroupSpec": head,
                 "workerGroupSpecs": workers,
             },
@@ -618,15 +733,22 @@ DNS_RULE = {"to": [DNS_PEER], "ports": [{"protocol": "UDP", "port": 53}, {"proto
 
 
 def config_egress(cfg: AppConfig) -> list[dict[str, Any]]:
-    """Egress the config itself needs from the Ray pods beyond the cluster's own: the Redis of
-    ``governor.rate_limits.storage`` (``redis://host:port``, 6379 by default) when the ingress
-    replicas share their rate-limit counters there."""
-    from urllib.parse import urlsplit
-
-    url = urlsplit(cfg.governor.rate_limits.storage)
-    if url.scheme in ("redis", "rediss"):
-        return [{"ports": _tcp(url.port or 6379)}]
-    return []
+    """Egress the config itself needs from the Ray pods beyond the cluster's own: the port of the
+    PostgreSQL of ``state.url`` (5432 by default; every ingress replica opens it, and the CLI in the
+    pods) and of the Redis of ``governor.rate_limits.storage`` and ``governor.cache.storage``
+    (``redis://host:port``, 6379 by default; the ingress replicas, and the GCS through
+    :func:`gcs_redis_address`). By port, to any address: the hosts are DNS names, which a
+    NetworkPolicy cannot name (narrow the rule with an ``ipBlock`` where the addresses are known)."""
+    ports: set[int] = set()
+    if cfg.state.url is not None:
+        u = urlsplit(cfg.state.url)
+        if u.scheme in PG_SCHEMES:
+            ports.add(u.port or PG_PORT)
+    for storage in (cfg.governor.rate_limits.storage, cfg.governor.cache.storage):
+        r = _redis(storage)
+        if r is not None:
+            ports.add(r.port or REDIS_PORT)
+    return [{"ports": _tcp(*sorted(ports))}] if ports else []
 
 
 def network_policy(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None = None) -> dict[str, Any]:
@@ -766,6 +888,7 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
            image: str | None = None) -> str:
     """:func:`rayservice` as YAML, under a header naming the command that prints it (the same
     wherever the file is written, so that any copy can be checked) and the sizing."""
+    cfg = pod_config(cfg)
     doc = rayservice(cfg, name=name, namespace=namespace, image=image, source=source)
     policy = network_policy(cfg, name=name, namespace=namespace)
     head_out = head_egress_policy(cfg, name=name, namespace=namespace)
@@ -779,8 +902,10 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
     lines = [
         f"# Generated by `{command(source=source, name=name, namespace=namespace, image=image)}` "
         f"(--out FILE writes it); do not edit: edit {source} and regenerate.",
-        f"# Needs KubeRay >= {KUBERAY_MIN}; the volume claims {SHARED_CLAIM} (ReadWriteMany) and {STATE_CLAIM} "
-        "(ReadWriteOnce);",
+        f"# Needs KubeRay >= {KUBERAY_MIN} and the volume claim {SHARED_CLAIM} (ReadWriteMany); the Secrets "
+        f"{state_secret(name)} (key url: state.url with its password, as RAGRAPH__STATE__URL)",
+        f"# and {redis_secret(name)} (key password: of the Redis at {gcs_redis_address(cfg)}, where the GCS keeps "
+        "its tables: gcsFaultToleranceOptions);",
         f"# an image built FROM {base_image()} with this repository installed as '.[gpu]' "
         "(configs/kuberay/README.md).",
         f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",
@@ -791,7 +916,9 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
         + ", ".join(f"{k}={v}" for k, v in OPERATOR_NS_LABEL.items()) + " (configs/kuberay/README.md).",
         f"# Pods run as uid {RAY_UID} (non-root, no capability, RuntimeDefault seccomp) without a ServiceAccount token "
         "(only the autoscaler sidecar has one);",
-        f"# egress: the cluster DNS and this service's pods, the head HTTPS beyond ({head_out['metadata']['name']}: "
+        "# egress: the cluster DNS and this service's pods, TCP "
+        + ", ".join(str(p["port"]) for rule in config_egress(cfg) for p in rule["ports"])
+        + f" (the state database, Redis), the head HTTPS beyond ({head_out['metadata']['name']}: "
         "the API server, the model hub).",
         "# Worker bounds from the config (cli/kuberay.py group_bounds; pods offer "
         + "; ".join(f"{g.name} {need(g.capacity())}" for g in (CPU_WORKERS, GPU_WORKERS)) + "):",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,10 +48,15 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).expanduser()}"
 
 
+STATE_URL_ENV = "RAGRAPH__STATE__URL"
+
+
 def url_of(cfg) -> str:
-    """The state database of an :class:`common.config.AppConfig`: ``state.url``, else the SQLite
-    file ``governor.db``."""
-    return cfg.state.url or sqlite_url(cfg.governor.db)
+    """The state database of an :class:`common.config.AppConfig`: ``$RAGRAPH__STATE__URL`` in this
+    process's environment (a Serve replica gets its config from the Serve config, which must not hold
+    the password; its pod or node sets the variable from a secret), else ``state.url``, else the
+    SQLite file ``governor.db``."""
+    return os.environ.get(STATE_URL_ENV) or cfg.state.url or sqlite_url(cfg.governor.db)
 
 
 def describe(url: str) -> str:

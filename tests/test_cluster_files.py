@@ -10,6 +10,10 @@ configs/gpu.yaml.
   job fits beside them. The fit checks are shown to reject impossible configs.
 * The command lines in cluster.yaml's comments parse with the real CLIs (ragraph, ``ray job submit``,
   ``ray start``), and the paths gpu.yaml uses are on mounts cluster.yaml makes.
+* The state is off the nodes: no head-only volume; every node sources the secrets file (the state
+  database's URL with its password, the Redis password) synced from outside the repository before
+  ``ray start``, and no password is written in the file; the head's GCS keeps its tables in the Redis
+  of gpu.yaml (GCS fault tolerance: ``RAY_REDIS_ADDRESS``).
 
 Nothing here starts Ray or opens a network connection (sockets are blocked for the module).
 """
@@ -392,7 +396,7 @@ SCHEMA_BREAKERS = {
     "typo run_option": _rename("docker.run_options", "run_option"),
     "unknown top-level key": _rename("head_start_ray_commands", "head_start_commands"),
     "max_workers as a string": _set("max_workers", "ten"),
-    "fractional resource": _set("available_node_types.head.resources", {"CPU": 3.5, "ragraph_head": 1}),
+    "fractional resource": _set("available_node_types.head.resources", {"CPU": 3.5}),
     "node type without resources": lambda c: c["available_node_types"]["cpu"].pop("resources"),
 }
 
@@ -432,13 +436,19 @@ def test_ray_validate_rejects_inconsistent_copies(cluster, breaker, message):
 # the node types
 
 
-def test_node_types_and_the_head_only_resource(cluster):
+def test_node_types_and_nothing_pinned_to_the_head(cluster, options):
+    """No stage runs on the head any more (the governor deployment, pinned there by `ragraph_head`, is
+    gone): the head declares no custom resource, and every stage asks for one a worker type offers or
+    for GPUs. Fails on the file before (the head declared ragraph_head)."""
     types = cluster["available_node_types"]
     assert set(types) == NODE_TYPES, f"node types are {sorted(types)}; other code and docs use {sorted(NODE_TYPES)}"
     assert cluster["head_node_type"] == "head"
-    owners = [n for n, t in types.items() if "ragraph_head" in t["resources"]]
-    assert owners == ["head"], f"`ragraph_head` (the governor's pin) must be on the head type only, is on {owners}"
-    assert types["head"]["resources"]["ragraph_head"] == 1 and types["head"].get("max_workers", 0) == 0
+    assert types["head"]["resources"] == {"CPU": 4} and types["head"].get("max_workers", 0) == 0
+    assert not any("ragraph_head" in t["resources"] for t in types.values())
+    head = node_capacity("head", types["head"])
+    for name, opts in options.items():
+        for d in replica_demands(name, opts):
+            assert not fits(d.resources, head), f"{d.label} {fmt(d.resources)} could land on the head {fmt(head)}"
     assert cluster["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values()), (
         "the global max_workers would cap the per-type max_workers"
     )
@@ -484,7 +494,8 @@ def test_image_matches_the_pinned_ray_and_python(cluster):
 
 def test_repo_sync_and_install(cluster):
     assert cluster["file_mounts"]["~/ragraph"] == "."
-    assert set(cluster["file_mounts"]) == {"~/ragraph", "~/ray-auth"}  # the repo and the Ray token's folder
+    # the repo, the Ray token's folder, the secrets' folder (FILL IN 4)
+    assert set(cluster["file_mounts"]) == {"~/ragraph", "~/ray-auth", "~/ragraph-secrets"}
     assert cluster["file_mounts_sync_continuously"] is False
     excluded = set(cluster["rsync_exclude"])
     assert {".venv", ".git", "__pycache__", "*.pyc", "load_tests/results"} <= excluded, excluded
@@ -500,7 +511,7 @@ def test_ray_start_commands_parse(cluster):
     for key, head in (("head_start_ray_commands", True), ("worker_start_ray_commands", False)):
         cmds = cluster[key]
         assert cmds[0] == "ray stop"
-        argv = shlex.split(cmds[-1].split(";")[-1])
+        _, argv = start_parts(cmds[-1])[-1]
         assert argv[:2] == ["ray", "start"], cmds[-1]
         params = start.make_context("start", argv[2:]).params
         assert params["head"] is head and params["object_manager_port"] == 8076
@@ -511,22 +522,21 @@ def test_ray_start_commands_parse(cluster):
 
 
 def test_gpu_config_paths_are_on_mounts(cluster, gpu_cfg):
-    """Paths every node shares (models, indexes, corpus) are on a volume every container mounts;
-    the governor's SQLite file is on the head-only bind mount (its EBS disk), never on NFS."""
+    """Paths every node shares (models, indexes, corpus, the upload spool) are on a volume every
+    container mounts; the state is in PostgreSQL (state.url), so no node keeps any: no head-only volume
+    (the file before bind-mounted the governor's SQLite file onto the head's disk)."""
     shared = volume_mounts(cluster["docker"]["run_options"])
-    head_only = volume_mounts(cluster["docker"].get("head_run_options", []))
     assert shared, "docker.run_options mounts no shared volume"
     for what, path in [("models.dir", gpu_cfg.models.dir), ("indexing.dir", gpu_cfg.indexing.dir),
-                       ("indexing.source", gpu_cfg.indexing.source)]:
-        assert under_any(path, shared), f"gpu.yaml {what}={path} is on no volume every node mounts ({sorted(map(str, shared))})"
-    db = gpu_cfg.governor.db
-    assert under_any(db, head_only), f"governor.db={db} is not on a head_run_options volume ({sorted(map(str, head_only))})"
-    assert not under_any(db, shared), f"governor.db={db} is on the shared (NFS) volume"
+                       ("indexing.source", gpu_cfg.indexing.source), ("documents.spool_dir", gpu_cfg.documents.spool_dir)]:
+        assert path is not None and under_any(path, shared), (
+            f"gpu.yaml {what}={path} is on no volume every node mounts ({sorted(map(str, shared))})")
+    assert gpu_cfg.state.url and gpu_cfg.state.url.startswith("postgresql"), gpu_cfg.state.url
+    assert volume_mounts(cluster["docker"].get("head_run_options", [])) == {}, "a head-only volume: state on the head"
     init = " ".join(cluster["initialization_commands"])
     for container, host in shared.items():
         assert f" {host})" in init or f" {host} " in init, f"no initialization command mounts {host} (for {container})"
-    for host in head_only.values():
-        assert f"mkdir -p {host}" in init, f"the host dir {host} is not created before docker (it would be root-owned)"
+    assert "ragraph-state" not in CLUSTER.read_text()
 
 
 def test_documented_ragraph_commands_parse(gpu_cfg):
@@ -585,6 +595,20 @@ def _strings(tree: Any) -> list[str]:
     return [tree] if isinstance(tree, str) else []
 
 
+def start_parts(cmd: str) -> list[tuple[dict[str, str], list[str]]]:
+    """The ``;``-separated parts of a start command: each part's leading ``VAR=value`` assignments (the
+    environment of that one command) and the rest of its argv."""
+    out = []
+    for part in cmd.split(";"):
+        argv = shlex.split(part)
+        env = {}
+        while argv and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", argv[0]):
+            k, v = argv.pop(0).split("=", 1)
+            env[k] = v
+        out.append((env, argv))
+    return out
+
+
 def auth_problems(cluster: dict[str, Any]) -> list[str]:
     """Why Ray's token authentication would not be on for every node and every process, or the
     dashboard (job submission) would listen beyond the head's loopback."""
@@ -609,8 +633,7 @@ def auth_problems(cluster: dict[str, Any]) -> list[str]:
         problems.append(f"RAY_AUTH_TOKEN_PATH={token_file} is in no file_mounts folder ({sorted(map(str, mounts))})")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         for cmd in cluster.get(key, []):
-            for part in cmd.split(";"):
-                argv = shlex.split(part)
+            for part, (_, argv) in zip(cmd.split(";"), start_parts(cmd)):
                 if "RAY_AUTH_MODE" in part and not re.search(r"RAY_AUTH_MODE=token\b", part):
                     problems.append(f"{key}: {part.strip()!r} changes RAY_AUTH_MODE")
                 if argv[:2] != ["ray", "start"]:
@@ -661,6 +684,118 @@ def test_the_documented_client_sends_the_clusters_token(cluster):
     assert env.get("RAY_AUTH_TOKEN_PATH") == f"{mounts[token.parent]}/{token.name}", exports
     text = comment_text()
     assert text.index("export RAY_AUTH_MODE=token") < text.index("ray job submit")
+
+
+# ---------------------------------------------------------------------------------------------
+# the state off the nodes: the secrets file sourced before `ray start`, GCS fault tolerance in Redis
+
+# scheme://user:password@host: a password written into a URL
+PASSWORD_URL = re.compile(r"[a-z+]+://[^\s/@:']*:[^\s/@']+@")
+PLACEHOLDER = "PASSWORD"  # what the FILL IN comment writes where the real password goes
+
+
+def state_problems(cluster: dict[str, Any], cfg) -> list[str]:
+    """Why the nodes would not get the state database's URL and the Redis password from the synced
+    secrets file, a password would be written into the file, or the head's GCS would not keep its
+    tables in gpu.yaml's Redis (``cli.kuberay.gcs_redis_address``: the same rule as the KubeRay manifest)."""
+    from cli.kuberay import gcs_redis_address
+
+    problems = []
+    mounts = {container_path(r): l for r, l in cluster.get("file_mounts", {}).items()}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        parts = start_parts((cluster.get(key) or [""])[-1])
+        starts = [i for i, (_, argv) in enumerate(parts) if argv[:2] == ["ray", "start"]]
+        if not starts:
+            problems.append(f"{key}: no `ray start`")
+            continue
+        before = [argv for _, argv in parts[:starts[0]]]
+        at = [i for i, argv in enumerate(before) if argv[:1] in (["."], ["source"]) and len(argv) > 1]
+        sourced = [before[i][1] for i in at]
+        if not at or ["set", "-a"] not in before[:at[0]]:
+            problems.append(f"{key}: does not source the secrets file with `set -a` before `ray start`")
+        for f in sourced:
+            folder = container_path(f).parent
+            if folder not in mounts:
+                problems.append(f"{key}: {f} is in no file_mounts folder ({sorted(map(str, mounts))})")
+            elif not str(mounts[folder]).startswith("~/") or str(mounts[folder]).startswith("~/ragraph"):
+                problems.append(f"{key}: {f} is synced from {mounts[folder]}, not from outside the repository")
+        env, argv = parts[starts[0]]
+        if key == "head_start_ray_commands":
+            want = gcs_redis_address(cfg)
+            if env.get("RAY_REDIS_ADDRESS") != want:
+                problems.append(f"{key}: RAY_REDIS_ADDRESS={env.get('RAY_REDIS_ADDRESS')!r}, not gpu.yaml's Redis {want!r}")
+            if not env.get("RAY_external_storage_namespace"):
+                problems.append(f"{key}: no RAY_external_storage_namespace (a restarted head must find its tables)")
+            from ray.scripts.scripts import start
+
+            password = start.make_context("start", argv[2:]).params["redis_password"]
+            if not password.startswith("$"):
+                problems.append(f"{key}: --redis-password is a literal, not the secrets file's variable")
+    for text in _strings(cluster):
+        if PASSWORD_URL.search(text):
+            problems.append(f"a password written into the file: {text!r}")
+        if re.search(r"RAGRAPH__STATE__URL=\S", text):
+            problems.append(f"the state URL written into the file: {text!r}")
+    if volume_mounts(cluster.get("docker", {}).get("head_run_options", [])):
+        problems.append("docker.head_run_options mounts a head-only volume: state on the head")
+    return problems
+
+
+def test_state_url_and_redis_password_come_from_the_synced_secrets_file(cluster, gpu_cfg):
+    """Head and workers source ~/ragraph-secrets/ragraph.env (synced from ~/.ragraph/secrets, outside
+    the repository) with `set -a` before `ray start`, so every Ray process, the ingress replicas
+    included, has RAGRAPH__STATE__URL; the head's GCS writes to gpu.yaml's Redis; no password is in the
+    file; the FILL IN step shows the URL of gpu.yaml's state.url with a placeholder password."""
+    from urllib.parse import urlsplit
+
+    from ray._private.services import get_address
+
+    assert state_problems(cluster, gpu_cfg) == []
+    env, _ = start_parts(cluster["head_start_ray_commands"][-1])[-1]
+    limits = urlsplit(gpu_cfg.governor.rate_limits.storage)
+    assert get_address(env["RAY_REDIS_ADDRESS"]) == (limits.hostname, str(limits.port or 6379), False)
+    worker_env, _ = start_parts(cluster["worker_start_ray_commands"][-1])[-1]
+    assert int(worker_env["RAY_gcs_rpc_server_reconnect_timeout_s"]) >= 300  # workers outlive a head restart
+    documented = [line.split("=", 1)[1].strip("'") for line in comment_text().split()
+                  if line.startswith("RAGRAPH__STATE__URL=")]
+    assert len(documented) == 1, documented
+    doc, state = urlsplit(documented[0]), urlsplit(gpu_cfg.state.url)
+    assert doc.password == PLACEHOLDER and (doc.scheme, doc.hostname, doc.port, doc.path, doc.username) == (
+        state.scheme, state.hostname, state.port, state.path, state.username)
+    assert state.password is None  # gpu.yaml holds no password either
+    (secrets,) = {container_path(argv[1]) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+                  for _, argv in start_parts(cluster[key][-1]) if argv[:1] == ["."]}
+    local = cluster["file_mounts"][f"~/{secrets.parent.relative_to('/home/ray')}"]
+    assert f"~/.ragraph/secrets/{secrets.name}" == f"{local}/{secrets.name}" and f"{local}/{secrets.name}" in comment_text()
+
+
+OLD_HEAD_START = ("ulimit -n 65536; ray start --head --port=6379 --object-manager-port=8076 "
+                  "--autoscaling-config=~/ray_bootstrap_config.yaml --dashboard-host=127.0.0.1")
+
+
+@pytest.mark.parametrize("breaker, problem", [
+    (lambda c: c["head_start_ray_commands"].__setitem__(-1, OLD_HEAD_START), "does not source the secrets file"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(-1, OLD_HEAD_START), "RAY_REDIS_ADDRESS=None"),
+    (lambda c: c["worker_start_ray_commands"].__setitem__(
+        -1, "ulimit -n 65536; ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076"), "does not source"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(
+        -1, c["head_start_ray_commands"][-1].replace("ragraph-redis.internal:6379", "localhost:6379")), "not gpu.yaml's Redis"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(
+        -1, c["head_start_ray_commands"][-1].replace('"$REDIS_PASSWORD"', "hunter2")), "--redis-password is a literal"),
+    (lambda c: c["file_mounts"].pop("~/ragraph-secrets"), "in no file_mounts folder"),
+    (lambda c: c["file_mounts"].__setitem__("~/ragraph-secrets", "~/ragraph/secrets"), "not from outside the repository"),
+    (lambda c: c["docker"]["run_options"].append(
+        "--env RAGRAPH__STATE__URL=postgresql+psycopg://ragraph:hunter2@db.internal:5432/ragraph"), "a password written"),
+    (lambda c: c["docker"].update(head_run_options=["-v /home/ubuntu/ragraph-state:/home/ray/ragraph-state"]),
+     "head-only volume"),
+], ids=["the old head start (no secrets)", "the old head start (no GCS FT)", "worker without the secrets",
+        "another Redis", "literal Redis password", "secrets not synced", "secrets synced from the repo",
+        "literal state URL", "the old state volume"])
+def test_state_check_rejects_the_old_and_broken_copies(cluster, gpu_cfg, breaker, problem):
+    bad = copy.deepcopy(cluster)
+    breaker(bad)
+    found = state_problems(bad, gpu_cfg)
+    assert any(problem in p for p in found), found
 
 
 # ---------------------------------------------------------------------------------------------

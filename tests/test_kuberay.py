@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,10 @@ def test_committed_manifest_is_what_gpu_yaml_generates(cfg, monkeypatch):
         pytest.fail(f"configs/kuberay/rayservice.yaml is stale; regenerate it with: {REGENERATE}\n{diff}")
     assert "ragraph --config configs/gpu.yaml kuberay" in committed.splitlines()[0]
     monkeypatch.setenv("HOME", "/nonexistent-home")  # nothing in the output depends on this machine
-    assert kuberay.render(cfg, source="configs/gpu.yaml") == committed
+    assert kuberay.render(load_config(GPU_YAML, environ={}), source="configs/gpu.yaml") == committed
+    assert str(Path.home()) == "/nonexistent-home"
+    for real in {str(REPO), os.path.expanduser("~")} - {"/"}:
+        assert real not in committed  # e.g. governor.db, which gpu.yaml leaves at its '~' default
 
 
 def test_serve_config_validates_with_rays_schema_and_loads_back_into_the_config(manifest, cfg):
@@ -71,8 +75,11 @@ def test_serve_config_validates_with_rays_schema_and_loads_back_into_the_config(
     schema = ServeDeploySchema.model_validate(yaml.safe_load(raw))
     (app,) = schema.applications
     assert app.import_path == "serve.graph:app_builder" and app.route_prefix == "/"
-    assert AppConfig.model_validate(app.args) == cfg
-    assert yaml.safe_load(raw) == yaml.safe_load(export_serve_config(cfg))  # the same as `ragraph serve --export`
+    pods = kuberay.pod_config(cfg)  # cfg with governor.db (unused there) as the pods expand its '~' default
+    assert AppConfig.model_validate(app.args) == pods
+    assert pods.model_dump(exclude={"governor": {"db"}}) == cfg.model_dump(exclude={"governor": {"db"}})
+    assert app.args["governor"]["db"] == "/home/ray/.cache/ragraph/governor.sqlite3"
+    assert yaml.safe_load(raw) == yaml.safe_load(export_serve_config(pods))  # the same as `ragraph serve --export`
 
 
 def test_rays_kuberay_autoscaler_reads_the_groups_as_intended(manifest):
@@ -85,7 +92,8 @@ def test_rays_kuberay_autoscaler_reads_the_groups_as_intended(manifest):
     types = _derive_autoscaling_config_from_ray_cr(
         {"metadata": {"name": "ragraph", "namespace": "default"}, "spec": cluster}
     )["available_node_types"]
-    assert {k: v for k, v in types["headgroup"]["resources"].items() if k != "memory"} == {"CPU": 4, "ragraph_head": 1}
+    # no custom resource on the head: nothing is pinned there any more (the governor deployment is gone)
+    assert {k: v for k, v in types["headgroup"]["resources"].items() if k != "memory"} == {"CPU": 4}
     assert {k: v for k, v in types["cpu"]["resources"].items() if k != "memory"} == {"CPU": 15, "cpu_pool": 1000}
     assert {k: v for k, v in types["gpu"]["resources"].items() if k != "memory"} == {"CPU": 15, "GPU": 1}
     for group in ("cpu", "gpu"):
@@ -168,9 +176,14 @@ def test_pods_mount_the_volumes_and_gpu_pods_ask_for_a_gpu(manifest, cfg):
     cluster = manifest["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
-    assert mounts == {"shared": "/mnt/shared", "state": str(Path(cfg.governor.db).parent)}
+    assert mounts == {"shared": "/mnt/shared"}  # no state volume: the state is in PostgreSQL
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in head["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {"shared": "ragraph-shared", "state": "ragraph-state"}
+    assert claims == {"shared": "ragraph-shared"}
+    text = COMMITTED.read_text()
+    assert set(re.findall(r"claimName: (\S+)", text)) == {"ragraph-shared"} and "ReadWriteOnce" not in text
+    for what, path in (("indexing.dir", cfg.indexing.dir), ("models.dir", cfg.models.dir),
+                       ("documents.spool_dir", cfg.documents.spool_dir)):
+        assert Path(path).is_relative_to("/mnt/shared"), (what, path)  # every pod reads them
     assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     for group in ("cpu", "gpu"):
         pod = worker(manifest, group)["template"]["spec"]
@@ -191,15 +204,17 @@ def test_an_accelerator_type_is_advertised_to_the_autoscaler(cfg):
 def test_configs_that_cannot_run_there_are_refused_with_every_reason(cfg):
     with pytest.raises(KubeRayError) as e:
         kuberay.rayservice(load_config(REPO / "configs" / "local.yaml", environ={}))
-    for key in ("http.host", "indexing.dir", "indexing.source", "governor.deployment.resources"):
+    for key in ("http.host", "indexing.dir", "indexing.source", "documents.spool_dir", "state.url"):
         assert key in str(e.value)
 
     with pytest.raises(KubeRayError, match="no node group offers"):
         kuberay.rayservice(changed(cfg, router__deployment__resources={"edge_pool": 0.01}))
-    with pytest.raises(KubeRayError, match="does not fit a head pod"):
-        kuberay.rayservice(changed(cfg, governor__deployment__num_cpus=5))
-    with pytest.raises(KubeRayError, match="pinned to the head"):  # 8 ingress replicas of 1 CPU on 4
-        kuberay.rayservice(changed(cfg, http__deployment__resources={"ragraph_head": 0.01}))
+    with pytest.raises(KubeRayError, match=r"asks for \['ragraph_head'\], which no node group offers"):
+        kuberay.rayservice(changed(cfg, http__deployment__resources={"ragraph_head": 0.01}))  # the old head pin
+    with pytest.raises(KubeRayError, match="does not fit a cpu pod"):
+        kuberay.rayservice(changed(cfg, router__deployment__num_cpus=16))
+    with pytest.raises(KubeRayError, match="documents.spool_dir=/var/spool/ragraph: .* shared volume"):
+        kuberay.rayservice(changed(cfg, documents__spool_dir="/var/spool/ragraph"))
     with pytest.raises(KubeRayError, match="does not fit a gpu pod"):
         kuberay.rayservice(changed(cfg, reranker__deployment__num_gpus=2))
     with pytest.raises(KubeRayError, match="carry 'L4'"):
@@ -416,6 +431,8 @@ def test_reindex_cronjob_submits_ragraph_index_as_a_ray_job(cfg):
                                          str(cfg.indexing.source)]
     token = next(e for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "ragraph-ray-auth", "key": "auth_token"}
+    # it only submits: `ragraph index` (the job's driver, in a Ray container) opens no state database
+    assert [e["name"] for e in c["env"]] == ["RAY_AUTH_MODE", "RAY_AUTH_TOKEN"]
     off = cfg.model_copy(update={"indexing": cfg.indexing.model_copy(update={"reindex_schedule": None})})
     assert kuberay.reindex_cronjob(off) is None and "CronJob" not in kuberay.render(off)
 
@@ -578,8 +595,9 @@ def test_egress_is_dns_and_the_cluster_plus_what_the_config_needs(cfg):
     """Every pod is egress-isolated: the Ray pods reach each other on any port and the cluster DNS; the
     head also HTTPS beyond the cluster (the API server for the autoscaler, the model hub for the init
     container) but never the instance metadata service; the CronJob only the DNS and the head's
-    dashboard. A Redis for the rate limits (governor.rate_limits.storage) opens its port. Fails on the
-    manifest before (no policy restricted egress)."""
+    dashboard. The ports of the state database (state.url) and of Redis (governor.rate_limits.storage,
+    governor.cache.storage) are open from the Ray pods only. Fails on the manifest before (no policy
+    restricted egress; then no PostgreSQL port)."""
     docs = committed_list()
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     pods = manifest_pods(docs)
@@ -591,9 +609,14 @@ def test_egress_is_dns_and_the_cluster_plus_what_the_config_needs(cfg):
 
     stranger = {"pod": {"app": "postgres"}, "namespace": {"kubernetes.io/metadata.name": "db"}, "same_namespace": False}
     internet, metadata = {"ip": "93.184.216.34"}, {"ip": "169.254.169.254"}
+    database = {"ip": "10.0.5.20"}  # ragraph-db.internal, a managed PostgreSQL outside the cluster
     for who, labels in pods.items():
         assert egress_allowed(policies, labels, dns, 53, "UDP") and egress_allowed(policies, labels, dns, 53), who
-        assert not egress_allowed(policies, labels, stranger, 5432), who
+        assert not egress_allowed(policies, labels, stranger, 3306), who
+        ray_pod = who != "reindex"
+        for dest in (stranger, database):  # every ingress replica opens state.url; the GCS and replicas reach Redis
+            assert egress_allowed(policies, labels, dest, 5432) is ray_pod, who
+            assert egress_allowed(policies, labels, dest, 6379) is ray_pod, who
         assert not egress_allowed(policies, labels, metadata, 80) and not egress_allowed(policies, labels, metadata, 443)
         assert not egress_allowed(policies, labels, internet, 80), who
     for who in ("head", "worker", "gpu worker"):
@@ -611,10 +634,13 @@ def test_egress_is_dns_and_the_cluster_plus_what_the_config_needs(cfg):
     assert not egress_allowed(policies, r, pod(pods["worker"]), 8265)
     assert not egress_allowed(policies, r, internet, 443)
 
-    redis = changed(cfg, governor__rate_limits__storage="redis://ratelimits.cache:6380/0")
-    rules = kuberay.network_policy(redis)["spec"]["egress"]
-    assert {"ports": [{"protocol": "TCP", "port": 6380}]} in rules
-    assert egress_allowed([kuberay.network_policy(redis)], pods["worker"], stranger, 6380)
+    assert kuberay.config_egress(cfg) == [{"ports": [{"protocol": "TCP", "port": 5432}, {"protocol": "TCP", "port": 6379}]}]
+    moved = changed(cfg, governor__rate_limits__storage="redis://ratelimits.cache:6380/0",
+                    state__url="postgresql+psycopg://ragraph@db.example:6432/ragraph")
+    policy = kuberay.network_policy(moved)
+    for port in (6380, 6379, 6432):  # the limits' Redis, the cache's (still 6379), PgBouncer's port
+        assert egress_allowed([policy], pods["worker"], database, port), port
+    assert not egress_allowed([policy], pods["worker"], database, 5432)
     assert not any(p["port"] == 6380 for rule in kuberay.network_policy(cfg)["spec"]["egress"] for p in rule.get("ports", []))
 
 
@@ -648,3 +674,119 @@ def test_hub_models_are_pinned_to_a_commit(cfg):
     assert "model_info('Qwen/Qwen2.5-7B-Instruct').sha" in str(e.value) and "embedder" not in str(e.value)
     with pytest.raises(KubeRayError, match="models.dir=/models is not under /mnt/shared"):
         kuberay.rayservice(changed(cfg, models__dir="/models"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The state: one PostgreSQL every ingress replica shares, its password from a Secret; Redis for the
+# counters, the cache and the GCS
+
+
+STATE_ENV = {"name": "RAGRAPH__STATE__URL", "valueFrom": {"secretKeyRef": {"name": "ragraph-state", "key": "url"}}}
+# a URL with a password in it: scheme://user:password@host
+PASSWORD_URL = re.compile(r"[a-z+]+://[^\s/@:]*:[^\s/@]+@")
+
+
+def ray_containers(manifest: dict) -> dict[str, dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    return {f"{what}/{c['name']}": c for what, g in groups for c in g["template"]["spec"]["containers"]}
+
+
+def test_the_state_must_be_one_postgresql_without_its_password(cfg):
+    """Every ingress replica opens state.url itself, on whatever pod it runs: unset (each pod's own SQLite
+    file governor.db) and SQLite are refused, with the Secret to use; so is a password in the URL, which
+    would be written into serveConfigV2. Fails on the generator before (it wanted governor.db on the
+    head's volume and accepted any state.url)."""
+    assert cfg.state.url.startswith("postgresql+psycopg://") and kuberay.rayservice(cfg)
+    for url, problem in [
+        (None, "state.url is unset: every pod would open a SQLite file of its own"),
+        ("sqlite:////mnt/shared/ragraph/state.sqlite3", "sqlite is one machine's file"),
+        ("postgresql+psycopg://ragraph:hunter2@ragraph-db.internal:5432/ragraph", "state.url carries a password"),
+    ]:
+        with pytest.raises(KubeRayError) as e:
+            kuberay.rayservice(changed(cfg, state__url=url))
+        assert problem in str(e.value), str(e.value)
+        assert "RAGRAPH__STATE__URL from the Secret ragraph-state (key url)" in str(e.value)
+        assert "hunter2" not in str(e.value)
+    with pytest.raises(KubeRayError, match="from the Secret other-state"):
+        kuberay.rayservice(changed(cfg, state__url=None), name="other")
+    with pytest.raises(KubeRayError, match="governor.cache.storage carries a password"):
+        kuberay.rayservice(changed(cfg, governor__cache__storage="redis://:hunter2@ragraph-redis.internal:6379/1"))
+
+
+def test_memory_storage_is_refused_with_several_ingress_replicas(cfg):
+    """With several ingress replicas, memory:// rate limits would count per replica (common.config refuses
+    that with auth on; here also with auth off) and a memory:// cache would be one per replica: both must
+    be a Redis. One ingress replica may keep them in memory, as long as one of them names the GCS's Redis."""
+    from pydantic import ValidationError
+
+    assert cfg.http.deployment.max_replicas > 1
+    with pytest.raises(KubeRayError, match=r"governor.cache.storage is memory:// with up to 8 ingress replicas"):
+        kuberay.rayservice(changed(cfg, governor__cache__storage="memory://"))
+    with pytest.raises(ValidationError, match="governor.rate_limits.storage is memory://"):  # the config's own check
+        changed(cfg, governor__rate_limits__storage="memory://")
+    open_ = changed(cfg, governor__auth__enabled=False, http__insecure_auth_off=True,
+                    governor__rate_limits__storage="memory://")
+    with pytest.raises(KubeRayError, match=r"governor.rate_limits.storage is memory:// with up to 8") as e:
+        kuberay.rayservice(open_)
+    assert "governor.cache.storage is memory" not in str(e.value)
+    one = changed(cfg, http__deployment__min_replicas=1, http__deployment__max_replicas=1,
+                  governor__cache__storage="memory://")
+    assert kuberay.rayservice(one)["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"]
+    with pytest.raises(KubeRayError, match="neither governor.rate_limits.storage nor governor.cache.storage is a "
+                                           "redis:// URL"):
+        kuberay.rayservice(changed(one, governor__rate_limits__storage="memory://"))
+    # rate limits off: their storage is not used; the cache's Redis is the GCS's then
+    off = changed(cfg, governor__rate_limits__enabled=False, governor__rate_limits__storage="memory://",
+                  governor__cache__storage="redis://answers.cache:6390/1")
+    assert kuberay.rayservice(off)["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"] == \
+        "answers.cache:6390"
+
+
+def test_every_ray_container_gets_the_state_url_from_the_secret(manifest, cfg):
+    """The head's and every worker's Ray container (the ingress replicas run on the cpu workers; `ragraph
+    keys` runs in the head's) get RAGRAPH__STATE__URL, the whole URL, from the Secret ragraph-state; the
+    models init container and the CronJob (which only submits the job) do not; and nothing in the
+    manifest is a URL with a password. Fails on the manifest before (no such variable anywhere)."""
+    docs = committed_list()
+    for m in (manifest, docs[0]):
+        containers = ray_containers(m)
+        assert set(containers) == {"head/ray-head", "cpu/ray-worker", "gpu/ray-worker"}
+        for who, c in containers.items():
+            assert [e for e in c["env"] if e["name"] == "RAGRAPH__STATE__URL"] == [STATE_ENV], who
+        init = m["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["initContainers"]
+        assert all(e["name"] != "RAGRAPH__STATE__URL" for c in init for e in c.get("env", []))
+    other = ray_containers(kuberay.rayservice(cfg, name="other"))["cpu/ray-worker"]
+    assert {"name": "other-state", "key": "url"} in [e.get("valueFrom", {}).get("secretKeyRef") for e in other["env"]]
+    text = COMMITTED.read_text()
+    assert not PASSWORD_URL.search(text), PASSWORD_URL.search(text)
+    assert PASSWORD_URL.search("url: postgresql+psycopg://ragraph:hunter2@ragraph-db.internal:5432/ragraph")
+    args = yaml.safe_load(docs[0]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["state"]["url"] == cfg.state.url  # the URL without its password; the Secret's replaces it
+    assert "Secrets ragraph-state (key url" in text
+
+
+def test_the_gcs_keeps_its_tables_in_the_configs_redis(manifest, cfg):
+    """GCS fault tolerance (KubeRay >= 1.3): the GCS writes to the Redis of governor.rate_limits.storage
+    (its host and port as Ray parses an address), the password from the Secret ragraph-redis, never in the
+    manifest; TLS (rediss://) is kept. Fails on the manifest before (no gcsFaultToleranceOptions: a lost
+    head pod restarted the whole cluster)."""
+    from urllib.parse import urlsplit
+
+    from ray._private.services import get_address
+
+    assert tuple(int(x) for x in kuberay.KUBERAY_MIN.split(".")) >= (1, 3)
+    limits = urlsplit(cfg.governor.rate_limits.storage)
+    for m in (manifest, committed_docs()["RayService"]):
+        ft = m["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+        assert ft == {"redisAddress": "ragraph-redis.internal:6379",
+                      "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "ragraph-redis", "key": "password"}}}}
+        assert get_address(ft["redisAddress"]) == (limits.hostname, str(limits.port or 6379), False)
+        head = m["spec"]["rayClusterConfig"]["headGroupSpec"]
+        assert not any("redis" in k for k in head["rayStartParams"])  # KubeRay refuses a password set twice
+    tls = changed(cfg, governor__rate_limits__storage="rediss://limits.example:6380/0")
+    address = kuberay.rayservice(tls)["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"]
+    assert address == "rediss://limits.example:6380" and get_address(address) == ("limits.example", "6380", True)
+    other = kuberay.rayservice(cfg, name="other")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert other["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "other-redis"
+    assert "ragraph-redis (key password" in COMMITTED.read_text()
