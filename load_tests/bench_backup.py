@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +40,9 @@ def _config(base: Path, url: str | None):
 
 
 def _new_pg_database(url: str) -> str:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from servers import fresh_postgres  # tests/servers.py: the server helpers the tests use
 
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
+    return fresh_postgres(url, prefix="bench")
 
 
 def _embed(texts: list[str], dim: int = 64) -> tuple[np.ndarray, str]:
@@ -171,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = None
     pg_url = args.pg
+    sys.path.insert(0, str(REPO / "tests"))
     if pg_url == "auto":
-        sys.path.insert(0, str(REPO / "tests"))
         from servers import PostgresServer
 
         server = PostgresServer()

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 INSTALL_HINT = "`make test` installs it (Debian's postgresql and redis-server packages)"
@@ -179,3 +180,16 @@ class RedisServer:
             self.stop()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def fresh_postgres(url: str, prefix: str = "t") -> str:
+    """A new, empty database on the server of ``url``; its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(url).set(database=name).render_as_string(hide_password=False)

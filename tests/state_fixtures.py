@@ -4,22 +4,12 @@ schema head. ``from state_fixtures import state_db`` in a test module."""
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 
+from servers import fresh_postgres  # noqa: F401  (tests import it from here)
 
-def fresh_postgres(url: str) -> str:
-    """A new, empty database on the server of ``url``; its URL."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
