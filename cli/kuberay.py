@@ -24,7 +24,10 @@ the cluster's tables in Redis, so a head pod that restarts finds the cluster, it
 application again instead of restarting every worker. Its ``redisAddress`` is derived from the config
 (:func:`gcs_redis_address`): the host:port of ``governor.rate_limits.storage`` (``rediss://host:port``
 for TLS), else of ``governor.cache.storage``; the password comes from the Secret ``<name>-redis``
-(key ``password``, :func:`redis_secret`). KubeRay keeps the tables under the RayCluster's UID in Redis
+(key ``password``, :func:`redis_secret`), which every Ray container also gets as
+``RAGRAPH_REDIS_PASSWORD`` (:mod:`common.redisurl`): the ingress replicas' limits and cache
+connect to ``redis://host:port`` with it, so no Redis URL in the config carries a password (one
+that does is refused). KubeRay keeps the tables under the RayCluster's UID in Redis
 and deletes them when the RayCluster is deleted (its Redis clean-up Job).
 
 Every pod mounts the ReadWriteMany volume ``ragraph-shared`` at ``/mnt/shared`` (indexes, models,
@@ -69,6 +72,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from common.config import REPO_ROOT, AppConfig
+from common.redisurl import REDIS_PASSWORD_ENV
 
 SHARED_CLAIM = "ragraph-shared"
 SHARED_MOUNT = PurePosixPath("/mnt/shared")
@@ -545,6 +549,13 @@ def redis_secret(name: str) -> str:
     return f"{name}-redis"
 
 
+def redis_env(name: str) -> dict[str, Any]:
+    """``RAGRAPH_REDIS_PASSWORD`` from :func:`redis_secret`: the password the limits and the cache add
+    to their Redis URLs (:func:`common.redisurl.with_password`)."""
+    return {"name": REDIS_PASSWORD_ENV,
+            "valueFrom": {"secretKeyRef": {"name": redis_secret(name), "key": "password"}}}
+
+
 def state_env(name: str) -> dict[str, Any]:
     """``RAGRAPH__STATE__URL`` from :func:`state_secret`: it replaces ``state.url`` wherever the config is
     loaded in the pod."""
@@ -617,7 +628,8 @@ def rayservice(cfg: AppConfig, *, name: str = "ragraph", namespace: str | None =
     if PurePosixPath(cfg.models.dir).is_relative_to(SHARED_MOUNT):
         # Hub models are downloaded once into the shared volume, not once per pod.
         env.append({"name": "HF_HOME", "value": str(PurePosixPath(cfg.models.dir) / "huggingface")})
-    ray_env = [*env, state_env(name)]  # the Ray containers: every ingress replica opens the state database
+    # the Ray containers: every ingress replica opens the state database and the Redis of the limits and cache
+    ray_env = [*env, state_env(name), redis_env(name)]
 
     head_container = _container(
         "ray-head", image, HEAD,
@@ -905,7 +917,7 @@ def render(cfg: AppConfig, *, source: str = "configs/gpu.yaml", name: str = "rag
         f"# Needs KubeRay >= {KUBERAY_MIN} and the volume claim {SHARED_CLAIM} (ReadWriteMany); the Secrets "
         f"{state_secret(name)} (key url: state.url with its password, as RAGRAPH__STATE__URL)",
         f"# and {redis_secret(name)} (key password: of the Redis at {gcs_redis_address(cfg)}, where the GCS keeps "
-        "its tables: gcsFaultToleranceOptions);",
+        "its tables (gcsFaultToleranceOptions) and the replicas their limits and cache, as RAGRAPH_REDIS_PASSWORD);",
         f"# an image built FROM {base_image()} with this repository installed as '.[gpu]' "
         "(configs/kuberay/README.md).",
         f"# Clients reach the service at {name}-serve-svc:{cfg.http.port}.",

@@ -25,6 +25,8 @@ from typing import Any, Protocol
 
 from cachetools import TTLCache
 
+from common.redisurl import with_password
+
 
 def normalise(text: str) -> str:
     """Collapse whitespace and drop trailing '?', '!', '.' and spaces; case is kept."""
@@ -145,7 +147,7 @@ class RedisResponseCache:
 
         ResponseCache(max_entries=max_entries, ttl_s=ttl_s)  # the same argument checks
         self.max_entries, self.ttl_s = max_entries, float(ttl_s)
-        self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._r = redis.Redis.from_url(with_password(url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._lock = threading.Lock()
         self.hits = self.misses = self.stores = self.clears = 0
 

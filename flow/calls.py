@@ -84,6 +84,14 @@ class StageCalls:
         ) if b.enabled else None
         self.metrics.breaker_state.set(0)
         self._background: set[asyncio.Task] = set()
+        self.replica: str | None = None  # this ingress replica's id in the graph (serve/app.py), shown in metadata.replicas
+
+    def trace(self, request_id: str) -> Trace:
+        """A new request's :class:`flow.events.Trace`, naming this ingress replica when there is one."""
+        trace = Trace(request_id)
+        if self.replica is not None:
+            trace.replicas["ingress"] = self.replica
+        return trace
 
     def backoff(self, attempt: int) -> float:
         """Full-jitter exponential backoff before try ``attempt + 1`` (``attempt`` >= 1)."""

@@ -26,7 +26,7 @@ from deployments.retriever import Passage
 from deployments.router import Message, Route
 from flow.calls import StageCalls
 from flow.errors import FlowError
-from flow.events import Prepared, Reservation, Trace
+from flow.events import Prepared, Reservation
 from flow.extractive import quote
 from flow.prompt import PromptBuilder, PromptTooLong
 from flow.requests import ChatRequest, check_limits
@@ -104,7 +104,7 @@ class ChatPreparation:
         max_tokens = self.answer_tokens(req)
         top_k = self.search.top_k(req.rag.top_k, "rag.top_k")
         rerank = self.search.use_rerank(req.rag.rerank)
-        trace = Trace(request_id)
+        trace = self.calls.trace(request_id)
         messages = [to_message(m) for m in req.messages if m.role != "assistant" or m.text]
         sources: list[Passage] = []
         rag = req.rag.enabled

@@ -88,7 +88,7 @@ class Search:
 
     async def search(self, req: SearchRequest, request_id: str) -> dict[str, Any]:
         check_limits(req, self.cfg.http.limits)
-        trace = Trace(request_id)
+        trace = self.calls.trace(request_id)
         top_k = self.top_k(req.top_k, "top_k")
         rerank = self.use_rerank(req.rerank)
         passages = await self.retrieve(trace, query=req.query, top_k=top_k, filters=self.filters(req.filters, None),

@@ -23,6 +23,7 @@ class RagIngress:
         METRICS.export_to_ray()  # every replica's series reach Ray's metrics agent (flow/metrics.py)
         # the service's state is the shared database's, opened (and its schema upgraded) here
         self.pipeline = Pipeline(cfg, stages, metrics=METRICS)
+        self.pipeline.calls.replica = ray_serve.get_replica_context().replica_id.unique_id
         self.pipeline.warm_up()
         self.pipeline.governor.conversations.start_purging(cfg.governor.conversations.purge_interval_s)
         self.pipeline.ingest()  # this replica's job runner: a job interrupted by a lost replica is taken over

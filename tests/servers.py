@@ -110,13 +110,15 @@ class PostgresServer:
 
 class RedisServer:
     """One ``redis-server`` on a free loopback port, nothing saved to disk. ``stop()`` then
-    ``start()`` keeps the port (the data is gone: it was never saved)."""
+    ``start()`` keeps the port (the data is gone: it was never saved). ``password``: the server
+    requires it (``requirepass``); ``url`` does not carry it."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError(f"redis-server is not installed; {INSTALL_HINT}")
         self.exe = exe
+        self.password = password
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="ragraph-redis-"))
         self.proc: subprocess.Popen | None = None
@@ -137,13 +139,15 @@ class RedisServer:
             return
         self.proc = subprocess.Popen(
             [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.root), "--logfile", str(self.root / "redis.log")],
+             "--dir", str(self.root), "--logfile", str(self.root / "redis.log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
         # retry=None: redis.Redis() otherwise retries a refused connection 3 times with a backoff of up
         # to 2, 4 and 8 s (redis-py 7's default), which made each start take 0.3 to 2 s instead of ~20 ms
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1, retry=None)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                             socket_timeout=1, socket_connect_timeout=1, retry=None)
         deadline = time.monotonic() + 10
         try:
             while True:

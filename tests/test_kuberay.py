@@ -790,3 +790,14 @@ def test_the_gcs_keeps_its_tables_in_the_configs_redis(manifest, cfg):
     other = kuberay.rayservice(cfg, name="other")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert other["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "other-redis"
     assert "ragraph-redis (key password" in COMMITTED.read_text()
+
+
+def test_every_ray_container_gets_the_redis_password_from_the_secret(manifest):
+    """The limits and cache of every replica connect to the Redis URLs of the config, which carry no
+    password, with RAGRAPH_REDIS_PASSWORD from the Secret ragraph-redis (the GCS's); the committed
+    manifest is the generated one. Fails on the manifest before (no such variable)."""
+    want = {"name": "RAGRAPH_REDIS_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": "ragraph-redis", "key": "password"}}}
+    for m in (manifest, committed_list()[0]):
+        for who, c in ray_containers(m).items():
+            assert [e for e in c["env"] if e["name"] == "RAGRAPH_REDIS_PASSWORD"] == [want], who
