@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from state.db import Database, open_database
-from state.jobs import JobError, Jobs, SqlJobs  # noqa: F401 (JobError: what a refused job raises)
+from state.jobs import JobError, Jobs, SqlJobs, spool_dir  # noqa: F401 (JobError: what a refused job raises)
 from state.serving import Serving, SqlServing, lagging
 
 log = logging.getLogger("ray.serve")
@@ -54,12 +54,6 @@ log = logging.getLogger("ray.serve")
 
 class JobLimitError(RuntimeError):
     """A job went over ``documents.job_timeout_s`` (the message says where); it fails, not run again."""
-
-
-def spool_dir(cfg) -> Path:
-    """Where an :class:`common.config.AppConfig`'s jobs spool their uploaded files: ``documents.spool_dir``,
-    by default ``ingest/`` beside ``governor.db``."""
-    return Path(cfg.documents.spool_dir or Path(cfg.governor.db).expanduser().parent / "ingest")
 
 
 # What every reader child imports anyway: loaded once, in the forkserver, not once per job.

@@ -7,6 +7,7 @@ A backup is one folder (0700, its files 0600: the API keys' hashes are secrets):
     DIR/state.sqlite3                a SQLite state: an online snapshot (sqlite3's backup API), one file
     DIR/state.pgdump                 a PostgreSQL state: ``pg_dump --format=custom``
     DIR/index/<version>/...          the live index version as published (its files and manifest.json)
+    DIR/spool/<job>/...              the uploaded files of the ingest jobs that had not ended (documents.spool_dir)
 
 * SQLite: the snapshot is taken in one step of sqlite3's backup API, inside one read transaction
   of the source: the service may write meanwhile (WAL), the copy is the database as of one commit.
@@ -14,6 +15,10 @@ A backup is one folder (0700, its files 0600: the API keys' hashes are secrets):
 * PostgreSQL: ``pg_dump`` reads in one snapshot of its own; the revision recorded is read back out
   of the dump (``pg_restore --data-only --table alembic_version``). The password travels in
   ``PGPASSWORD``, never on a command line.
+* The spool: copied after the database, so every job of the snapshot that was still waiting has its
+  files in the copy (they are written, fsync'd, before the job's row is committed); a job that ends
+  meanwhile leaves no folder, and a folder of a job not in the snapshot is swept by the restored
+  service (:meth:`state.jobs.SqlJobs.sweep`).
 * The index: versions are immutable once published, so the live one is copied file by file and
   the copy checked against its manifest (a version pruned or damaged meanwhile fails the backup).
 
@@ -23,7 +28,8 @@ PostgreSQL one into PostgreSQL) and the target (one that holds API keys, usage, 
 replaced only with ``force``); a refusal changes nothing. Then the index version is copied beside
 the target's (hidden), the database restored (SQLite: the backup API into the target file, which
 replaces its content in one transaction; PostgreSQL: ``pg_restore --clean --if-exists --no-owner
---single-transaction``), its schema upgraded to the code's head when the backup is older, and the
+--single-transaction``), its schema upgraded to the code's head when the backup is older, the
+spooled uploads copied into the target's spool (a folder of the same job replaced), and the
 version published and made live as a rollback makes one live (one atomic rename of ``current``).
 Restore with the service stopped: its connections would hold locks the restore waits for, and
 its caches would not see the restored state.
@@ -63,6 +69,7 @@ from indexing.store import (
     verify_files,
 )
 from state.db import MIGRATIONS, Database, StateError, describe, head_revision, url_of
+from state.jobs import spool_dir
 
 FORMAT = "ragraph-backup"
 FORMAT_VERSION = 1
@@ -70,6 +77,7 @@ BACKUP_JSON = "backup.json"
 SQLITE_FILE = "state.sqlite3"
 PG_FILE = "state.pgdump"
 INDEX_DIR = "index"
+SPOOL_DIR = "spool"
 Log = Callable[[str], None]
 
 
@@ -107,6 +115,12 @@ def backup(cfg, dest: Path, *, log: Log = _quiet) -> dict[str, Any]:
             f"{_bytes(size)} in {time.perf_counter() - t:.2f} s")
 
         t = time.perf_counter()
+        spool = _copy_spool(spool_dir(cfg), dest / SPOOL_DIR)
+        if spool["jobs"]:
+            log(f"spool: {spool['jobs']} waiting jobs' uploads, {spool['files']} files, {_bytes(spool['bytes'])} "
+                f"in {time.perf_counter() - t:.2f} s")
+
+        t = time.perf_counter()
         index = _copy_live_index(Path(cfg.indexing.dir).expanduser(), dest / INDEX_DIR)
         if index is None:
             log(f"index: no version is live in {Path(cfg.indexing.dir).expanduser()}; the backup holds none")
@@ -125,6 +139,7 @@ def backup(cfg, dest: Path, *, log: Log = _quiet) -> dict[str, Any]:
             "state": {"kind": kind, "source": describe(url), "file": state_file, "revision": revision,
                       "code_head": head_revision()},
             "index": index and {k: v for k, v in index.items() if k not in ("files", "bytes")},
+            "spool": {"jobs": spool["jobs"]},
             "files": files,
         }
         _write_private(dest / BACKUP_JSON, json.dumps(record, indent=2) + "\n")
@@ -307,6 +322,9 @@ def restore(cfg, src: Path, *, force: bool = False, log: Log = _quiet) -> dict[s
             db.close()
         log(f"state: {state['file']} -> {kind} {describe(url)}, schema {restored or '(none)'}"
             + (f", upgraded to {upgraded}" if upgraded else "") + f" ({time.perf_counter() - t:.2f} s)")
+        jobs = _restore_spool(src / SPOOL_DIR, spool_dir(cfg))
+        if jobs:
+            log(f"spool: {jobs} waiting jobs' uploads -> {spool_dir(cfg)}")
         if staged is not None:
             t = time.perf_counter()
             previous = _publish_index(staged, root, index["version"], manifest)
@@ -319,6 +337,7 @@ def restore(cfg, src: Path, *, force: bool = False, log: Log = _quiet) -> dict[s
     return {"dir": str(src), "state": {"kind": kind, "target": describe(url), "revision": restored,
                                        "upgraded_to": upgraded},
             "index": None if index is None else {"version": index["version"], "dir": str(root)},
+            "spool": {"jobs": jobs, "dir": str(spool_dir(cfg))},
             "files": len(record["files"]), "bytes": total, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -609,6 +628,47 @@ def _copy_tree(src: Path, dst: Path) -> tuple[int, int]:
     for top, _, _ in os.walk(dst, topdown=False):
         fsync_dir(Path(top))
     return n, size
+
+
+def _copy_spool(spool: Path, out: Path) -> dict[str, int]:
+    """The spool's job folders (not the ``.tmp-`` ones of a submit under way) into ``out``; a folder
+    that its job's end removes while it is copied is left out. {jobs, files, bytes}."""
+    got = {"jobs": 0, "files": 0, "bytes": 0}
+    if not spool.is_dir():
+        return got
+    for folder in sorted(spool.iterdir()):
+        if folder.name.startswith(".") or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            n, size = _copy_tree(folder, out / folder.name)
+        except (FileNotFoundError, BackupError):
+            if folder.exists():
+                raise
+            shutil.rmtree(out / folder.name, ignore_errors=True)  # the job ended meanwhile: nothing waits
+            continue
+        got["jobs"] += 1
+        got["files"] += n
+        got["bytes"] += size
+    return got
+
+
+def _restore_spool(src: Path, spool: Path) -> int:
+    """The backup's spooled uploads into ``spool`` (0700), each job's folder copied beside it and
+    renamed into place (one of the same name replaced); the number of jobs."""
+    if not src.is_dir():
+        return 0
+    private_dir(spool)
+    n = 0
+    for folder in sorted(p for p in src.iterdir() if p.is_dir()):
+        tmp = spool / f".tmp-restore-{folder.name}.{uuid.uuid4().hex[:8]}"
+        _copy_tree(folder, tmp)
+        old = spool / folder.name
+        if old.exists():
+            shutil.rmtree(old)
+        tmp.rename(old)
+        n += 1
+    fsync_dir(spool)
+    return n
 
 
 def _bytes(n: int) -> str:

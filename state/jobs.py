@@ -54,6 +54,12 @@ class JobError(ValueError):
     """A job cannot be accepted (the message says why)."""
 
 
+def spool_dir(cfg) -> Path:
+    """Where an :class:`common.config.AppConfig`'s jobs spool their uploaded files: ``documents.spool_dir``,
+    by default ``ingest/`` beside ``governor.db``."""
+    return Path(cfg.documents.spool_dir or Path(cfg.governor.db).expanduser().parent / "ingest")
+
+
 class Jobs(Protocol):
     """The ingest jobs and their spooled inputs."""
 

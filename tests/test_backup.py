@@ -27,7 +27,7 @@ from indexing.store import BuildSettings, build_index, current_name, read_manife
 from state.backup import BACKUP_JSON, BackupError, backup, restore
 from state.conversations import SqlConversations
 from state.db import Database, describe, head_revision, url_of
-from state.jobs import SqlJobs
+from state.jobs import SqlJobs, spool_dir
 from state.keys import SqlKeys
 from state.usage import SqlUsage
 from state_fixtures import fresh_postgres
@@ -75,6 +75,9 @@ def _populate(cfg, base: Path, *, revision: str = "head") -> dict:
     conv.put_feedback(key.id, "req-1", 1, "helpful")
     conv.put_feedback(key.id, "req-3", -1, "wrong vintage")
     SqlJobs(db, base / "spool").add("job-1", "delete", deletes=["wine/reds.md"], key_id=key.id)
+    SqlJobs(db, spool_dir(cfg)).add(  # an upload still waiting: its files are in the config's spool
+        "upload-1", "upsert", key_id=key.id, documents=[{"id": "notes/a", "text": "The cellar opens at ten."}],
+        files=[("menu.md", b"# Menu\n\nCheese and bread.\n"), ("hours.txt", bytes(range(256)))])
     db.close()
     build_index(write_corpus(base / "src"), Path(cfg.indexing.dir), SETTINGS, embed=_embed, log=lambda _: None)
     return {"token": token, "key": key.id, "conversation": cid}
@@ -92,6 +95,8 @@ def _read_back(cfg, ids: dict, spool: Path) -> dict:
             "conversation": conv.get(ids["key"], ids["conversation"]),
             "feedback": conv.feedback(),
             "job": SqlJobs(db, spool).get("job-1"),
+            "upload": SqlJobs(db, spool_dir(cfg)).get("upload-1"),
+            "upload_inputs": SqlJobs(db, spool_dir(cfg)).inputs("upload-1"),
             "revision": db.revision(),
         }
     finally:
@@ -130,6 +135,7 @@ def test_backup_while_writing_then_restore_into_a_fresh_config_reads_back_the_sa
     before = _read_back(cfg, ids, tmp_path / "a" / "spool")
     assert before["key"] == (ids["key"], "admin", 100_000, 30.0) and before["job"] is not None
     assert len(before["conversation"]["turns"]) == 3 and len(before["feedback"]) == 2
+    assert before["upload"]["status"] == "queued" and len(before["upload_inputs"][1]) == 2
 
     # another key's usage is recorded all through the backup
     db = Database(url_of(cfg))

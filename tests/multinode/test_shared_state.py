@@ -65,15 +65,23 @@ def redis():
 def cluster(tmp_path_factory, local_cfg, provisioned, redis):
     import ray
     from ray import serve
+    import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
 
     from common.config import AppConfig
     from serve.launch import deploy
 
     started = time.time()
-    saved = {k: os.environ.get(k) for k in ("RAY_REDIS_ADDRESS", "RAY_AUTH_MODE")}
+    saved = {k: os.environ.get(k) for k in ("RAY_REDIS_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                                            "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING")}
+    # the one proxy (on the head) would send every request to the head's ingress replica: here it
+    # spreads them over both, as clients reaching the proxies of both nodes would on a cluster
+    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     os.environ["RAY_REDIS_ADDRESS"] = f"{LOOPBACK}:{redis.port}"  # GCS fault tolerance: its tables in Redis
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local-only mode: nodes and job drivers on LOOPBACK
+    local_only = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # and this driver (read at import): it joins the loopback GCS as is
     base = tmp_path_factory.mktemp("shared-state")
     data = indexed_config(local_cfg, base)
     c = Cluster(initialize_head=True, connect=False, head_node_args={
@@ -106,6 +114,7 @@ def cluster(tmp_path_factory, local_cfg, provisioned, redis):
         finally:
             ray.shutdown()
             c.shutdown()
+            ray_constants.ENABLE_RAY_CLUSTER = local_only
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -61,6 +61,7 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     """A 2-node Ray cluster with the graph deployed; the worker node can be killed by the tests."""
     import ray
     from ray import serve
+    import ray._private.ray_constants as ray_constants
     from ray.cluster_utils import Cluster
 
     from common.config import AppConfig
@@ -69,6 +70,8 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     started = time.time()
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local-only mode: nodes and job drivers stay on LOOPBACK
+    local_only = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # and this driver (read at import): it joins the loopback GCS as is
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # the job's `ragraph` is this venv's
     base = tmp_path_factory.mktemp("multinode")
     data = indexed_config(local_cfg, base)
@@ -98,6 +101,7 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     finally:
         ray.shutdown()
         c.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = local_only
     orphans = wait_no_orphans(since=started)
     if REPORT is not None:
         REPORT.parent.mkdir(parents=True, exist_ok=True)
