@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import indexed_config, results_file, write_corpus
+from conftest import indexed_config, results_file, usage_at, write_corpus
 from faults.harness import (
     SteadyLoad, kill_orphans, kill_replica, replica_actors, vllm_orphans, wait_no_orphans, wait_recovered,
 )
@@ -59,13 +59,13 @@ def graph(tmp_path_factory, local_cfg, provisioned, redis_url):
     data["governor"]["auth"] = {"enabled": True}
     data["governor"]["rate_limits"]["storage"] = redis_url  # 2 ingress replicas with auth on: shared counters
     data["reranker"]["enabled"] = False
-    token = keys_at(data["governor"]["db"]).create(
-        "faults", "admin", chat_per_min=10**5, search_per_min=10**5, other_per_min=10**5)[0]
+    token, key = keys_at(data["governor"]["db"]).create(
+        "faults", "admin", chat_per_min=10**5, search_per_min=10**5, other_per_min=10**5)
     cfg = AppConfig.model_validate(data)
     took = deploy(cfg, progress=lambda m: print(m, flush=True))
     print(f"cold start {took:.0f} s")
     yield {"url": f"http://127.0.0.1:{PORT}", "cfg": cfg, "root": root, "source": source,
-           "headers": {"Authorization": f"Bearer {token}"}}
+           "headers": {"Authorization": f"Bearer {token}"}, "db": data["governor"]["db"], "key_id": key.id}
     serve.shutdown()
     ray.shutdown()
     orphans = wait_no_orphans(since=started)
@@ -87,14 +87,22 @@ def load(graph, **kw) -> SteadyLoad:
 def kill_under_load(graph, deployment: str, *, replicas: int, settle: float = 4, after: float = 10) -> dict:
     before = {a["actor_id"] for a in replica_actors(deployment)}
     assert len(before) == replicas, (deployment, before)
+    ledger = usage_at(graph["db"])
+    charged_before = ledger.usage(graph["key_id"])["day"]["requests"]
     steady = load(graph)
     time.sleep(settle)
     killed = kill_replica(deployment)
     recovered = wait_recovered(deployment, killed, replicas=replicas, timeout=180)
     time.sleep(after)
     records = steady.stop()
+    time.sleep(2)  # usage is written in the background after each answer
     s = SteadyLoad.summary(records, since=killed["killed_at"] - settle, mark=killed["killed_at"])
     s["serve_recovery_s"] = round(recovered, 1)
+    # every chat answered with generated tokens is charged; a chat cut off by the kill after its
+    # charge was written is charged too (its tokens were spent) and answered by its retry
+    s["chats_generated"] = sum(r.kind == "chat" and r.status == 200 and "generator" not in r.degraded for r in records)
+    s["chats_charged"] = ledger.usage(graph["key_id"])["day"]["requests"] - charged_before
+    s["chats_retried"] = sum(r.kind == "chat" and r.attempts > 1 for r in records)
     s["replicas"] = replicas
     RESULTS[f"kill -9 {deployment}"] = s
     print(f"\nkill -9 {deployment}: {json.dumps(s)}")
@@ -107,6 +115,7 @@ def test_kill_a_replica_of_a_replicated_stage(graph, deployment):
     assert s["sent"] >= 20
     assert s["failed"] == 0, s["errors"]  # the stage's retries (router, retriever) or the client's (ingress)
     assert s["serve_recovery_s"] < 30
+    assert s["chats_generated"] <= s["chats_charged"] <= s["chats_generated"] + s["chats_retried"], s
 
 
 def test_generator_down_degrades_with_sources_and_the_breaker_cycles(graph):
