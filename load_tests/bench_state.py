@@ -3,6 +3,7 @@
     python -m load_tests.bench_state [--rounds 3] [--n 500] [--stores sqlite,postgresql] [--limits memory,redis]
                                      [--pg-url URL] [--redis-url URL] [--out load_tests/results/state.json]
     python -m load_tests.bench_state --quick --stores sqlite --limits memory --no-scale   # a smoke test, seconds
+    python -m load_tests.bench_state --stores sqlite --limits memory,memory-lib --no-scale  # our memory storage or the library's
 
 One request here is what the ingress does for an admitted chat, in-process, no Ray:
 :meth:`deployments.admission.Admission.admit` (the address window tested, the key verified, the
@@ -120,10 +121,10 @@ class Replica:
         self.recorded = 0  # usage records committed (the ledger check's expectation)
         self.sample_ids: list[tuple[str, str]] = []  # a few (key id, request id) charged, to charge again
 
-    def admission(self, cfg, ingress_replicas: int = 1):
+    def admission(self, cfg, ingress_replicas: int = 1, storage: Any = None):
         from deployments.admission import Admission
 
-        return Admission(cfg.governor, ingress_replicas=ingress_replicas)
+        return Admission(cfg.governor, ingress_replicas=ingress_replicas, storage=storage)
 
     async def request(self, adm, i: int) -> tuple[float, float]:
         """One admitted chat, as the ingress runs it: (admission s, accounting s)."""
@@ -365,12 +366,18 @@ async def latency(args, servers: Servers, tmp: Path) -> tuple[list[Config], dict
                     for i in range(args.keys)]
             replicas[store] = Replica(base, db, [t for t, _ in made], [k.id for _, k in made])
             for limits in args.limits:
-                limits_url = "memory://" if limits == "memory" else servers.redis_url
+                limits_url = servers.redis_url if limits == "redis" else "memory://"
                 for cache in (0.0, None):
                     cfg = bench_config(limits_url, cache)
                     default_cache = default_cache if cache == 0.0 else cfg.governor.auth.key_cache_s
                     variant = NO_CACHE if cache == 0.0 else f"key_cache_s={cfg.governor.auth.key_cache_s:g}"
-                    configs.append(Config(store, limits, variant, replicas[store], replicas[store].admission(cfg)))
+                    storage = None
+                    if limits == "memory-lib":  # the limits library's own memory storage, to compare with ours
+                        from limits.storage import storage_from_string
+
+                        storage = storage_from_string("async+memory://")
+                    configs.append(Config(store, limits, variant, replicas[store],
+                                          replicas[store].admission(cfg, storage=storage)))
         for c in configs:  # warm-up: connections, key caches, the first statements
             await segment(c, args.warmup, servers, None)
         half = args.n // 2
@@ -403,7 +410,7 @@ def latency_rows(configs: list[Config], args) -> list[dict]:
             "ci_low_ms": round(lo, 4), "ci_high_ms": round(hi, 4),
             "admit_p50_ms": round(_median(c.admit_ms), 4), "record_p50_ms": round(_median(c.record_ms), 4),
             "cpu_ms": round(c.cpu_s * 1000 / n, 4),
-            "server_cpu_ms": None if c.server_cpu_s is None or (c.store, c.limits) == ("sqlite", "memory")
+            "server_cpu_ms": None if c.server_cpu_s is None or (c.store == "sqlite" and c.limits != "redis")
             else round(c.server_cpu_s * 1000 / n, 4),
             "bar_ms": bar, "goal_ms": goal,
             "target": "goal" if p50 <= goal else "bar" if p50 <= bar else "MISSED",
@@ -602,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=500, help="requests per configuration per round (two segments of n/2)")
     p.add_argument("--rounds", type=int, default=3, help="ABBA rounds (>= 3)")
     p.add_argument("--stores", type=_csv(("sqlite", "postgresql")), default=["sqlite", "postgresql"])
-    p.add_argument("--limits", type=_csv(("memory", "redis")), default=["memory", "redis"])
+    p.add_argument("--limits", type=_csv(("memory", "redis", "memory-lib")), default=["memory", "redis"],
+                   help="memory-lib: the limits library's own memory storage (deployments.admission."
+                        "SweptMemoryStorage replaces it), to compare with memory")
     p.add_argument("--pg-url", default=None, help="a PostgreSQL to use (a scratch database: keys and usage are "
                    "written to it); default: start a throwaway server")
     p.add_argument("--redis-url", default=None, help="a Redis to use; default: start a throwaway redis-server")
