@@ -10,6 +10,7 @@ schema, time-limited) before the engine is given its canonical JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -188,9 +189,11 @@ class EngineGenerator:
         one Serve stream item per batch instead of per token. The first batch goes at once (time
         to first token is not delayed); later ones at most every ``interval_s`` (what
         ``ray.serve.llm`` does with its ``stream_batching_interval_ms``), which under load saves
-        the replica one stream item per request per engine step."""
+        the replica one stream item per request per engine step. The wait ends early when the
+        generation does: the last batch (and the end of the stream) never waits for the interval."""
         q: asyncio.Queue = asyncio.Queue()
         end = object()
+        ended = asyncio.Event()
 
         async def pump() -> None:
             try:
@@ -199,16 +202,19 @@ class EngineGenerator:
                 q.put_nowait(end)
             except Exception as e:
                 q.put_nowait(e)
+            finally:
+                ended.set()
 
         loop = asyncio.get_running_loop()
         task = loop.create_task(pump())
         last = None
         try:
             while True:
-                if last is not None and interval_s > 0:
+                if last is not None and interval_s > 0 and not ended.is_set():
                     wait = last + interval_s - loop.time()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(ended.wait(), wait)
                 batch: list[GenDelta] = []
                 item = await q.get()
                 while True:
