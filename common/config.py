@@ -458,7 +458,18 @@ class RetrieverConfig(_Strict):
         default=2.0, gt=0, description="How often replicas look for a newly published index version."
     )
     batch: BatchOptions = Field(default_factory=BatchOptions, description="Query-embedding batching.")
+    torch_threads: int | None = Field(
+        default=None, ge=0,
+        description="Torch threads for query embedding, in a retriever replica and in process alike: N, or 0 for "
+        "every core of the machine. Unset: the replica's whole num_cpus (at least 1), torch's default in process.",
+    )
     deployment: DeploymentOptions = _deployment(num_cpus=0.5, max_ongoing_requests=16, max_queued_requests=128)
+
+    def threads(self) -> int | None:
+        """The torch threads :attr:`torch_threads` asks for (0: this machine's cores), or None when unset."""
+        if self.torch_threads is None:
+            return None
+        return self.torch_threads or (os.cpu_count() or 1)
 
     @field_validator("dense_weight")
     @classmethod

@@ -42,7 +42,7 @@ class RetrieverDeployment:
         self._interval = cfg.retriever.reload_interval_s
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._error: str | None = None
-        self._set_threads(cfg.retriever.deployment.num_cpus)
+        self._set_threads(cfg.retriever.threads() or cfg.retriever.deployment.num_cpus)
         self._r.embedder.warm_up()
         try:
             self._r.warm_up()

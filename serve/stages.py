@@ -84,6 +84,10 @@ class InProcessStages:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.router = QueryRouter.from_config(cfg)
+        if (threads := cfg.retriever.threads()) is not None:  # what a retriever replica uses (deployments/replicas.py)
+            import torch
+
+            torch.set_num_threads(threads)
         self.retriever = HybridRetriever.from_config(cfg)
         self.retriever.embedder.warm_up()
         self.retriever.warm_up()

@@ -1,5 +1,6 @@
 """The typed config tree: both shipped configs load, every mistake names key, file and expectation."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -279,3 +280,14 @@ def test_generator_gpus_come_from_tensor_parallel_not_num_gpus():
     data["router"]["deployment"]["accelerator_type"] = "L4"
     with pytest.raises(ValueError, match="router.deployment.accelerator_type='L4' needs num_gpus > 0"):
         AppConfig.model_validate(data)
+
+
+def test_retriever_torch_threads():
+    from common.config import RetrieverConfig
+
+    assert RetrieverConfig().threads() is None  # unset: the replica's num_cpus, torch's default in process
+    assert RetrieverConfig(torch_threads=3).threads() == 3
+    assert RetrieverConfig(torch_threads=0).threads() == (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="torch_threads"):
+        RetrieverConfig(torch_threads=-1)
+    assert load_config(REPO_ROOT / "configs" / "local.yaml", environ={}).retriever.torch_threads == 0
