@@ -504,6 +504,12 @@ class DomainRoute(_Strict):
 class RouterConfig(_Strict):
     """Query routing: small talk, retrieval strategy, domain filters, follow-up condensing."""
 
+    placement: Literal["deployment", "ingress"] = Field(
+        default="deployment",
+        description="Where the router runs in the graph: its own autoscaled deployment, or inside each ingress "
+        "replica (no hop: its rules take microseconds). The in-process app always runs it in process.",
+    )
+
     domains: dict[str, DomainRoute] = Field(
         default_factory=dict,
         description="Domain map: a query naming a domain's keywords is filtered to it and its related domains. "

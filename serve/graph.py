@@ -52,11 +52,22 @@ def check_exposure(cfg) -> None:
         raise ExposureError(problem)
 
 
+def deployed(cfg, stage: str) -> bool:
+    """Whether ``stage`` runs as a deployment of its own: the reranker only when enabled, the
+    router unless ``router.placement`` puts it inside the ingress replicas."""
+    if stage == "reranker":
+        return cfg.reranker.enabled
+    if stage == "router":
+        return cfg.router.placement == "deployment"
+    return True
+
+
 def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
     """Each deployment's Serve options (autoscaling, admission limits, resources, placement), by
-    deployment name, computed without starting Ray: what :func:`build_app` deploys. The reranker is
-    left out when ``reranker.enabled`` is false. ``llm``: the generator's ``LLMConfig`` when the
-    caller already made it."""
+    deployment name, computed without starting Ray: what :func:`build_app` deploys. A stage that
+    runs inside another's replicas is left out (:func:`deployed`: the reranker when
+    ``reranker.enabled`` is false, the router with ``router.placement: ingress``). ``llm``: the
+    generator's ``LLMConfig`` when the caller already made it."""
     from deployments.generator import generator_options
 
     sections = {"ingress": cfg.http, "router": cfg.router, "retriever": cfg.retriever, "reranker": cfg.reranker}
@@ -64,7 +75,7 @@ def deployment_options(cfg, *, llm: Any = None) -> dict[str, dict[str, Any]]:
     for name in STAGES:
         if name == "generator":
             out[name] = generator_options(cfg, name=name, llm=llm)
-        elif name != "reranker" or cfg.reranker.enabled:
+        elif deployed(cfg, name):
             out[name] = {"name": name, "logging_config": LOGGING, **sections[name].deployment.serve_options()}
     # The ingress keeps its own limit (serve.admission.Gate) so that a refusal is OpenAI's JSON, not
     # Serve's plain text: Serve lets every request within running + queued through to it.
@@ -91,9 +102,9 @@ def build_app(cfg, *, app_name: str = APP_NAME):
     def stage(cls, name: str) -> Any:
         return serve.deployment(cls, **opts[name]).bind(cfg)
 
-    router = stage(RouterDeployment, "router")
+    router = stage(RouterDeployment, "router") if deployed(cfg, "router") else None  # None: in the ingress
     retriever = stage(RetrieverDeployment, "retriever")
-    reranker = stage(RerankerDeployment, "reranker") if cfg.reranker.enabled else None
+    reranker = stage(RerankerDeployment, "reranker") if deployed(cfg, "reranker") else None
     generator = build_generator(llm, opts["generator"])
     ingress = serve.deployment(RagIngress, **with_metrics_folder(opts["ingress"], app_name))
     return ingress.bind(cfg, router, retriever, reranker, generator, app_name)

@@ -19,15 +19,23 @@ REPLICA = "in-process"
 
 
 class HandleStages:
-    """:class:`flow.calls.Stages` over Serve deployment handles (the graph)."""
+    """:class:`flow.calls.Stages` over Serve deployment handles (the graph). ``router``: a handle,
+    or a :class:`deployments.router.QueryRouter` that runs in this ingress replica
+    (``router.placement: ingress``; ``replica`` names the ingress replica in the trace)."""
 
-    def __init__(self, *, app_name: str, router, retriever, reranker, generator) -> None:
+    def __init__(self, *, app_name: str, router, retriever, reranker, generator, replica: str = "ingress") -> None:
         self.app_name = app_name
         self.router, self.retriever, self.reranker = router, retriever, reranker
         self.generator = ServeGenerator(generator)
         self.rerank_enabled = reranker is not None
+        self.replica = replica
 
     async def route(self, messages: list[Message]) -> StageReply:
+        if isinstance(self.router, QueryRouter):  # fused into the ingress: microseconds, no hop
+            try:
+                return StageReply(self.router.run(messages=messages), self.replica)
+            except Exception as e:
+                raise from_exception("router", e) from None
         try:
             route, replica = await self.router.route.remote(messages)
         except Exception as e:
