@@ -50,3 +50,40 @@ def test_a_fused_router_routes_in_the_ingress_replica():
     reply = asyncio.run(stages.route(messages))
     assert reply.replica == "abc123"
     assert reply.value == router.run(messages=messages)  # the same route the router deployment gives
+
+
+@pytest.mark.slow
+def test_a_graph_with_the_router_in_the_ingress(local_cfg, tmp_path):
+    """A real graph (Ray Serve, extractive answers) with ``router.placement: ingress``: no router
+    deployment, and the route of a chat comes from the ingress replica that answered it."""
+    import time
+
+    import httpx
+    import ray
+    from ray import serve
+
+    from common.config import AppConfig
+    from conftest import indexed_config
+    from faults.harness import gcs_replicas, wait_no_orphans
+    from serve.launch import deploy
+
+    started = time.time()
+    data = indexed_config(local_cfg, tmp_path)
+    data["router"]["placement"] = "ingress"
+    data["generator"]["answer_mode"] = "extractive"
+    data["reranker"]["enabled"] = False
+    data["http"]["port"] = 8170
+    data["governor"]["db"] = str(tmp_path / "state.sqlite3")
+    deploy(AppConfig.model_validate(data), progress=lambda m: print(m, flush=True))
+    try:
+        assert "router" not in gcs_replicas() and "ingress" in gcs_replicas()
+        r = httpx.post("http://127.0.0.1:8170/v1/chat/completions", timeout=60,
+                       json={"model": "ragraph", "messages": [{"role": "user", "content": "When is the tasting room open?"}]})
+        assert r.status_code == 200, r.text
+        meta = r.json()["rag"]["metadata"]
+        assert meta["route"]["kind"] and meta["replicas"]["router"] == meta["replicas"]["ingress"], meta
+        assert "timings_ms" in meta and "router" in meta["timings_ms"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        assert not wait_no_orphans(since=started)
