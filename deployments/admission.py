@@ -56,7 +56,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
 from common.networks import address_group, in_networks, parse_networks
-from common.redisurl import with_password
+from common.redisurl import with_password, without_password
 from deployments.errors import StageError
 from deployments.governor import INVALID_KEY, MISSING_KEY, KeyVerdict, Verdict
 from deployments.limits import KINDS, Decision, check_budget, check_quota, check_rates, cost_of, kind_of
@@ -154,7 +154,7 @@ class WindowLimiter:
         address_group("::1", ipv6_prefix)  # a bad prefix fails here, not per request
         self.ipv6_prefix = ipv6_prefix
         self.storage = storage
-        self.where = where
+        self.where = without_password(where)  # named in errors and stats: never a password
         self.strategy = MovingWindowRateLimiter(storage)
         self._items: dict[float, RateLimitItem] = {}
 

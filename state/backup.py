@@ -278,6 +278,7 @@ def restore(cfg, src: Path, *, force: bool = False, log: Log = _quiet) -> dict[s
     src = Path(src).expanduser()
     url = url_of(cfg)
     root = Path(cfg.indexing.dir).expanduser()
+    spool = spool_dir(cfg)
 
     t = time.perf_counter()
     record = _read_record(src)
@@ -322,9 +323,9 @@ def restore(cfg, src: Path, *, force: bool = False, log: Log = _quiet) -> dict[s
             db.close()
         log(f"state: {state['file']} -> {kind} {describe(url)}, schema {restored or '(none)'}"
             + (f", upgraded to {upgraded}" if upgraded else "") + f" ({time.perf_counter() - t:.2f} s)")
-        jobs = _restore_spool(src / SPOOL_DIR, spool_dir(cfg))
+        jobs = _restore_spool(src / SPOOL_DIR, spool)
         if jobs:
-            log(f"spool: {jobs} waiting jobs' uploads -> {spool_dir(cfg)}")
+            log(f"spool: {jobs} waiting jobs' uploads -> {spool}")
         if staged is not None:
             t = time.perf_counter()
             previous = _publish_index(staged, root, index["version"], manifest)
@@ -337,7 +338,7 @@ def restore(cfg, src: Path, *, force: bool = False, log: Log = _quiet) -> dict[s
     return {"dir": str(src), "state": {"kind": kind, "target": describe(url), "revision": restored,
                                        "upgraded_to": upgraded},
             "index": None if index is None else {"version": index["version"], "dir": str(root)},
-            "spool": {"jobs": jobs, "dir": str(spool_dir(cfg))},
+            "spool": {"jobs": jobs, "dir": str(spool)},
             "files": len(record["files"]), "bytes": total, "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -273,7 +273,9 @@ def test_separate_memory_storage_counts_per_replica(setup):
     assert sum(v.allowed for v in run(go())) == 20  # why memory:// is exact only with one ingress replica
 
 
-def test_retry_after_is_when_the_window_frees(setup, monkeypatch):
+@pytest.fixture
+def fake_time(monkeypatch) -> Clock:
+    """A clock for both the ``limits`` counters and admission: tests move ``.t`` to let time pass."""
     now = Clock(5_000_000.0)
 
     class FakeTime:
@@ -283,6 +285,11 @@ def test_retry_after_is_when_the_window_frees(setup, monkeypatch):
 
     monkeypatch.setattr(limits_memory, "time", FakeTime)
     monkeypatch.setattr(admission_mod, "time", FakeTime)
+    return now
+
+
+def test_retry_after_is_when_the_window_frees(setup, fake_time):
+    now = fake_time
     adm, verify, gov, _ = setup(per_key={"search": 2})
     token, _ = gov.keys.create("slow")
 
@@ -608,7 +615,7 @@ def test_zero_reserve_keeps_the_old_check(setup):
     assert v.allowed and v.reserved == 0 and adm.reserved(key.id) == 0
 
 
-def test_the_memory_storage_sweeps_at_most_once_a_second_without_threads(monkeypatch):
+def test_the_memory_storage_sweeps_at_most_once_a_second_without_threads(fake_time, monkeypatch):
     """limits' own memory storage sweeps every key through a thread after each hit (0.35 to 1.1 ms of
     CPU per admission); ours overrides the hook it calls (a limits that renames it fails here), sweeps
     at most once per SWEEP_S in the event loop, and still drops what has left the window."""
@@ -617,15 +624,7 @@ def test_the_memory_storage_sweeps_at_most_once_a_second_without_threads(monkeyp
     from deployments.admission import SweptMemoryStorage, WindowLimiter
 
     assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
-    now = Clock(5_000_000.0)
-
-    class FakeTime:
-        @staticmethod
-        def time() -> float:
-            return now.t
-
-    monkeypatch.setattr(limits_memory, "time", FakeTime)
-    monkeypatch.setattr(admission_mod, "time", FakeTime)
+    now = fake_time
     hops = []
     real_to_thread = asyncio.to_thread
     monkeypatch.setattr(asyncio, "to_thread", lambda *a, **k: hops.append(a) or real_to_thread(*a, **k))

@@ -84,3 +84,18 @@ def test_without_the_password_admission_fails_closed_and_names_no_password(locke
     with pytest.raises(StageError) as e:
         asyncio.run(go())
     assert "wrong" not in str(e.value) and SECRET not in str(e.value)
+
+
+def test_a_password_written_in_the_url_is_masked_in_the_error(locked_redis, monkeypatch):
+    monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+    url = locked_redis.url.replace("redis://", "redis://:not-the-password@")
+    cfg = gov_cfg(url, per_key={"search": 3})
+
+    async def go():
+        return await Admission(cfg).admit(token(), "10.0.0.1", "/v1/search", verify=Verify(f"key-{unique()}"))
+
+    with pytest.raises(StageError) as e:
+        asyncio.run(go())
+    assert "not-the-password" not in str(e.value)
+    assert str(e.value).startswith(f"rate_limits unavailable: {without_password(url)}: "), str(e.value)
+    assert ":***@" in str(e.value)
