@@ -602,22 +602,22 @@ def _write_private(path: Path, data: str) -> None:
         os.fsync(f.fileno())
 
 
-def _copy_tree(src: Path, dst: Path) -> tuple[int, int]:
+def _copy_tree(src: Path, dst: Path, what: str = "an index version") -> tuple[int, int]:
     """Every regular file under ``src`` into ``dst`` (folders 0700, files 0600, each fsync'd);
-    (files, bytes). A link is refused: a version holds none."""
+    (files, bytes). A link is refused: ``what`` (a version, a job's spooled upload) holds none."""
     private_dir(dst)
     n = size = 0
     for top, dirs, files in os.walk(src):
         rel = Path(top).relative_to(src)
         for d in sorted(dirs):
             if (Path(top) / d).is_symlink():
-                raise BackupError(f"{Path(top) / d} is a link; an index version holds none")
+                raise BackupError(f"{Path(top) / d} is a link; {what} holds none")
             (dst / rel / d).mkdir(mode=0o700)
             os.chmod(dst / rel / d, 0o700)
         for f in sorted(files):
             s = Path(top) / f
             if s.is_symlink() or not s.is_file():
-                raise BackupError(f"{s} is not a regular file; an index version holds only files")
+                raise BackupError(f"{s} is not a regular file; {what} holds only files")
             fd = os.open(dst / rel / f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.fchmod(fd, 0o600)
             with open(s, "rb") as i, os.fdopen(fd, "wb") as o:
@@ -641,7 +641,7 @@ def _copy_spool(spool: Path, out: Path) -> dict[str, int]:
         if folder.name.startswith(".") or not folder.is_dir() or folder.is_symlink():
             continue
         try:
-            n, size = _copy_tree(folder, out / folder.name)
+            n, size = _copy_tree(folder, out / folder.name, "a job's spooled upload")
         except (FileNotFoundError, BackupError):
             if folder.exists():
                 raise
@@ -662,7 +662,7 @@ def _restore_spool(src: Path, spool: Path) -> int:
     n = 0
     for folder in sorted(p for p in src.iterdir() if p.is_dir()):
         tmp = spool / f".tmp-restore-{folder.name}.{uuid.uuid4().hex[:8]}"
-        _copy_tree(folder, tmp)
+        _copy_tree(folder, tmp, "a job's spooled upload")
         old = spool / folder.name
         if old.exists():
             shutil.rmtree(old)
