@@ -28,7 +28,6 @@ With ``RAGRAPH_RESULTS_DIR=load_tests/results`` results go to ``shared_state.jso
 from __future__ import annotations
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,10 +36,10 @@ import pytest
 
 from conftest import indexed_config, keys_at, results_file
 from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_orphans
+from multinode.cluster import LOOPBACK, loopback_cluster, write_results
 
 pytestmark = pytest.mark.slow
 PORT = 8160
-LOOPBACK = "127.0.0.1"
 RATE = 2.0  # requests/s, half searches, half chats (extractive: see the module's docstring)
 LIMIT = 12  # searches a minute for the limited key
 REPORT = results_file("shared_state.json")
@@ -66,32 +65,16 @@ def redis():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, local_cfg, provisioned, redis):
-    import ray
-    from ray import serve
-    import ray._private.ray_constants as ray_constants
-    from ray.cluster_utils import Cluster
-
     from common.config import AppConfig
     from serve.launch import deploy
 
     started = time.time()
-    saved = {k: os.environ.get(k) for k in ("RAY_REDIS_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                                            "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING")}
-    # the one proxy (on the head) would send every request to the head's ingress replica: here it
-    # spreads them over both, as clients reaching the proxies of both nodes would on a cluster
-    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
-    os.environ["RAY_REDIS_ADDRESS"] = f"{LOOPBACK}:{redis.port}"  # GCS fault tolerance: its tables in Redis
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local-only mode: nodes and job drivers on LOOPBACK
-    local_only = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False  # and this driver (read at import): it joins the loopback GCS as is
+    env = {"RAY_REDIS_ADDRESS": f"{LOOPBACK}:{redis.port}",  # GCS fault tolerance: its tables in Redis
+           # the one proxy (on the head) would send every request to the head's ingress replica: here it
+           # spreads them over both, as clients reaching the proxies of both nodes would on a cluster
+           "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
     base = tmp_path_factory.mktemp("shared-state")
     data = indexed_config(local_cfg, base)
-    c = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 4, "resources": {"ragraph_head": 1}, "include_dashboard": False, "node_ip_address": LOOPBACK})
-    c.add_node(num_cpus=4, resources={"cpu_pool": 1000}, node_ip_address=LOOPBACK)
-    c.wait_for_nodes()
-
     data["http"]["deployment"].update(min_replicas=2, max_replicas=2, num_cpus=0.1, health_check_period_s=2)
     data["generator"]["deployment"].update(health_check_period_s=2, resources={"ragraph_head": 0.01})
     data["http"].update(port=PORT, proxy_location="HeadOnly")
@@ -107,30 +90,14 @@ def cluster(tmp_path_factory, local_cfg, provisioned, redis):
     admin, admin_key = keys.create("load", "admin", chat_per_min=10**5, search_per_min=10**5, other_per_min=10**5)
     limited, _ = keys.create("limited", search_per_min=LIMIT)
     cfg = AppConfig.model_validate(data)
-    took = deploy(cfg, address=c.address, progress=lambda m: print(m, flush=True))
-    print(f"cold start on 2 nodes {took:.0f} s")
-    try:
+    with loopback_cluster(env=env) as (c, _):
+        took = deploy(cfg, address=c.address, progress=lambda m: print(m, flush=True))
+        print(f"cold start on 2 nodes {took:.0f} s")
         yield {"cluster": c, "url": f"http://{LOOPBACK}:{PORT}", "db": db, "admin": admin, "admin_id": admin_key.id,
                "limited": limited}
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            c.shutdown()
-            ray_constants.ENABLE_RAY_CLUSTER = local_only
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        orphans = wait_no_orphans(since=started)
-        if REPORT is not None:
-            REPORT.parent.mkdir(parents=True, exist_ok=True)
-            REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores, 2 Ray nodes (ray.cluster_utils.Cluster)",
-                                          "rate_rps": RATE, "results": RESULTS}, indent=2))
-        print("\n" + json.dumps(RESULTS, indent=2))
-        assert not orphans, f"vLLM processes outlived the cluster: {orphans}"
+    orphans = wait_no_orphans(since=started)
+    write_results(REPORT, RESULTS, RATE)
+    assert not orphans, f"vLLM processes outlived the cluster: {orphans}"
 
 
 def test_two_ingress_replicas_on_two_nodes_share_one_key_limit(cluster):

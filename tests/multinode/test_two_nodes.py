@@ -27,11 +27,11 @@ import pytest
 
 from conftest import SHARED_DATA, indexed_config, results_file
 from faults.harness import SteadyLoad, deployment_state, gcs_replicas, wait_no_orphans
+from multinode.cluster import LOOPBACK, loopback_cluster, write_results
 
 pytestmark = pytest.mark.slow
 PORT = 8150
 DASHBOARD_PORT = 8275
-LOOPBACK = "127.0.0.1"  # both nodes register (and listen) there
 RATE = 3.0  # requests/s, half searches, half 8-token chats (below the 2-core machine's knee)
 REPLICATED = ("ingress", "router", "retriever")
 REPORT = results_file("multinode.json")  # None: report printed, not written (RAGRAPH_RESULTS_DIR)
@@ -59,30 +59,13 @@ def placement() -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, local_cfg, provisioned):
     """A 2-node Ray cluster with the graph deployed; the worker node can be killed by the tests."""
-    import ray
-    from ray import serve
-    import ray._private.ray_constants as ray_constants
-    from ray.cluster_utils import Cluster
-
     from common.config import AppConfig
     from serve.launch import deploy
 
     started = time.time()
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's local-only mode: nodes and job drivers stay on LOOPBACK
-    local_only = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False  # and this driver (read at import): it joins the loopback GCS as is
-    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # the job's `ragraph` is this venv's
     base = tmp_path_factory.mktemp("multinode")
     data = indexed_config(local_cfg, base)
     root = base / "index"
-
-    c = Cluster(initialize_head=True, connect=False, head_node_args={  # both nodes on loopback: nothing listens beyond it
-        "num_cpus": 4, "resources": {"ragraph_head": 1}, "include_dashboard": True, "dashboard_port": DASHBOARD_PORT,
-        "node_ip_address": LOOPBACK})
-    worker = c.add_node(num_cpus=4, resources={"cpu_pool": 1000}, node_ip_address=LOOPBACK)
-    c.wait_for_nodes()
-
     for stage in ("http", "router", "retriever"):  # http: the ingress
         data[stage]["deployment"].update(min_replicas=2, max_replicas=2, num_cpus=0.1, health_check_period_s=2)
     data["generator"]["deployment"].update(health_check_period_s=2, resources={"ragraph_head": 0.01})
@@ -91,24 +74,15 @@ def cluster(tmp_path_factory, local_cfg, provisioned):
     data["governor"]["db"] = str(base / "governor.sqlite3")
     data["reranker"]["enabled"] = False
     cfg = AppConfig.model_validate(data)
-    took = deploy(cfg, address=c.address, progress=lambda m: print(m, flush=True))
-    print(f"cold start on 2 nodes {took:.0f} s; replicas: {placement()}")
-    RESULTS["cold_start_s"] = {"value": round(took, 1)}
-    yield {"cluster": c, "worker": worker, "cfg": cfg, "root": root, "url": f"http://127.0.0.1:{PORT}",
-           "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = local_only
+    env = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # the job's `ragraph` is this venv's
+    with loopback_cluster(env=env, dashboard_port=DASHBOARD_PORT) as (c, worker):
+        took = deploy(cfg, address=c.address, progress=lambda m: print(m, flush=True))
+        print(f"cold start on 2 nodes {took:.0f} s; replicas: {placement()}")
+        RESULTS["cold_start_s"] = {"value": round(took, 1)}
+        yield {"cluster": c, "worker": worker, "cfg": cfg, "root": root, "url": f"http://127.0.0.1:{PORT}",
+               "dashboard": f"http://127.0.0.1:{DASHBOARD_PORT}"}
     orphans = wait_no_orphans(since=started)
-    if REPORT is not None:
-        REPORT.parent.mkdir(parents=True, exist_ok=True)
-        earlier = json.loads(REPORT.read_text()).get("results", {}) if REPORT.exists() else {}
-        REPORT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores, 2 Ray nodes (ray.cluster_utils.Cluster)",
-                                  "rate_rps": RATE, "results": {**earlier, **RESULTS}}, indent=2))
-    print("\n" + json.dumps(RESULTS, indent=2))
+    write_results(REPORT, RESULTS, RATE)
     assert not orphans, f"vLLM processes outlived the cluster: {orphans}"
 
 
